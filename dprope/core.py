@@ -1,0 +1,168 @@
+"""The DPRoPE computation: per rotary pair, the candidate whose angle distribution at the target length stays
+closest to the pre-trained one."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from .candidates import DEFAULT_CANDIDATES, get_candidate
+from .errors import DPRoPEError
+from .freqs import RopeContext, base_inv_freq, check_inv_freq
+from .histogram import DEFAULT_CHUNK_ELEMS, angle_distribution, angle_histogram, kl_divergence
+from .select import Selection, choose
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BINS = 360
+
+
+@dataclass
+class DPRoPEResult:
+    """What a DPRoPE run decided, and why.
+
+    factors:     float32 [n_pairs], lambda_i; new inv_freq_i = base_inv_freq_i / lambda_i
+    inv_freq:    float32 [n_pairs], the new inverse frequencies
+    chosen:      candidate name per pair
+    per_pair:    candidate name -> float64 [n_pairs], D_i^c = KL(P_L || P_L'^c) in nats
+    disturbance: 'selected' and each candidate name -> mean over pairs (the paper's total disturbance)
+    """
+
+    factors: torch.Tensor
+    inv_freq: torch.Tensor
+    base_inv_freq: torch.Tensor
+    chosen: list[str]
+    candidates: list[str]
+    candidate_factors: dict[str, torch.Tensor]
+    per_pair: dict[str, torch.Tensor]
+    disturbance: dict[str, float]
+    params: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def scale(self) -> float:
+        return self.params["target_length"] / self.params["original_length"]
+
+    def pairs_for(self, name: str) -> list[int]:
+        """Indices of the pairs that chose candidate ``name``."""
+        return [i for i, c in enumerate(self.chosen) if c == name]
+
+    def counts(self) -> dict[str, int]:
+        return {c: sum(1 for x in self.chosen if x == c) for c in self.candidates}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "factors": [float(x) for x in self.factors.tolist()],
+            "inv_freq": [float(x) for x in self.inv_freq.tolist()],
+            "base_inv_freq": [float(x) for x in self.base_inv_freq.tolist()],
+            "chosen": list(self.chosen),
+            "counts": self.counts(),
+            "disturbance": dict(self.disturbance),
+            "per_pair": {k: [float(x) for x in v.tolist()] for k, v in self.per_pair.items()},
+            "candidate_factors": {k: [float(x) for x in v.tolist()] for k, v in self.candidate_factors.items()},
+            "params": dict(self.params),
+        }
+
+
+def compute_factors(
+    inv_freq: torch.Tensor | Sequence[float] | None = None,
+    *,
+    rope_theta: float | None = None,
+    head_dim: int | None = None,
+    original_length: int,
+    target_length: int,
+    bins: int = DEFAULT_BINS,
+    candidates: Sequence[str] = DEFAULT_CANDIDATES,
+    selection: str | Selection = "argmin",
+    chunk_elems: int = DEFAULT_CHUNK_ELEMS,
+) -> DPRoPEResult:
+    """DPRoPE factors for extending a model from ``original_length`` to ``target_length``.
+
+    Give the model's effective pre-trained ``inv_freq`` (float32 [head_dim/2]; already-scaled bases such as
+    Llama 3.1 pass their scaled values), or ``rope_theta`` and ``head_dim`` to build plain RoPE frequencies.
+    ``rope_theta`` is also what base-defined candidates (yarn, ntk) use.
+    """
+    if inv_freq is None:
+        if rope_theta is None or head_dim is None:
+            raise DPRoPEError("give either inv_freq or both rope_theta and head_dim")
+        inv_freq = base_inv_freq(rope_theta, head_dim)
+    else:
+        if head_dim is not None and head_dim % 2:
+            raise DPRoPEError(f"head_dim must be even, got {head_dim}")
+        inv_freq = check_inv_freq(inv_freq)
+        if head_dim is not None and inv_freq.numel() != head_dim // 2:
+            raise DPRoPEError(
+                f"inv_freq has {inv_freq.numel()} values but head_dim {head_dim} has {head_dim // 2} pairs"
+            )
+    for name, v in (("original_length", original_length), ("target_length", target_length)):
+        if isinstance(v, bool) or int(v) != v or v < 1:
+            raise DPRoPEError(f"{name} must be a positive integer, got {v}")
+    original_length, target_length = int(original_length), int(target_length)
+    if target_length <= original_length:
+        raise DPRoPEError(
+            f"target length {target_length} is not longer than the original length {original_length}: "
+            "pass a target above the model's pre-trained window"
+        )
+    if int(bins) != bins or bins < 2:
+        raise DPRoPEError(f"bins must be an integer >= 2, got {bins}")
+    if not candidates:
+        raise DPRoPEError("give at least one candidate (the default is extrapolation,interpolation)")
+    if rope_theta is not None and not (math.isfinite(rope_theta) and rope_theta > 0):
+        raise DPRoPEError(f"rope_theta must be finite and > 0, got {rope_theta}")
+    sel = Selection.parse(selection)
+    cands = [get_candidate(c) for c in candidates]
+    names = [c.name for c in cands]
+    if len(set(names)) != len(names):
+        raise DPRoPEError(f"candidates repeat: {names}")
+
+    ctx = RopeContext(inv_freq, rope_theta, original_length, target_length)
+    log.info(
+        "DPRoPE %d -> %d (s=%.4g), %d pairs, %d bins, candidates %s, selection %s",
+        original_length, target_length, ctx.scale, ctx.n_pairs, bins, ",".join(names), sel,
+    )
+    p_orig = angle_distribution(angle_histogram(inv_freq, original_length, bins, chunk_elems), original_length)
+
+    cand_factors: dict[str, torch.Tensor] = {}
+    per_pair: dict[str, torch.Tensor] = {}
+    for c in cands:
+        f = c.factors(ctx)
+        new_freq = inv_freq / f
+        q = angle_distribution(angle_histogram(new_freq, target_length, bins, chunk_elems), target_length)
+        cand_factors[c.name] = f
+        per_pair[c.name] = kl_divergence(p_orig, q)
+        log.debug("candidate %s: mean disturbance %.6g", c.name, float(per_pair[c.name].mean()))
+
+    stacked = torch.stack([per_pair[n] for n in names])  # [n_candidates, n_pairs]
+    idx = choose(stacked, sel)
+    factors_all = torch.stack([cand_factors[n] for n in names])
+    pair_ix = torch.arange(ctx.n_pairs)
+    factors = factors_all[idx, pair_ix].contiguous()
+    selected = stacked[idx, pair_ix]
+    disturbance = {"selected": float(selected.mean())}
+    disturbance.update({n: float(per_pair[n].mean()) for n in names})
+    result = DPRoPEResult(
+        factors=factors,
+        inv_freq=inv_freq / factors,
+        base_inv_freq=inv_freq,
+        chosen=[names[i] for i in idx.tolist()],
+        candidates=names,
+        candidate_factors=cand_factors,
+        per_pair=per_pair,
+        disturbance=disturbance,
+        params={
+            "original_length": original_length,
+            "target_length": target_length,
+            "scale": ctx.scale,
+            "bins": int(bins),
+            "candidates": names,
+            "selection": str(sel),
+            "rope_theta": rope_theta,
+            "head_dim": ctx.head_dim,
+            "divergence": "KL(P_L || P_L'), summed over bins, nats",
+        },
+    )
+    log.info("chosen per candidate: %s; total disturbance %.6g", result.counts(), disturbance["selected"])
+    return result

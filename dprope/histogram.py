@@ -1,0 +1,63 @@
+"""Rotary-angle histograms and the divergence between them (FACTS section 1, steps 1-3).
+
+Angles are computed in float32 exactly like a real RoPE, ``(m * theta_i) mod 2*pi`` with torch's own
+operators, so the bin of every (pair, position) is the same as the reference implementation's.  The
+histogram is built with ``bincount`` over position chunks: memory is bounded by ``chunk_elems`` whatever the
+length (a 2M-token target never materialises a [pairs, 2M] tensor).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import DPRoPEError
+
+# The reference implementation starts every bin at float16's smallest normal number.
+PSEUDO_COUNT = 2.0**-14
+DEFAULT_CHUNK_ELEMS = 1 << 22  # ~4M (pair, position) cells per step: ~50 MB of temporaries
+
+
+def _check_bins(bins: int) -> None:
+    if int(bins) != bins or bins < 2:
+        raise DPRoPEError(f"bins must be an integer >= 2, got {bins}")
+
+
+def angle_histogram(
+    inv_freq: torch.Tensor, length: int, bins: int = 360, chunk_elems: int = DEFAULT_CHUNK_ELEMS
+) -> torch.Tensor:
+    """Counts of rotary angles per bin for positions 0..length-1.
+
+    inv_freq: float32 [n_pairs]; returns int64 [n_pairs, bins].
+    """
+    _check_bins(bins)
+    if length < 1:
+        raise DPRoPEError(f"length must be >= 1, got {length}")
+    inv_freq = inv_freq.to(torch.float32).flatten()
+    n_pairs = inv_freq.numel()
+    counts = torch.zeros(n_pairs * bins, dtype=torch.int64)
+    offsets = (torch.arange(n_pairs, dtype=torch.int64) * bins).unsqueeze(1)  # [n_pairs, 1]
+    to_bin = bins / (torch.pi * 2)  # python float, applied to float32 angles like the reference
+    step = max(1, chunk_elems // n_pairs)
+    col = inv_freq.unsqueeze(1)
+    for start in range(0, length, step):
+        pos = torch.arange(start, min(length, start + step), dtype=torch.int64)
+        angles = (col * pos) % (torch.pi * 2)  # float32 [n_pairs, chunk]
+        idx = torch.floor(to_bin * angles).to(torch.int64)
+        # float32 rounding can land an angle just below 2*pi in bin `bins`; it belongs to the last bin.
+        idx.clamp_(max=bins - 1)
+        idx += offsets
+        counts += torch.bincount(idx.flatten(), minlength=n_pairs * bins)
+    return counts.view(n_pairs, bins)
+
+
+def angle_distribution(counts: torch.Tensor, length: int) -> torch.Tensor:
+    """Probabilities per bin, float32, with the reference's pseudo-count: (n + 2^-14) / length."""
+    # fl32(n + 2^-14) equals the reference's n successive float32 increments of a bin that started at 2^-14.
+    return (counts.to(torch.float32) + PSEUDO_COUNT) / length
+
+
+def kl_divergence(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """KL(P || Q) per row, summed over bins, in nats (float64).  p, q: [..., bins]."""
+    p64, q64 = p.double(), q.double()
+    return (p64 * (p64.log() - q64.log())).sum(-1)
+

@@ -1,0 +1,103 @@
+"""Per-pair choice among candidates from their disturbances (FACTS section 1, step 4)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import DPRoPEError
+
+MODES = ("argmin", "threshold", "top-n")
+
+
+@dataclass(frozen=True)
+class Selection:
+    """How a candidate is chosen per pair.
+
+    argmin:    the smallest disturbance wins; exact ties go to the earlier candidate (reference behaviour).
+    threshold: keep the first candidate unless another one is lower by more than ``value`` (the paper's t).
+    top-n:     switch exactly the ``value`` pairs with the largest gain (first candidate's disturbance minus the
+               best other one's) to their best other candidate (the paper's n-hat interpolated pairs).
+    """
+
+    mode: str = "argmin"
+    value: float | None = None
+
+    @classmethod
+    def parse(cls, spec: "str | Selection") -> "Selection":
+        if isinstance(spec, Selection):
+            return spec.validated()
+        text = spec.strip().lower()
+        for sep in (":", "="):
+            if sep in text:
+                mode, raw = text.split(sep, 1)
+                break
+        else:
+            mode, raw = text, None
+        mode = {"top": "top-n", "topn": "top-n", "top_n": "top-n", "t": "threshold"}.get(mode, mode)
+        value: float | None = None
+        if raw is not None:
+            try:
+                value = float(raw)
+            except ValueError:
+                raise DPRoPEError(f"selection '{spec}': '{raw}' is not a number") from None
+        return cls(mode, value).validated()
+
+    def validated(self) -> "Selection":
+        if self.mode not in MODES:
+            raise DPRoPEError(
+                f"unknown selection '{self.mode}'; use argmin, threshold:T (e.g. threshold:0.05) or top-n:N "
+                "(e.g. top-n:40)"
+            )
+        if self.mode == "argmin" and self.value is not None:
+            raise DPRoPEError("argmin takes no value; use threshold:T or top-n:N for a tuned choice")
+        if self.mode != "argmin" and self.value is None:
+            raise DPRoPEError(f"selection {self.mode} needs a value, e.g. {self.mode}:{40 if self.mode == 'top-n' else 0.05}")
+        if self.mode == "top-n" and (self.value < 0 or int(self.value) != self.value):
+            raise DPRoPEError(f"top-n needs a whole number of pairs >= 0, got {self.value}")
+        return self
+
+    def __str__(self) -> str:
+        if self.mode == "argmin":
+            return "argmin"
+        v = int(self.value) if self.mode == "top-n" else self.value
+        return f"{self.mode}:{v}"
+
+
+def choose(per_pair: torch.Tensor, selection: Selection) -> torch.Tensor:
+    """Index of the chosen candidate per pair.  per_pair: float64 [n_candidates, n_pairs] -> int64 [n_pairs]."""
+    n_cand, n_pairs = per_pair.shape
+    # best candidate per pair, first one on an exact tie
+    best = torch.zeros(n_pairs, dtype=torch.int64)
+    best_val = per_pair[0].clone()
+    for c in range(1, n_cand):
+        better = per_pair[c] < best_val
+        best[better] = c
+        best_val = torch.where(better, per_pair[c], best_val)
+    if selection.mode == "argmin" or n_cand == 1:
+        if selection.mode == "top-n" and selection.value and n_cand == 1:
+            raise DPRoPEError("top-n needs at least two candidates")
+        return best
+
+    # best among the candidates other than the first one (the baseline)
+    alt = torch.ones(n_pairs, dtype=torch.int64)
+    alt_val = per_pair[1].clone()
+    for c in range(2, n_cand):
+        better = per_pair[c] < alt_val
+        alt[better] = c
+        alt_val = torch.where(better, per_pair[c], alt_val)
+    gain = per_pair[0] - alt_val  # > 0: the alternative disturbs less than the baseline
+
+    chosen = torch.zeros(n_pairs, dtype=torch.int64)
+    if selection.mode == "threshold":
+        switch = gain > float(selection.value)
+    else:
+        n = int(selection.value)
+        if n > n_pairs:
+            raise DPRoPEError(f"top-n:{n} asks for more pairs than the model has ({n_pairs})")
+        order = torch.sort(-gain, stable=True).indices  # largest gain first, lower pair index on ties
+        switch = torch.zeros(n_pairs, dtype=torch.bool)
+        switch[order[:n]] = True
+    chosen[switch] = alt[switch]
+    return chosen
