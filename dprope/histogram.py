@@ -14,7 +14,7 @@ from .errors import DPRoPEError
 
 # The reference implementation starts every bin at float16's smallest normal number.
 PSEUDO_COUNT = 2.0**-14
-DEFAULT_CHUNK_ELEMS = 1 << 22  # ~4M (pair, position) cells per step: ~50 MB of temporaries
+DEFAULT_CHUNK_ELEMS = 1 << 18  # (pair, position) cells per step: 3 MB of reused buffers
 
 
 def _check_bins(bins: int) -> None:
@@ -35,17 +35,24 @@ def angle_histogram(
     inv_freq = inv_freq.to(torch.float32).flatten()
     n_pairs = inv_freq.numel()
     counts = torch.zeros(n_pairs * bins, dtype=torch.int64)
-    offsets = (torch.arange(n_pairs, dtype=torch.int64) * bins).unsqueeze(1)  # [n_pairs, 1]
+    step = max(1, min(length, chunk_elems // n_pairs))
+    offsets = (torch.arange(n_pairs, dtype=torch.int64) * bins).unsqueeze(1).expand(n_pairs, step)
     to_bin = bins / (torch.pi * 2)  # python float, applied to float32 angles like the reference
-    step = max(1, chunk_elems // n_pairs)
     col = inv_freq.unsqueeze(1)
+    positions = torch.arange(length, dtype=torch.int64)
+    # reused buffers: no allocation per chunk, and chunks small enough to stay in cache
+    fbuf = torch.empty(n_pairs, step, dtype=torch.float32)
+    ibuf = torch.empty(n_pairs, step, dtype=torch.int64)
     for start in range(0, length, step):
-        pos = torch.arange(start, min(length, start + step), dtype=torch.int64)
-        angles = (col * pos) % (torch.pi * 2)  # float32 [n_pairs, chunk]
-        idx = torch.floor(to_bin * angles).to(torch.int64)
+        n = min(step, length - start)
+        angles, idx = fbuf[:, :n], ibuf[:, :n]
+        torch.mul(col, positions[start : start + n], out=angles)  # float32, as int64 * float32 promotes
+        torch.remainder(angles, torch.pi * 2, out=angles)
+        angles.mul_(to_bin)
+        idx.copy_(angles)  # truncation == floor here: angles are >= 0
         # float32 rounding can land an angle just below 2*pi in bin `bins`; it belongs to the last bin.
         idx.clamp_(max=bins - 1)
-        idx += offsets
+        idx.add_(offsets[:, :n])
         counts += torch.bincount(idx.flatten(), minlength=n_pairs * bins)
     return counts.view(n_pairs, bins)
 

@@ -1,0 +1,249 @@
+"""Bake stage: write the extended checkpoint.
+
+Weights are copied file by file (never loaded), config.json is written by hand in the portable ``longrope`` form
+that transformers 4.57 and 5.x both read, and the factors, report, resolved recipe and a model card go beside
+them.  Everything is written into a temporary directory next to the destination and renamed into place only when
+complete, so an interrupted run never leaves a directory that looks finished.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import yaml
+
+import dprope
+from dprope import DPRoPEResult
+
+from .errors import ConvertError
+from .modelinfo import RopeSpec
+from .source import INDEX_NAME, SINGLE_NAME, Source
+
+log = logging.getLogger(__name__)
+
+FACTORS_FILE = "rope_factors.safetensors"
+REPORT_FILE = "dprope_factors.json"
+PLOT_FILE = "dprope_factors.png"
+RECIPE_FILE = "dprope_recipe.yaml"
+CARD_FILE = "README.md"
+# files of the source that the bake writes itself, or that describe the source rather than the output
+_NOT_CARRIED = {"config.json", CARD_FILE, FACTORS_FILE, REPORT_FILE, PLOT_FILE, RECIPE_FILE, "verify.json",
+                "manifest.json"}
+
+METHODS = {"dprope": None, "pi": ["interpolation"], "ntk": ["ntk"], "yarn": ["yarn"]}
+
+
+@dataclass
+class BakePlan:
+    """The resolved extension: what is computed and how it is written."""
+
+    method: str
+    target_length: int
+    candidates: list[str]
+    selection: str
+    bins: int
+    short_factor: str  # "same" | "original"
+
+    def as_dict(self) -> dict:
+        return dict(method=self.method, target_length=self.target_length, candidates=self.candidates,
+                    selection=self.selection, bins=self.bins, short_factor=self.short_factor)
+
+
+def make_plan(method: str = "dprope", target_length: int = 0, candidates: list[str] | None = None,
+              selection: str = "argmin", bins: int = dprope.DEFAULT_BINS, short_factor: str = "same") -> BakePlan:
+    if method not in METHODS:
+        raise ConvertError(f"unknown method '{method}'; use one of {', '.join(METHODS)}")
+    if short_factor not in ("same", "original"):
+        raise ConvertError(f"--short-factor must be 'same' or 'original', got '{short_factor}'")
+    cands = METHODS[method] or list(candidates or dprope.DEFAULT_CANDIDATES)
+    if METHODS[method] and candidates and list(candidates) != list(dprope.DEFAULT_CANDIDATES):
+        raise ConvertError(f"--candidates applies to --method dprope only ('{method}' is a single fixed scaling)")
+    return BakePlan(method, int(target_length), cands, selection if method == "dprope" else "argmin", int(bins),
+                    short_factor)
+
+
+def compute(spec: RopeSpec, plan: BakePlan) -> DPRoPEResult:
+    """Factors for this base and plan (the DPRoPE stage)."""
+    if plan.target_length <= spec.original_length:
+        raise ConvertError(
+            f"target length {plan.target_length} is not longer than the model's window {spec.original_length}: "
+            "pass --target-length above it")
+    return dprope.compute_factors(spec.inv_freq, rope_theta=spec.rope_theta, head_dim=spec.head_dim,
+                                  original_length=spec.original_length, target_length=plan.target_length,
+                                  bins=plan.bins, candidates=plan.candidates, selection=plan.selection)
+
+
+def attention_factor(spec: RopeSpec, plan: BakePlan) -> float:
+    """cos/sin multiplier: 1 for DPRoPE / PI / NTK (FACTS 3), YaRN's 0.1 ln(s) + 1, times the base's own."""
+    s = plan.target_length / spec.original_length
+    own = 0.1 * float(torch.log(torch.tensor(s, dtype=torch.float64))) + 1.0 if plan.method == "yarn" else 1.0
+    return own * spec.attention_factor
+
+
+def hf_factors(spec: RopeSpec, result: DPRoPEResult, short: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(long, short) factors relative to the plain base b^(-2i/d), as HF longrope and llama.cpp expect."""
+    long = (spec.prior_factors * result.factors).float()
+    short_t = long.clone() if short == "same" else spec.prior_factors.float().clone()
+    n = spec.head_dim // 2
+    for name, t in (("long", long), ("short", short_t)):
+        if t.numel() != n or not bool(torch.isfinite(t).all()) or not bool((t > 0).all()):
+            raise ConvertError(f"{name} factors must be {n} finite values > 0 (head_dim {spec.head_dim}), "
+                               f"got {t.numel()}")
+    return long, short_t
+
+
+def longrope_config(cfg: dict, spec: RopeSpec, plan: BakePlan, long: torch.Tensor, short: torch.Tensor,
+                    attn: float) -> dict:
+    """config.json in the portable longrope form (FACTS 3): 4.x `rope_scaling` + top-level rope_theta."""
+    out = {k: v for k, v in cfg.items() if k not in ("rope_parameters", "rope_scaling", "dprope")}
+    out["rope_theta"] = spec.rope_theta
+    out["rope_scaling"] = {
+        "rope_type": "longrope",
+        "type": "longrope",
+        "long_factor": [float(x) for x in long.tolist()],
+        "short_factor": [float(x) for x in short.tolist()],
+        "factor": plan.target_length / spec.original_length,
+        "original_max_position_embeddings": spec.original_length,
+        "attention_factor": attn,
+    }
+    out["original_max_position_embeddings"] = spec.original_length
+    out["max_position_embeddings"] = plan.target_length
+    out["head_dim"] = spec.head_dim
+    out["dprope"] = {"method": plan.method, "version": dprope.__version__,
+                     "base_rope_type": spec.rope_type, "target_length": plan.target_length}
+    return out
+
+
+@contextlib.contextmanager
+def atomic_dir(dest: Path, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory beside ``dest``; on success it replaces ``dest``, on failure it is removed."""
+    dest = Path(dest)
+    if dest.exists() and not force:
+        raise ConvertError(f"{dest} already exists; pass --force to replace it or choose another output directory")
+    if dest.exists() and not dest.is_dir():
+        raise ConvertError(f"{dest} exists and is not a directory")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if dest.exists():
+            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+            os.replace(dest, old)
+            os.replace(tmp, dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def copy_weights(src: Source, out: Path, link: bool = False, progress: bool = True) -> list[str]:
+    """Copy (or hard-link) the weight files byte for byte; pickle weights are re-written as safetensors."""
+    from tqdm.auto import tqdm
+
+    names = []
+    total = sum(f.stat().st_size for f in src.weight_files)
+    with tqdm(total=total, unit="B", unit_scale=True, desc="weights", disable=not progress) as bar:
+        if src.kind == "pickle":
+            return _pickle_to_safetensors(src, out, bar)
+        for f in src.weight_files:
+            dst = out / f.name
+            done = False
+            if link:
+                try:
+                    os.link(f, dst)
+                    done = True
+                except OSError as e:  # other filesystem, no permission: fall back to a copy
+                    log.info("hard link failed for %s (%s); copying", f.name, e)
+            if not done:
+                shutil.copyfile(f, dst)  # sendfile / copy_file_range on Linux: no Python-side buffering
+            names.append(f.name)
+            bar.update(f.stat().st_size)
+    if src.index_file is not None:
+        shutil.copyfile(src.index_file, out / INDEX_NAME)
+    return names
+
+
+def _pickle_to_safetensors(src: Source, out: Path, bar) -> list[str]:
+    from safetensors.torch import save_file
+
+    names, wmap = [], {}
+    n = len(src.weight_files)
+    for i, f in enumerate(src.weight_files, 1):
+        sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+        name = SINGLE_NAME if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors"
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(out / name), metadata={"format": "pt"})
+        wmap.update({k: name for k in sd})
+        names.append(name)
+        del sd
+        bar.update(f.stat().st_size)
+    if n > 1:
+        (out / INDEX_NAME).write_text(json.dumps({"metadata": {}, "weight_map": wmap}, indent=2))
+    return names
+
+
+def carry_files(src: Source, out: Path, skip: set[str]) -> list[str]:
+    """Tokenizer, generation config and other small files of the source, unchanged."""
+    carried = []
+    for f in sorted(src.path.iterdir()):
+        if f.is_file() and not f.name.startswith(".") and f.name not in skip and f.name not in _NOT_CARRIED \
+                and not f.name.endswith((".bin", ".pt", ".pth", ".gguf")):
+            shutil.copyfile(f, out / f.name)
+            carried.append(f.name)
+    return carried
+
+
+def write_factors(out: Path, long: torch.Tensor, short: torch.Tensor, result: DPRoPEResult) -> None:
+    from safetensors.torch import save_file
+
+    save_file({"long_factor": long.contiguous(), "short_factor": short.contiguous(),
+               "inv_freq": result.inv_freq.float().contiguous(),
+               "base_inv_freq": result.base_inv_freq.float().contiguous()},
+              str(out / FACTORS_FILE), metadata={"method": result.params.get("method", ""),
+                                                  "original_length": str(result.params["original_length"]),
+                                                  "target_length": str(result.params["target_length"])})
+
+
+def bake(src: Source, out: Path, plan: BakePlan, *, force: bool = False, plot: bool = False, link: bool = False,
+         progress: bool = True, result: DPRoPEResult | None = None) -> Path:
+    """Write the extended checkpoint for ``src`` into ``out``; returns ``out``."""
+    from .card import write_card
+
+    spec = src.spec
+    result = result or compute(spec, plan)
+    result.params["method"] = plan.method
+    long, short = hf_factors(spec, result, plan.short_factor)
+    attn = attention_factor(spec, plan)
+    out = Path(out)
+    if out.resolve() == src.path.resolve():
+        raise ConvertError("the output directory is the source directory; choose a new one")
+    with atomic_dir(out, force) as tmp:
+        weights = copy_weights(src, tmp, link=link, progress=progress)
+        carried = carry_files(src, tmp, set(weights) | {INDEX_NAME})
+        cfg = longrope_config(src.config, spec, plan, long, short, attn)
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        write_factors(tmp, long, short, result)
+        (tmp / REPORT_FILE).write_text(json.dumps(result.to_dict(), indent=1) + "\n")
+        if plot:
+            from .report import plot_result
+
+            plot_result(result, tmp / PLOT_FILE)
+        recipe = {"source": src.given, "source_kind": src.kind, **plan.as_dict()}
+        (tmp / RECIPE_FILE).write_text(
+            f"# Resolved parameters of this extension; re-run with:\n"
+            f"#   dprope extend {src.given} OUT --target-length {plan.target_length} --method {plan.method}"
+            f"{'' if plan.method != 'dprope' else ' --candidates ' + ','.join(plan.candidates) + ' --select ' + plan.selection}"
+            f" --bins {plan.bins} --short-factor {plan.short_factor}\n" + yaml.safe_dump(recipe, sort_keys=False))
+        write_card(tmp, src, plan, result, long, attn, has_plot=plot)
+        log.info("baked %s (weights %s; carried %s)", out, ", ".join(weights), ", ".join(carried))
+    return out

@@ -1,0 +1,82 @@
+"""The model card (README.md) of a baked checkpoint: provenance, factors and how to load it."""
+
+from __future__ import annotations
+
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+from dprope import DPRoPEResult
+
+from .report import summary_lines
+
+
+def versions() -> dict[str, str]:
+    out = {}
+    for pkg in ("dprope", "torch", "transformers", "safetensors", "gguf", "lm-eval"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def write_card(out: Path, src, plan, result: DPRoPEResult, long: torch.Tensor, attn: float,
+               has_plot: bool = False) -> Path:
+    spec = src.spec
+    s = plan.target_length / spec.original_length
+    name = Path(src.given).name or src.given
+    vers = "\n".join(f"- {k} {v}" for k, v in versions().items())
+    method_text = {
+        "dprope": "DPRoPE (Wu et al., EMNLP 2024): per rotary pair, the scaling whose rotary-angle distribution at "
+                  "the target length stays closest (KL) to the pre-trained one",
+        "pi": "position interpolation (every pair scaled by s)",
+        "ntk": "NTK-aware static scaling",
+        "yarn": "YaRN (official ramp, beta_fast 32, beta_slow 1)",
+    }[plan.method]
+    lines = [
+        "---",
+        f"base_model: {src.given}",
+        "tags: [dprope, long-context, rope-scaling]",
+        "---",
+        f"# {name}, extended to {plan.target_length} tokens",
+        "",
+        f"- Base model: `{src.given}` ({spec.arch.hf_class}, source {src.kind})",
+        f"- Method: {method_text}",
+        f"- Window: {spec.original_length} -> {plan.target_length} tokens (scale {s:.4g})",
+        f"- RoPE: theta {spec.rope_theta:g}, head_dim {spec.head_dim}, base rope type `{spec.rope_type}`, "
+        f"attention factor {attn:g}",
+        f"- Short factor: `{plan.short_factor}` ({'the long factors at every length' if plan.short_factor == 'same' else 'the base RoPE inside the original window'})",
+        "- Weights: unchanged from the base (byte-identical files); only the RoPE frequencies differ.",
+        "",
+        "## Factors",
+        "",
+        "```",
+        *summary_lines(result),
+        f"long_factor: {', '.join(f'{x:.4g}' for x in long.tolist())}",
+        "```",
+        "",
+        "Per-pair disturbances: `dprope_factors.json`; the factor tensors: `rope_factors.safetensors`."
+        + (" Plot: `dprope_factors.png`." if has_plot else ""),
+        "",
+        "## Load it",
+        "",
+        "transformers (4.57 or 5.x, no custom code; `config.json` carries `rope_scaling` of type `longrope`):",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "model = AutoModelForCausalLM.from_pretrained('PATH_TO_THIS_DIR')",
+        "tok = AutoTokenizer.from_pretrained('PATH_TO_THIS_DIR')",
+        "```",
+        "",
+        "Check what a checkpoint carries: `dprope inspect PATH_TO_THIS_DIR`.",
+        "",
+        "## Versions",
+        "",
+        vers,
+        "",
+    ]
+    path = out / "README.md"
+    path.write_text("\n".join(lines))
+    return path

@@ -1,0 +1,143 @@
+"""The `dprope` command line: thin Click commands over library calls."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+import dprope
+from dprope import DPRoPEError
+
+from .errors import ConvertError
+
+log = logging.getLogger("convert")
+
+
+def _factor_options(fn):
+    """Options shared by every command that computes factors (one definition, many commands)."""
+    opts = [
+        click.option("--bins", default=dprope.DEFAULT_BINS, show_default=True, help="Angle histogram bins."),
+        click.option("--candidates", default=",".join(dprope.DEFAULT_CANDIDATES), show_default=True,
+                     help=f"Comma-separated candidates in tie-break order; registered: "
+                          f"{', '.join(dprope.available_candidates())}."),
+        click.option("--select", "selection", default="argmin", show_default=True,
+                     help="argmin | threshold:T | top-n:N (the paper's n-hat interpolated pairs)."),
+    ]
+    for o in reversed(opts):
+        fn = o(fn)
+    return fn
+
+
+def _candidates(text: str) -> list[str]:
+    return [c.strip() for c in text.split(",") if c.strip()]
+
+
+class _Group(click.Group):
+    """Turns the project's own errors into one clear line and exit status 2, without a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (ConvertError, DPRoPEError) as e:
+            click.secho(f"error: {e}", fg="red", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=_Group)
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.version_option(dprope.__version__, prog_name="dprope")
+def main(verbose: int) -> None:
+    """Extend the context window of RoPE models with DPRoPE and emit checkpoints that run anywhere."""
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+@main.command()
+@click.option("--model", "model_path", type=click.Path(path_type=Path),
+              help="Read rope_theta, head_dim and the original length from a config.json, checkpoint dir or GGUF.")
+@click.option("--rope-theta", type=float, help="RoPE base b (without --model).")
+@click.option("--head-dim", type=int, help="Attention head dimension (without --model).")
+@click.option("--original-length", type=int, help="Pre-training window L (default: the model's).")
+@click.option("--target-length", type=int, required=True, help="Target window L'.")
+@_factor_options
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option("--plot", type=click.Path(path_type=Path), help="Write a PNG: per-pair disturbance and two pairs' "
+              "angle histograms.")
+def factors(model_path, rope_theta, head_dim, original_length, target_length, bins, candidates, selection,
+            as_json, plot):
+    """Compute DPRoPE per-pair factors and show why each pair got its choice."""
+    inv_freq = None
+    if model_path is not None:
+        if rope_theta is not None or head_dim is not None:
+            raise ConvertError("give --model or --rope-theta/--head-dim, not both")
+        from .modelinfo import rope_spec
+
+        spec = rope_spec(model_path)
+        inv_freq, rope_theta, head_dim = spec.inv_freq, spec.rope_theta, spec.head_dim
+        original_length = original_length or spec.original_length
+    elif rope_theta is None or head_dim is None:
+        raise ConvertError("give --rope-theta and --head-dim, or --model PATH to read them from a checkpoint")
+    if original_length is None:
+        raise ConvertError("give --original-length (the model's pre-training window)")
+    r = dprope.compute_factors(inv_freq, rope_theta=rope_theta, head_dim=head_dim, original_length=original_length,
+                               target_length=target_length, bins=bins, candidates=_candidates(candidates),
+                               selection=selection)
+    if plot:
+        from .report import plot_result
+
+        plot_result(r, plot)
+    if as_json:
+        click.echo(json.dumps(r.to_dict(), indent=1))
+    else:
+        from .report import render_table
+
+        render_table(r)
+        if plot:
+            click.echo(f"plot: {plot}")
+
+
+@main.command()
+@click.argument("source")
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--target-length", type=int, required=True, help="Target window in tokens.")
+@click.option("--method", type=click.Choice(["dprope", "pi", "ntk", "yarn"]), default="dprope", show_default=True,
+              help="dprope, or a baseline through the same path.")
+@_factor_options
+@click.option("--short-factor", type=click.Choice(["same", "original"]), default="same", show_default=True,
+              help="Factors used inside the original window: the long ones, or the base RoPE.")
+@click.option("--plot", is_flag=True, help="Also write dprope_factors.png.")
+@click.option("--force", is_flag=True, help="Replace an existing output directory.")
+@click.option("--link", is_flag=True, help="Hard-link weight files instead of copying (same filesystem only; "
+              "editing either copy in place then changes both).")
+@click.option("--allow-pickle", is_flag=True, help="Accept pickle (*.bin) weights, loaded with weights_only=True "
+              "and baked as safetensors.")
+def extend(source, out, target_length, method, bins, candidates, selection, short_factor, plot, force, link,
+           allow_pickle):
+    """Extend SOURCE (HF dir, .gguf, or cached hub id) to --target-length and write the checkpoint to OUT."""
+    from .bake import bake, make_plan
+    from .source import open_source
+
+    plan = make_plan(method, target_length, _candidates(candidates), selection, bins, short_factor)
+    src = open_source(source, allow_pickle=allow_pickle)
+    bake(src, out, plan, force=force, plot=plot, link=link)
+    from .inspect import describe
+
+    click.echo(describe(out))
+    click.echo(f"extended checkpoint: {out}")
+
+
+@main.command()
+@click.argument("path", type=click.Path(path_type=Path))
+def inspect(path):
+    """Show what a checkpoint (HF dir or GGUF) carries: architecture, lengths, rope type and factors."""
+    from .inspect import describe
+
+    click.echo(describe(path))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
