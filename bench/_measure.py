@@ -1,46 +1,107 @@
-"""Shared helpers for benchmarks: run a callable or command in a child process and report wall time and peak RSS."""
+"""Shared benchmark helpers: child-process measurement (wall time, peak RSS) and a big random checkpoint."""
 
 from __future__ import annotations
 
 import json
 import os
-import resource
+import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
-
-def run_child(code: str, *args: str) -> dict:
-    """Run `python -c code args...` and return {"wall_s", "peak_rss_mb", "stdout"}; the child's own peak RSS."""
-    t = time.perf_counter()
-    p = subprocess.run([sys.executable, "-c", _WRAP + code, *args], capture_output=True, text=True,
-                       env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
-    wall = time.perf_counter() - t
-    if p.returncode:
-        raise RuntimeError(f"benchmark child failed:\n{p.stderr[-3000:]}")
-    last = p.stdout.strip().splitlines()[-1]
-    info = json.loads(last)
-    info.setdefault("wall_s", wall)
-    return info
-
-
-def run_command(cmd: list[str], cwd: str | None = None, env: dict | None = None) -> dict:
-    """Run an external command; wall time and the peak RSS of the largest child it waited for."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    t = time.perf_counter()
-    p = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - t
-    if p.returncode:
-        raise RuntimeError(f"{cmd[0]} failed:\n{p.stderr[-3000:]}")
-    after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return {"wall_s": wall, "peak_rss_mb": max(after, before) / 1024, "stdout": p.stdout}
-
+DATA = Path(os.environ.get("DPROPE_BENCH_DIR", Path(__file__).resolve().parent / ".data"))
 
 _WRAP = """
-import json as _json, resource as _res, time as _time, atexit as _atexit
-_t0 = _time.perf_counter()
+import json as _json, resource as _res, time as _time
+"""
+
+_TIMER = r"""
+import json, resource, subprocess, sys, time
+t = time.perf_counter()
+p = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+wall = time.perf_counter() - t
+if p.returncode:
+    sys.stderr.write(p.stderr[-3000:])
+    sys.exit(p.returncode)
+print(json.dumps({"wall_s": wall, "peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
 """
 
 
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def run_child(code: str, *args: str) -> dict:
+    """Run python code in a fresh process; it prints one JSON line as its last output, which is returned."""
+    p = subprocess.run([sys.executable, "-c", _WRAP + code, *args], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    if p.returncode:
+        raise RuntimeError(f"benchmark child failed:\n{p.stderr[-3000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def measure(cmd: list[str], env: dict | None = None) -> dict:
+    """Wall time and peak RSS of one command (and its children), measured from a fresh parent process."""
+    p = subprocess.run([sys.executable, "-c", _TIMER, *cmd], capture_output=True, text=True, env=env)
+    if p.returncode:
+        raise RuntimeError(f"{cmd[0]} failed:\n{p.stderr[-3000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def median_of(runs: list[dict]) -> dict:
+    return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+
+
+def dir_size(p: Path) -> int:
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+
+
+def big_llama(path: Path | None = None, hidden: int = 2048, layers: int = 16, inter: int = 8192, heads: int = 32,
+              kv_heads: int = 8, vocab: int = 128256, shard_bytes: int = 1 << 29) -> Path:
+    """A Llama-3.2-1B-shaped checkpoint of random bf16 tensors (~2.5 GB, ~500 MB shards), made once and cached.
+    Tensors are generated and written one shard at a time."""
+    import torch
+    from safetensors.torch import save_file
+
+    path = path or DATA / "llama-1b-random"
+    if (path / "model.safetensors.index.json").exists():
+        return path
+    tmp = path.with_name(path.name + ".partial")
+    tmp.mkdir(parents=True, exist_ok=True)
+    hd = hidden // heads
+    shapes: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (vocab, hidden))]
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes += [(p + "self_attn.q_proj.weight", (hidden, hidden)),
+                   (p + "self_attn.k_proj.weight", (kv_heads * hd, hidden)),
+                   (p + "self_attn.v_proj.weight", (kv_heads * hd, hidden)),
+                   (p + "self_attn.o_proj.weight", (hidden, hidden)),
+                   (p + "mlp.gate_proj.weight", (inter, hidden)), (p + "mlp.up_proj.weight", (inter, hidden)),
+                   (p + "mlp.down_proj.weight", (hidden, inter)),
+                   (p + "input_layernorm.weight", (hidden,)), (p + "post_attention_layernorm.weight", (hidden,))]
+    shapes += [("model.norm.weight", (hidden,)), ("lm_head.weight", (vocab, hidden))]
+    groups, cur, size = [], [], 0
+    for name, shape in shapes:
+        n = 2 * int(torch.Size(shape).numel())
+        if cur and size + n > shard_bytes:
+            groups.append(cur)
+            cur, size = [], 0
+        cur.append((name, shape))
+        size += n
+    groups.append(cur)
+    gen = torch.Generator().manual_seed(0)
+    wmap = {}
+    for k, group in enumerate(groups, 1):
+        fname = f"model-{k:05d}-of-{len(groups):05d}.safetensors"
+        tensors = {name: (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16) for name, shape in group}
+        save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
+        wmap.update({name: fname for name, _ in group})
+        print(f"  wrote {fname}", flush=True)
+    total = sum(2 * int(torch.Size(s).numel()) for _, s in shapes)
+    (tmp / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": wmap}, indent=1))
+    (tmp / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
+        "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads, "head_dim": hd, "vocab_size": vocab, "max_position_embeddings": 8192,
+        "rope_theta": 500000.0, "rms_norm_eps": 1e-5, "torch_dtype": "bfloat16", "tie_word_embeddings": False,
+        "bos_token_id": 1, "eos_token_id": 2}, indent=1))
+    tmp.rename(path)
+    return path

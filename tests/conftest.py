@@ -1,4 +1,44 @@
+import shutil
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny import make_tiny, tiny_tokenizer  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory, tokenizer):
+    """Random tiny llama / mistral / qwen2 checkpoints, single-file and sharded, made once per session."""
+    root = tmp_path_factory.mktemp("tiny")
+    made = {}
+    for mt in ("llama", "mistral", "qwen2"):
+        for sharded in (False, True):
+            made[(mt, sharded)] = make_tiny(root / f"{mt}-{'sharded' if sharded else 'single'}", mt, sharded,
+                                            tokenizer=tokenizer)
+    return made
+
+
+@pytest.fixture
+def tiny_copy(tiny_models, tmp_path):
+    """A private copy of a tiny checkpoint, safe to damage."""
+
+    def copy(model_type="llama", sharded=False) -> Path:
+        dst = tmp_path / f"src-{model_type}-{int(sharded)}"
+        shutil.copytree(tiny_models[(model_type, sharded)], dst)
+        return dst
+
+    return copy
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("DPROPE_CACHE", str(tmp_path_factory.getbasetemp() / "dprope-cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -1,0 +1,226 @@
+"""Source -> factors -> bake on tiny random Llama / Mistral / Qwen2 checkpoints, loaded back by transformers."""
+
+import hashlib
+import json
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import dprope
+from convert.bake import bake, make_plan
+from convert.cli import main
+from convert.errors import ConvertError
+from convert.source import open_source
+from tiny import ORIGINAL, edit_config
+
+TARGET = 4 * ORIGINAL
+
+
+def _sha(p: Path) -> str:
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def _extend(src_dir, out, **plan_kw):
+    plan = make_plan(target_length=plan_kw.pop("target_length", TARGET), **plan_kw)
+    return bake(open_source(src_dir), out, plan, progress=False)
+
+
+def _no_leftovers(parent: Path, name: str):
+    assert not (parent / name).exists()
+    assert not [p for p in parent.iterdir() if p.name.startswith(f".{name}.")]
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("sharded", [False, True])
+def test_output_loads_in_transformers_with_the_factors(tiny_models, tmp_path, model_type, sharded):
+    from transformers import AutoModelForCausalLM
+
+    src = tiny_models[(model_type, sharded)]
+    out = _extend(src, tmp_path / "out")
+    r = json.loads((out / "dprope_factors.json").read_text())
+    factors = torch.tensor(r["factors"])
+    assert 0 < int((factors != 1).sum()) < factors.numel()  # a real mix of pairs
+
+    # weights byte-identical, index and tokenizer carried over
+    for f in sorted(src.glob("*.safetensors")):
+        assert _sha(f) == _sha(out / f.name)
+    if sharded:
+        assert (out / "model.safetensors.index.json").read_bytes() == (src / "model.safetensors.index.json").read_bytes()
+    assert (out / "tokenizer.json").read_bytes() == (src / "tokenizer.json").read_bytes()
+
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["max_position_embeddings"] == TARGET and cfg["original_max_position_embeddings"] == ORIGINAL
+    assert cfg["rope_scaling"]["rope_type"] == "longrope" and "rope_parameters" not in cfg
+    assert cfg["rope_scaling"]["attention_factor"] == 1.0
+
+    model = AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    base = AutoModelForCausalLM.from_pretrained(str(src)).eval()
+    base_inv = dprope.base_inv_freq(10000.0, 16)
+    ids = torch.randint(0, model.config.vocab_size, (1, 3 * ORIGINAL))  # past the original window
+    with torch.no_grad():
+        got = model(ids).logits
+        # after a long forward pass the rotary module holds the long factors
+        assert torch.allclose(model.model.rotary_emb.inv_freq, base_inv / factors, rtol=1e-6, atol=0)
+        # an independent reference: the base model with the factors patched into its rotary module by hand
+        rot = base.model.rotary_emb
+        rot.inv_freq = base_inv / factors
+        rot.original_inv_freq = rot.inv_freq
+        want = base(ids).logits
+        base_plain = AutoModelForCausalLM.from_pretrained(str(src)).eval()
+        plain = base_plain(ids).logits
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
+    assert (got - plain).abs().max() > 1e-2  # the factors really change the model past the window
+
+
+def test_methods_share_the_path(tiny_models, tmp_path):
+    src = tiny_models[("llama", False)]
+    for method in ("pi", "ntk", "yarn"):
+        out = _extend(src, tmp_path / method, method=method)
+        cfg = json.loads((out / "config.json").read_text())
+        long = torch.tensor(cfg["rope_scaling"]["long_factor"])
+        ctx = dprope.RopeContext(dprope.base_inv_freq(10000.0, 16), 10000.0, ORIGINAL, TARGET)
+        name = {"pi": "interpolation"}.get(method, method)
+        assert torch.allclose(long, dprope.get_candidate(name).factors(ctx))
+        if method == "yarn":
+            assert cfg["rope_scaling"]["attention_factor"] == pytest.approx(0.1 * torch.log(torch.tensor(4.0)) + 1)
+
+
+def test_short_factor_original(tiny_models, tmp_path):
+    out = _extend(tiny_models[("qwen2", False)], tmp_path / "o", short_factor="original")
+    sc = json.loads((out / "config.json").read_text())["rope_scaling"]
+    assert sc["short_factor"] == [1.0] * 8 and sc["long_factor"] != sc["short_factor"]
+
+
+def test_already_scaled_base_keeps_its_scaling(tiny_copy, tmp_path):
+    """A llama3-scaled base: the long factors are its own factors times DPRoPE's, relative to the plain base."""
+    from transformers import AutoModelForCausalLM
+
+    src = tiny_copy("llama")
+    edit_config(src, rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 4.0,
+                                      "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                      "original_max_position_embeddings": 16},
+                max_position_embeddings=64)
+    spec = open_source(src).spec
+    base_model = AutoModelForCausalLM.from_pretrained(str(src))
+    assert torch.allclose(spec.inv_freq, base_model.model.rotary_emb.inv_freq, rtol=1e-6)
+    out = _extend(src, tmp_path / "o")
+    model = AutoModelForCausalLM.from_pretrained(str(out))
+    factors = torch.tensor(json.loads((out / "dprope_factors.json").read_text())["factors"])
+    with torch.no_grad():
+        model(torch.zeros(1, 100, dtype=torch.long))
+    assert torch.allclose(model.model.rotary_emb.inv_freq, spec.inv_freq / factors, rtol=1e-5)
+
+
+def test_cli_extend_and_inspect(tiny_models, tmp_path):
+    out = tmp_path / "cli-out"
+    runner = CliRunner()
+    res = runner.invoke(main, ["extend", str(tiny_models[("mistral", True)]), str(out), "--target-length", "256",
+                               "--plot"])
+    assert res.exit_code == 0, res.output
+    assert (out / "dprope_factors.png").stat().st_size > 10_000
+    assert (out / "README.md").read_text().count("extended to 256 tokens") == 1
+    assert "dprope extend" in (out / "dprope_recipe.yaml").read_text()
+    res = runner.invoke(main, ["inspect", str(out)])
+    assert res.exit_code == 0
+    assert "max_position_embeddings: 256" in res.output and "long_factor: 8 values" in res.output
+    # existing destination refused without --force, replaced with it
+    res = runner.invoke(main, ["extend", str(tiny_models[("mistral", True)]), str(out), "--target-length", "128"])
+    assert res.exit_code == 2 and "already exists" in res.output and "--force" in res.output
+    res = runner.invoke(main, ["extend", str(tiny_models[("mistral", True)]), str(out), "--target-length", "128",
+                               "--force"])
+    assert res.exit_code == 0
+    assert json.loads((out / "config.json").read_text())["max_position_embeddings"] == 128
+    _no_leftovers(tmp_path, "nothing")
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def _truncate(p: Path, keep: int):
+    data = p.read_bytes()
+    p.write_bytes(data[:keep])
+
+
+@pytest.mark.parametrize(
+    "damage,msg",
+    [
+        (lambda d: (d / "config.json").unlink(), "config.json"),
+        (lambda d: sorted(d.glob("model-*.safetensors"))[1].unlink(), "missing"),
+        (lambda d: _truncate(sorted(d.glob("model-*.safetensors"))[0], 5000), "truncated"),
+        (lambda d: _truncate(sorted(d.glob("model-*.safetensors"))[0], 4), "truncated"),
+        (lambda d: _add_index_entry(d, "model.layers.9.mlp.up_proj.weight"), "not found in their shard"),
+        (lambda d: edit_config(d, model_type="gpt2", architectures=["GPT2LMHeadModel"]), "unsupported architecture"),
+        (lambda d: edit_config(d, partial_rotary_factor=0.5), "partial rotary"),
+        (lambda d: [f.unlink() for f in d.glob("*.safetensors*")], "no weights"),
+        (lambda d: (d / "config.json").write_text("{not json"), "not valid JSON"),
+    ],
+)
+def test_bad_inputs_one_clear_error_no_output(tiny_copy, tmp_path, damage, msg):
+    src = tiny_copy("llama", sharded=True)
+    damage(src)
+    res = CliRunner().invoke(main, ["extend", str(src), str(tmp_path / "out"), "--target-length", "256"])
+    assert res.exit_code == 2, res.output
+    assert msg in res.output and res.output.count("error:") == 1 and "Traceback" not in res.output
+    _no_leftovers(tmp_path, "out")
+
+
+def _add_index_entry(d: Path, name: str):
+    idx = d / "model.safetensors.index.json"
+    data = json.loads(idx.read_text())
+    data["weight_map"][name] = sorted(set(data["weight_map"].values()))[0]
+    idx.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize("target", [ORIGINAL, ORIGINAL // 2])
+def test_target_not_longer_is_refused(tiny_models, tmp_path, target):
+    res = CliRunner().invoke(main, ["extend", str(tiny_models[("llama", False)]), str(tmp_path / "out"),
+                                    "--target-length", str(target)])
+    assert res.exit_code == 2 and "not longer than" in res.output
+    _no_leftovers(tmp_path, "out")
+
+
+def test_interrupted_bake_leaves_nothing_that_looks_finished(tiny_models, tmp_path, monkeypatch):
+    import convert.bake as b
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(b, "write_card", boom, raising=False)
+    monkeypatch.setattr("convert.card.write_card", boom)
+    with pytest.raises(KeyboardInterrupt):
+        _extend(tiny_models[("llama", True)], tmp_path / "out")
+    _no_leftovers(tmp_path, "out")
+
+
+def test_pickle_weights_need_a_flag(tiny_copy, tmp_path):
+    from safetensors.torch import load_file
+
+    src = tiny_copy("llama")
+    sd = load_file(str(src / "model.safetensors"))
+    torch.save(sd, src / "pytorch_model.bin")
+    (src / "model.safetensors").unlink()
+    res = CliRunner().invoke(main, ["extend", str(src), str(tmp_path / "out"), "--target-length", "256"])
+    assert res.exit_code == 2 and "--allow-pickle" in res.output
+    _no_leftovers(tmp_path, "out")
+    res = CliRunner().invoke(main, ["extend", str(src), str(tmp_path / "out"), "--target-length", "256",
+                                    "--allow-pickle"])
+    assert res.exit_code == 0, res.output
+    back = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert back.keys() == sd.keys() and all(torch.equal(back[k], sd[k]) for k in sd)
+
+
+def test_hub_id_not_cached_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(ConvertError, match="local Hugging Face cache"):
+        open_source("someorg/somemodel")
+
+
+def test_safetensors_header_lies_about_size(tiny_copy, tmp_path):
+    src = tiny_copy("qwen2")
+    f = src / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[:8] = struct.pack("<Q", 10**9)
+    f.write_bytes(bytes(data))
+    with pytest.raises(ConvertError, match="truncated or not safetensors"):
+        open_source(src)
