@@ -45,6 +45,19 @@ def measure(cmd: list[str], env: dict | None = None) -> dict:
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
+def evict(root: Path) -> None:
+    """Drop a directory's files from the page cache (posix_fadvise DONTNEED; no root needed), after flushing
+    dirty pages, so the next read comes from disk."""
+    os.sync()
+    for f in root.rglob("*"):
+        if f.is_file():
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
 def median_of(runs: list[dict]) -> dict:
     return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
 

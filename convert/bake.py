@@ -11,21 +11,25 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
-import torch
 import yaml
 
 import dprope
-from dprope import DPRoPEResult
 
 from .errors import ConvertError
 from .modelinfo import RopeSpec
 from .source import INDEX_NAME, SINGLE_NAME, Source
+
+if TYPE_CHECKING:
+    import torch
+
+    from dprope import DPRoPEResult
 
 log = logging.getLogger(__name__)
 
@@ -84,12 +88,14 @@ def compute(spec: RopeSpec, plan: BakePlan) -> DPRoPEResult:
 def attention_factor(spec: RopeSpec, plan: BakePlan) -> float:
     """cos/sin multiplier: 1 for DPRoPE / PI / NTK (FACTS 3), YaRN's 0.1 ln(s) + 1, times the base's own."""
     s = plan.target_length / spec.original_length
-    own = 0.1 * float(torch.log(torch.tensor(s, dtype=torch.float64))) + 1.0 if plan.method == "yarn" else 1.0
+    own = 0.1 * math.log(s) + 1.0 if plan.method == "yarn" else 1.0
     return own * spec.attention_factor
 
 
 def hf_factors(spec: RopeSpec, result: DPRoPEResult, short: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(long, short) factors relative to the plain base b^(-2i/d), as HF longrope and llama.cpp expect."""
+    import torch
+
     long = (spec.prior_factors * result.factors).float()
     short_t = long.clone() if short == "same" else spec.prior_factors.float().clone()
     n = spec.head_dim // 2
@@ -173,47 +179,72 @@ def _copy_file(src: Path, dst: Path, on_bytes=lambda n: None, piece: int = 1 << 
         raise ConvertError(f"copying {src} stopped at {done} of {size} bytes; check free disk space")
 
 
-def copy_weights(src: Source, out: Path, link: bool = False, progress: bool = True, workers: int | None = None
-                 ) -> list[str]:
-    """Copy (or hard-link) the weight files byte for byte, several shards at once; pickle weights are re-written
-    as safetensors."""
-    import threading
-    from concurrent.futures import ThreadPoolExecutor
+class _Copier:
+    """Copies (or hard-links) the weight files byte for byte on worker threads, several shards at once, while the
+    caller computes the factors; pickle weights are re-written as safetensors instead."""
 
-    from tqdm.auto import tqdm
+    def __init__(self, src: Source, out: Path, link: bool, progress: bool, workers: int | None = None):
+        import threading
+        from concurrent.futures import ThreadPoolExecutor
 
-    total = sum(f.stat().st_size for f in src.weight_files)
-    lock = threading.Lock()
-    with tqdm(total=total, unit="B", unit_scale=True, desc="weights", disable=not progress) as bar:
-        if src.kind == "pickle":
-            return _pickle_to_safetensors(src, out, bar)
+        from tqdm.auto import tqdm
 
-        def advance(n: int) -> None:
-            with lock:
-                bar.update(n)
-
-        def one(f: Path) -> str:
-            dst = out / f.name
-            if link:
-                try:
-                    os.link(f, dst)
-                    advance(f.stat().st_size)
-                    return f.name
-                except OSError as e:  # other filesystem, no permission: fall back to a copy
-                    log.info("hard link failed for %s (%s); copying", f.name, e)
-            _copy_file(f, dst, advance)
-            return f.name
-
+        self.src, self.out, self.link = src, out, link
+        self.cancel = threading.Event()
+        self._lock = threading.Lock()
+        total = sum(f.stat().st_size for f in src.weight_files)
+        self.bar = tqdm(total=total, unit="B", unit_scale=True, desc="weights", disable=not progress)
         # copies are kernel-bound; overlapping two or more shards uses the idle core(s)
-        n_workers = workers or max(1, min(4, os.cpu_count() or 1, len(src.weight_files)))
-        with ThreadPoolExecutor(n_workers) as pool:
-            names = list(pool.map(one, src.weight_files))
-    if src.index_file is not None:
-        shutil.copyfile(src.index_file, out / INDEX_NAME)
-    return names
+        n = 1 if src.kind == "pickle" else workers or max(1, min(4, os.cpu_count() or 1, len(src.weight_files)))
+        self.pool = ThreadPoolExecutor(n)
+        if src.kind == "pickle":
+            self.futures = [self.pool.submit(_pickle_to_safetensors, src, out, self.bar)]
+        else:
+            self.futures = [self.pool.submit(self._one, f) for f in src.weight_files]
+
+    def _advance(self, n: int) -> None:
+        with self._lock:
+            self.bar.update(n)
+        if self.cancel.is_set():
+            raise ConvertError("weight copy cancelled")
+
+    def _one(self, f: Path) -> list[str]:
+        dst = self.out / f.name
+        if self.link:
+            try:
+                os.link(f, dst)
+                self._advance(f.stat().st_size)
+                return [f.name]
+            except OSError as e:  # other filesystem, no permission: fall back to a copy
+                log.info("hard link failed for %s (%s); copying", f.name, e)
+        _copy_file(f, dst, self._advance)
+        return [f.name]
+
+    def wait(self) -> list[str]:
+        """Names of the weight files written; re-raises a copy error."""
+        try:
+            names = [n for fut in self.futures for n in fut.result()]
+        finally:
+            self.pool.shutdown(wait=True)
+            self.bar.close()
+        if self.src.index_file is not None and self.src.kind != "pickle":
+            shutil.copyfile(self.src.index_file, self.out / INDEX_NAME)
+        return names
+
+    def abort(self) -> None:
+        self.cancel.set()
+        for fut in self.futures:
+            fut.cancel()
+        self.pool.shutdown(wait=True)
+        self.bar.close()
+
+
+def copy_weights(src: Source, out: Path, link: bool = False, progress: bool = True) -> list[str]:
+    return _Copier(src, out, link, progress).wait()
 
 
 def _pickle_to_safetensors(src: Source, out: Path, bar) -> list[str]:
+    import torch
     from safetensors.torch import save_file
 
     names, wmap = [], {}
@@ -255,34 +286,53 @@ def write_factors(out: Path, long: torch.Tensor, short: torch.Tensor, result: DP
 
 def bake(src: Source, out: Path, plan: BakePlan, *, force: bool = False, plot: bool = False, link: bool = False,
          progress: bool = True, result: DPRoPEResult | None = None) -> Path:
-    """Write the extended checkpoint for ``src`` into ``out``; returns ``out``."""
-    from .card import write_card
+    """Write the extended checkpoint for ``src`` into ``out``; returns ``out``.
 
+    The weight copy starts first and runs on worker threads while the factors are computed and the small files
+    written, so the wall time is close to the copy alone.
+    """
     spec = src.spec
-    result = result or compute(spec, plan)
-    result.params["method"] = plan.method
-    long, short = hf_factors(spec, result, plan.short_factor)
-    attn = attention_factor(spec, plan)
+    if plan.target_length <= spec.original_length:
+        raise ConvertError(
+            f"target length {plan.target_length} is not longer than the model's window {spec.original_length}: "
+            "pass --target-length above it")
     out = Path(out)
     if out.resolve() == src.path.resolve():
         raise ConvertError("the output directory is the source directory; choose a new one")
     with atomic_dir(out, force) as tmp:
-        weights = copy_weights(src, tmp, link=link, progress=progress)
-        carried = carry_files(src, tmp, set(weights) | {INDEX_NAME})
-        cfg = longrope_config(src.config, spec, plan, long, short, attn)
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-        write_factors(tmp, long, short, result)
-        (tmp / REPORT_FILE).write_text(json.dumps(result.to_dict(), indent=1) + "\n")
-        if plot:
-            from .report import plot_result
+        copier = _Copier(src, tmp, link, progress)
+        try:
+            result = result or compute(spec, plan)
+            result.params["method"] = plan.method
+            long, short = hf_factors(spec, result, plan.short_factor)
+            attn = attention_factor(spec, plan)
+            weights_names = [f.name for f in src.weight_files] if src.kind != "pickle" else []
+            carried = carry_files(src, tmp, set(weights_names) | {INDEX_NAME})
+            cfg = longrope_config(src.config, spec, plan, long, short, attn)
+            (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+            write_factors(tmp, long, short, result)
+            (tmp / REPORT_FILE).write_text(json.dumps(result.to_dict(), indent=1) + "\n")
+            if plot:
+                from .report import plot_result
 
-            plot_result(result, tmp / PLOT_FILE)
-        recipe = {"source": src.given, "source_kind": src.kind, **plan.as_dict()}
-        (tmp / RECIPE_FILE).write_text(
-            f"# Resolved parameters of this extension; re-run with:\n"
-            f"#   dprope extend {src.given} OUT --target-length {plan.target_length} --method {plan.method}"
-            f"{'' if plan.method != 'dprope' else ' --candidates ' + ','.join(plan.candidates) + ' --select ' + plan.selection}"
-            f" --bins {plan.bins} --short-factor {plan.short_factor}\n" + yaml.safe_dump(recipe, sort_keys=False))
-        write_card(tmp, src, plan, result, long, attn, has_plot=plot)
+                plot_result(result, tmp / PLOT_FILE)
+            (tmp / RECIPE_FILE).write_text(_recipe_text(src, plan))
+            from .card import write_card
+
+            write_card(tmp, src, plan, result, long, attn, has_plot=plot)
+        except BaseException:
+            copier.abort()
+            raise
+        weights = copier.wait()
         log.info("baked %s (weights %s; carried %s)", out, ", ".join(weights), ", ".join(carried))
     return out
+
+
+def _recipe_text(src: Source, plan: BakePlan) -> str:
+    recipe = {"source": src.given, "source_kind": src.kind, **plan.as_dict()}
+    flags = f"--target-length {plan.target_length} --method {plan.method}"
+    if plan.method == "dprope":
+        flags += f" --candidates {','.join(plan.candidates)} --select {plan.selection}"
+    flags += f" --bins {plan.bins} --short-factor {plan.short_factor}"
+    return (f"# Resolved parameters of this extension; re-run with:\n#   dprope extend {src.given} OUT {flags}\n"
+            + yaml.safe_dump(recipe, sort_keys=False))

