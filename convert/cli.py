@@ -139,5 +139,31 @@ def inspect(path):
     click.echo(describe(path))
 
 
+@main.command("export-gguf")
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--outtype", type=click.Choice(["f32", "f16", "bf16", "q8_0"]), default="f16", show_default=True,
+              help="Weight type of 2-D tensors (norms and biases stay F32; q8_0 rows not a multiple of 32 use F16).")
+@click.option("--rope-layout", type=click.Choice(["freqs", "longrope"]), default="freqs", show_default=True,
+              help="freqs: factors as rope_freqs.weight, read by every llama.cpp since mid-2024 (default). "
+                   "longrope: rope_factors_long/short.weight + rope.scaling.type=longrope + attn_factor; only "
+                   "llama.cpp from April 2026 (llama-cpp-python >= 0.3.21) loads it, older runtimes refuse the file.")
+@click.option("--base-gguf", type=click.Path(path_type=Path, exists=True),
+              help="GGUF in, GGUF out: keep every tensor of this base GGUF byte for byte in its own quantisation and "
+                   "add the checkpoint's factors and RoPE metadata (--outtype is then ignored).")
+@click.option("--force", is_flag=True, help="Replace an existing output file.")
+def export_gguf_cmd(checkpoint, out, outtype, rope_layout, base_gguf, force):
+    """Write a GGUF of a baked CHECKPOINT that llama.cpp runtimes run with its RoPE factors."""
+    from .gguf_export import export_gguf, reemit_gguf
+
+    if base_gguf:
+        reemit_gguf(base_gguf, checkpoint, out, rope_layout, force=force)
+    else:
+        export_gguf(checkpoint, out, outtype, rope_layout, force=force)
+    from .inspect import describe
+
+    click.echo(describe(out))
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

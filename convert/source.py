@@ -140,6 +140,7 @@ def gguf_to_hf(gguf_path: Path, cache: Path | None = None) -> Path:
             del model.config.quantization_config
         model.save_pretrained(str(tmp))
         tok.save_pretrained(str(tmp))
+        _match_pre_tokenizer(gguf_path, tmp / "tokenizer.json")
         cfg = json.loads((tmp / "config.json").read_text())
         cfg.pop("quantization_config", None)
         cfg["dprope_source_gguf"] = {"file": gguf_path.name, "sha256_16": digest}
@@ -150,6 +151,22 @@ def gguf_to_hf(gguf_path: Path, cache: Path | None = None) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest
+
+
+def _match_pre_tokenizer(gguf_path: Path, tokenizer_json: Path) -> None:
+    """transformers rebuilds a GGUF's BPE tokenizer with the plain GPT-2 pre-tokenizer whatever the file's
+    `tokenizer.ggml.pre` says (SmolLM2's `smollm` also splits digits one by one); restore the real one so the HF
+    tokenizer and llama.cpp agree."""
+    from .gguf_export import PRE_TOKENIZERS
+    from .modelinfo import gguf_fields
+
+    pre = gguf_fields(gguf_path)[0].get("tokenizer.ggml.pre")
+    if pre in PRE_TOKENIZERS and tokenizer_json.exists():
+        tj = json.loads(tokenizer_json.read_text())
+        if tj.get("model", {}).get("type") == "BPE" and not tj["model"].get("byte_fallback"):
+            tj["pre_tokenizer"] = PRE_TOKENIZERS[pre]
+            tokenizer_json.write_text(json.dumps(tj, ensure_ascii=False))
+            log.info("tokenizer pre-tokenizer set to the GGUF's '%s'", pre)
 
 
 def _hub_snapshot(repo_id: str) -> Path:

@@ -1,0 +1,493 @@
+"""Export stage: a baked HF checkpoint (or a GGUF base) to GGUF with the RoPE factors, for llama.cpp runtimes.
+
+Tensors are streamed: every tensor's info is declared from the safetensors headers, then each tensor is read,
+converted and written on its own (large 2-D tensors in row blocks), so memory stays bounded by a block, not by the
+model.  The factors go in as ``rope_freqs.weight`` (F32, head_dim/2, read by arch ``llama`` in every llama.cpp since
+mid-2024) or, with ``rope_layout="longrope"``, as ``rope_factors_long/short.weight`` with
+``rope.scaling.type = longrope`` (llama.cpp from April 2026, llama-cpp-python >= 0.3.21).  ``rope.scaling.factor`` is
+never written next to factor tensors: llama.cpp would scale twice.
+
+Llama, Mistral and Qwen2 are all written as arch ``llama`` (llama.cpp's qwen2 graph does not read factor tensors;
+its llama graph takes Qwen2's q/k/v biases): q/k weights and biases get the rotate-half -> adjacent-pairs permutation.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from .errors import ConvertError
+from .modelinfo import lookup_arch, read_config
+
+log = logging.getLogger(__name__)
+
+OUTTYPES = ("f32", "f16", "bf16", "q8_0")
+ROPE_LAYOUTS = ("freqs", "longrope")
+_BLOCK_BYTES = 64 << 20  # rows per write block: ~64 MB of float32
+
+
+# ----------------------------------------------------------------------------------------------- tokenizers
+# Pre-tokenizer regexes of the byte-level BPE families llama.cpp knows by name (llama-vocab.cpp).
+_LLAMA3_RE = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+              r"\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_RE = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+             r"\s*[\r\n]+|\s+(?!\S)|\s+")
+PRE_TOKENIZERS = {
+    # name: the tokenizer.json "pre_tokenizer" that tokenises like llama.cpp's pre type of that name
+    "gpt-2": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
+    "smollm": {"type": "Sequence", "pretokenizers": [
+        {"type": "Digits", "individual_digits": True},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}]},
+    "llama-bpe": {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": _LLAMA3_RE}, "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]},
+    "qwen2": {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": _QWEN2_RE}, "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}]},
+}
+
+
+def _pre_signature(pre: dict | None) -> Any:
+    """What decides tokenisation in a pre_tokenizer block (flags like trim_offsets do not)."""
+    if pre is None:
+        return None
+    t = pre.get("type")
+    if t == "Sequence":
+        return tuple(_pre_signature(p) for p in pre.get("pretokenizers", []))
+    if t == "ByteLevel":
+        return ("ByteLevel", bool(pre.get("use_regex", True)), bool(pre.get("add_prefix_space", False)))
+    if t == "Digits":
+        return ("Digits", bool(pre.get("individual_digits")))
+    if t == "Split":
+        pat = pre.get("pattern", {})
+        return ("Split", pat.get("Regex", pat.get("String")), pre.get("behavior"))
+    return (t,)
+
+
+def detect_pre_tokenizer(tokenizer_json: dict) -> str:
+    """llama.cpp's pre-tokenizer name for a byte-level BPE tokenizer.json; an unknown one is refused, because a
+    wrong name silently tokenises differently in llama.cpp."""
+    sig = _pre_signature(tokenizer_json.get("pre_tokenizer"))
+    for name, pre in PRE_TOKENIZERS.items():
+        if _pre_signature(pre) == sig:
+            return name
+    raise ConvertError(
+        f"unknown pre-tokenizer {json.dumps(tokenizer_json.get('pre_tokenizer'))[:200]}; supported byte-level BPE "
+        f"families: {', '.join(PRE_TOKENIZERS)} (and SentencePiece-style Llama-2/Mistral tokenizers)")
+
+
+def _is_spm_style(tj: dict) -> bool:
+    m = tj.get("model", {})
+    return m.get("type") == "BPE" and bool(m.get("byte_fallback"))
+
+
+def write_tokenizer(writer, ckpt: Path, n_vocab: int) -> str:
+    """Tokens, types, merges, special ids and chat template; returns the tokenizer family written."""
+    import gguf
+
+    tj_path = ckpt / "tokenizer.json"
+    if not tj_path.exists():
+        raise ConvertError(f"{ckpt} has no tokenizer.json; a GGUF needs the tokenizer (copy it from the base model)")
+    tj = json.loads(tj_path.read_text())
+    if _is_spm_style(tj):
+        vocab = gguf.LlamaHfVocab(ckpt)
+        tokens, scores, types = [], [], []
+        for text, score, ttype in vocab.all_tokens():
+            tokens.append(text)
+            scores.append(score)
+            types.append(ttype)
+        tokens, scores, types = _pad_vocab(tokens, scores, types, n_vocab)
+        writer.add_tokenizer_model("llama")
+        writer.add_tokenizer_pre("default")
+        writer.add_token_list(tokens)
+        writer.add_token_scores(scores)
+        writer.add_token_types(types)
+        family = "llama (SentencePiece-style)"
+        load_merges = False
+    else:
+        if tj.get("model", {}).get("type") != "BPE":
+            raise ConvertError(f"tokenizer model {tj.get('model', {}).get('type')} is not supported for GGUF export")
+        pre = detect_pre_tokenizer(tj)
+        vocab_map: dict[str, int] = tj["model"]["vocab"]
+        added = {a["id"]: a for a in tj.get("added_tokens", [])}
+        by_id = {i: t for t, i in vocab_map.items()}
+        by_id.update({i: a["content"] for i, a in added.items()})
+        tokens, types = [], []
+        for i in range(n_vocab):
+            if i not in by_id:
+                tokens.append(f"[PAD{i}]")
+                types.append(gguf.TokenType.UNUSED)
+            elif i in added:
+                tokens.append(added[i]["content"])
+                types.append(gguf.TokenType.CONTROL if added[i].get("special") else gguf.TokenType.USER_DEFINED)
+            else:
+                tokens.append(by_id[i])
+                types.append(gguf.TokenType.NORMAL)
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(pre)
+        writer.add_token_list(tokens)
+        writer.add_token_types(types)
+        family = f"gpt2 BPE, pre-tokenizer {pre}"
+        load_merges = True
+    special = gguf.SpecialVocab(ckpt, load_merges=load_merges, n_vocab=n_vocab)
+    special.add_to_gguf(writer, quiet=True)
+    return family
+
+
+def _pad_vocab(tokens, scores, types, n_vocab):
+    import gguf
+
+    if len(tokens) > n_vocab:
+        raise ConvertError(f"tokenizer has {len(tokens)} tokens but the model's vocab_size is {n_vocab}")
+    for i in range(len(tokens), n_vocab):
+        tokens.append(f"[PAD{i}]".encode())
+        scores.append(-1000.0)
+        types.append(gguf.TokenType.UNUSED)
+    return tokens, scores, types
+
+
+# ----------------------------------------------------------------------------------------------- tensors
+def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """HF rotate-half layout -> GGUF adjacent pairs, for q (n_head) and k (n_head_kv), weights or biases."""
+    rows = w.shape[0]
+    return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+@dataclass
+class _Tensor:
+    hf_name: str
+    gguf_name: str
+    shape: tuple[int, ...]
+    file: Path
+    qtype: Any  # GGMLQuantizationType
+    permute_heads: int = 0
+
+
+def _plan_tensors(ckpt: Path, cfg: dict, outtype: str) -> list[_Tensor]:
+    import gguf
+
+    from .source import INDEX_NAME, SINGLE_NAME, safetensors_header
+
+    idx = ckpt / INDEX_NAME
+    if idx.exists():
+        wmap = json.loads(idx.read_text())["weight_map"]
+        files = sorted(set(wmap.values()))
+    elif (ckpt / SINGLE_NAME).exists():
+        files = [SINGLE_NAME]
+    else:
+        raise ConvertError(f"no safetensors weights in {ckpt}")
+    n_layer = int(cfg["num_hidden_layers"])
+    n_head = int(cfg["num_attention_heads"])
+    n_kv = int(cfg.get("num_key_value_heads") or n_head)
+    tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layer)
+    qt = gguf.GGMLQuantizationType
+    out: list[_Tensor] = []
+    unknown = []
+    for fname in files:
+        header = safetensors_header(ckpt / fname)
+        for name, info in header.items():
+            if name == "__metadata__" or name.endswith("rotary_emb.inv_freq"):
+                continue
+            if name == "lm_head.weight" and cfg.get("tie_word_embeddings"):
+                continue
+            gname = tmap.get_name(name, try_suffixes=(".weight", ".bias"))
+            if gname is None:
+                unknown.append(name)
+                continue
+            shape = tuple(info["shape"])
+            if len(shape) == 1 or outtype == "f32":
+                q = qt.F32
+            elif outtype == "q8_0" and shape[-1] % 32 == 0:
+                q = qt.Q8_0
+            elif outtype == "bf16":
+                q = qt.BF16
+            else:
+                q = qt.F16  # f16, and q8_0 rows that are not a multiple of 32
+            perm = n_head if ".self_attn.q_proj." in name else n_kv if ".self_attn.k_proj." in name else 0
+            out.append(_Tensor(name, gname, shape, ckpt / fname, q, perm))
+    if unknown:
+        raise ConvertError(f"tensors with no GGUF name: {', '.join(unknown[:5])}; this architecture layout is not "
+                           "supported for GGUF export")
+    return out
+
+
+def _nbytes(shape: tuple[int, ...], qtype) -> int:
+    import gguf
+
+    return int(np.prod(gguf.quants.quant_shape_to_byte_shape(shape, qtype)))
+
+
+def _convert(arr: np.ndarray, qtype) -> np.ndarray:
+    import gguf
+
+    qt = gguf.GGMLQuantizationType
+    if qtype == qt.F32:
+        return np.ascontiguousarray(arr, dtype=np.float32)
+    if qtype == qt.F16:
+        return arr.astype(np.float16)
+    return gguf.quants.quantize(np.ascontiguousarray(arr, dtype=np.float32), qtype)
+
+
+def _row_blocks(t: _Tensor) -> Iterator[tuple[int, int]]:
+    rows = t.shape[0]
+    if t.permute_heads or len(t.shape) == 1:
+        yield 0, rows
+        return
+    per_row = 4 * int(np.prod(t.shape[1:]))
+    step = max(1, _BLOCK_BYTES // per_row)
+    for r in range(0, rows, step):
+        yield r, min(rows, r + step)
+
+
+def _write_raw(writer, data: Iterator[np.ndarray], nbytes: int) -> None:
+    """gguf-py's write_tensor_data for data that arrives in row blocks: same padding, same bookkeeping."""
+    fout = writer.fout[0]
+    name = next(iter(writer.tensors[0]))
+    ti = writer.tensors[0].pop(name)
+    if ti.nbytes != nbytes:
+        raise ConvertError(f"internal size mismatch for {name}: {ti.nbytes} != {nbytes}")
+    writer.write_padding(fout, fout.tell())
+    written = 0
+    for block in data:
+        block.tofile(fout)
+        written += block.nbytes
+    if written != nbytes:
+        raise ConvertError(f"{name}: wrote {written} of {nbytes} bytes")
+    writer.write_padding(fout, nbytes)
+    from gguf.gguf_writer import WriterState
+
+    writer.state = WriterState.WEIGHTS
+
+
+# ----------------------------------------------------------------------------------------------- metadata
+@dataclass
+class RopeMeta:
+    rope_theta: float
+    head_dim: int
+    target: int
+    original: int | None
+    long: list[float] | None
+    short: list[float] | None
+    attn_factor: float
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> "RopeMeta":
+        from .modelinfo import _rope_params
+
+        p = _rope_params(cfg)
+        head_dim = int(cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"])
+        rt = p.get("rope_type", "default")
+        if rt not in ("longrope", "default"):
+            raise ConvertError(f"rope type '{rt}' is not exported by this tool; extend the checkpoint with "
+                               "`dprope extend` first (it writes the longrope form)")
+        long = p.get("long_factor") if rt == "longrope" else None
+        short = p.get("short_factor") if rt == "longrope" else None
+        for nm, f in (("long_factor", long), ("short_factor", short)):
+            if f is not None and len(f) != head_dim // 2:
+                raise ConvertError(f"{nm} has {len(f)} values, head_dim {head_dim} needs {head_dim // 2}")
+        return cls(float(p["rope_theta"]), head_dim, int(cfg["max_position_embeddings"]),
+                   int(p["original_max_position_embeddings"]) if rt == "longrope" else None, long, short,
+                   float(p.get("attention_factor") or 1.0))
+
+
+def _add_rope(writer, meta: RopeMeta, layout: str) -> list[tuple[str, np.ndarray]]:
+    """RoPE keys; returns the factor tensors to write (name, float32 array)."""
+    writer.add_context_length(meta.target)
+    writer.add_rope_freq_base(meta.rope_theta)
+    writer.add_rope_dimension_count(meta.head_dim)
+    if meta.long is None:
+        return []
+    writer.add_rope_scaling_orig_ctx_len(meta.original)
+    long = np.asarray(meta.long, dtype=np.float32)
+    if layout == "freqs":
+        if not math.isclose(meta.attn_factor, 1.0):
+            raise ConvertError(f"attention factor {meta.attn_factor:g} cannot be carried with rope_freqs; "
+                               "use --rope-layout longrope")
+        return [("rope_freqs.weight", long)]
+    writer.add_rope_scaling_type(__import__("gguf").RopeScalingType.LONGROPE)
+    writer.add_rope_scaling_attn_factors(meta.attn_factor)
+    return [("rope_factors_long.weight", long),
+            ("rope_factors_short.weight", np.asarray(meta.short, dtype=np.float32))]
+
+
+def _add_provenance(writer, ckpt: Path, cfg: dict, name: str | None) -> None:
+    card = cfg.get("dprope") or {}
+    recipe = {}
+    rp = ckpt / "dprope_recipe.yaml"
+    if rp.exists():
+        import yaml
+
+        recipe = yaml.safe_load(rp.read_text()) or {}
+    writer.add_name(name or ckpt.name)
+    writer.add_type("model")
+    if recipe.get("source"):
+        writer.add_base_model_count(1)
+        writer.add_base_model_name(0, Path(str(recipe["source"])).name)
+    if card:
+        writer.add_string("dprope.method", str(card.get("method", "")))
+        writer.add_uint32("dprope.target_length", int(card.get("target_length", 0)))
+        writer.add_string("dprope.version", str(card.get("version", "")))
+
+
+# ----------------------------------------------------------------------------------------------- entry points
+def export_gguf(ckpt: Path, out: Path, outtype: str = "f16", rope_layout: str = "freqs", *, force: bool = False,
+                progress: bool = True, name: str | None = None, drop_factors: bool = False) -> Path:
+    """Write ``out`` (.gguf) from the HF checkpoint ``ckpt``.  ``drop_factors`` omits the factor tensors (a
+    negative control for tests and verify)."""
+    import gguf
+    from safetensors import safe_open
+    from tqdm.auto import tqdm
+
+    ckpt, out = Path(ckpt), Path(out)
+    if outtype not in OUTTYPES:
+        raise ConvertError(f"--outtype must be one of {', '.join(OUTTYPES)}, got '{outtype}'")
+    if rope_layout not in ROPE_LAYOUTS:
+        raise ConvertError(f"--rope-layout must be one of {', '.join(ROPE_LAYOUTS)}, got '{rope_layout}'")
+    if out.exists() and not force:
+        raise ConvertError(f"{out} already exists; pass --force to replace it")
+    cfg = read_config(ckpt)
+    lookup_arch(cfg.get("model_type"), cfg.get("architectures"))
+    meta = RopeMeta.from_config(cfg)
+    tensors = _plan_tensors(ckpt, cfg, outtype)
+    n_vocab = int(cfg["vocab_size"])
+
+    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    writer = gguf.GGUFWriter(None, "llama")
+    try:
+        _add_provenance(writer, ckpt, cfg, name)
+        writer.add_block_count(int(cfg["num_hidden_layers"]))
+        writer.add_embedding_length(int(cfg["hidden_size"]))
+        writer.add_feed_forward_length(int(cfg["intermediate_size"]))
+        writer.add_head_count(int(cfg["num_attention_heads"]))
+        writer.add_head_count_kv(int(cfg.get("num_key_value_heads") or cfg["num_attention_heads"]))
+        writer.add_key_length(meta.head_dim)
+        writer.add_value_length(meta.head_dim)
+        writer.add_layer_norm_rms_eps(float(cfg.get("rms_norm_eps", 1e-6)))
+        writer.add_vocab_size(n_vocab)
+        ft = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+              "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype]
+        writer.add_file_type(ft)
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        factor_tensors = [] if drop_factors else _add_rope(writer, meta, rope_layout)
+        if drop_factors:
+            writer.add_context_length(meta.target)
+            writer.add_rope_freq_base(meta.rope_theta)
+            writer.add_rope_dimension_count(meta.head_dim)
+        family = write_tokenizer(writer, ckpt, n_vocab)
+        log.info("tokenizer: %s", family)
+
+        for name_, arr in factor_tensors:
+            writer.add_tensor_info(name_, arr.shape, arr.dtype, arr.nbytes)
+        for t in tensors:
+            nbytes = _nbytes(t.shape, t.qtype)
+            dtype = np.float32 if t.qtype == gguf.GGMLQuantizationType.F32 else \
+                np.float16 if t.qtype == gguf.GGMLQuantizationType.F16 else np.uint8
+            shape = t.shape if dtype != np.uint8 else gguf.quants.quant_shape_to_byte_shape(t.shape, t.qtype)
+            writer.add_tensor_info(t.gguf_name, shape, np.dtype(dtype), nbytes,
+                                   raw_dtype=None if dtype != np.uint8 else t.qtype)
+        writer.write_header_to_file(tmp)
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for _, arr in factor_tensors:
+            writer.write_tensor_data(arr)
+        total = sum(_nbytes(t.shape, t.qtype) for t in tensors)
+        handles: dict[Path, Any] = {}
+        with tqdm(total=total, unit="B", unit_scale=True, desc=f"gguf {outtype}", disable=not progress) as bar:
+            for t in tensors:
+                if t.file not in handles:
+                    handles[t.file] = safe_open(str(t.file), framework="pt")
+                h = handles[t.file]
+
+                def blocks(t=t, h=h):
+                    for r0, r1 in _row_blocks(t):
+                        x = h.get_slice(t.hf_name)[r0:r1] if len(t.shape) > 1 else h.get_tensor(t.hf_name)
+                        a = x.float().numpy()
+                        if t.permute_heads:
+                            a = _permute(a, t.permute_heads)
+                        b = _convert(a, t.qtype)
+                        bar.update(b.nbytes)
+                        yield b
+
+                _write_raw(writer, blocks(), _nbytes(t.shape, t.qtype))
+        writer.close()
+        os.replace(tmp, out)
+    except BaseException:
+        try:
+            writer.close()
+        except Exception:
+            pass
+        tmp.unlink(missing_ok=True)
+        raise
+    log.info("wrote %s (%s, %d tensors, rope layout %s)", out, outtype, len(tensors) + len(factor_tensors),
+             "none" if drop_factors else rope_layout)
+    return out
+
+
+def reemit_gguf(base: Path, ckpt: Path, out: Path, rope_layout: str = "freqs", *, force: bool = False) -> Path:
+    """GGUF in, GGUF out: every tensor of ``base`` byte for byte in its own quantisation, plus the factor tensors
+    and RoPE metadata of the baked checkpoint ``ckpt`` (extended from that base)."""
+    import gguf
+
+    from .modelinfo import gguf_fields
+
+    base, ckpt, out = Path(base), Path(ckpt), Path(out)
+    if out.exists() and not force:
+        raise ConvertError(f"{out} already exists; pass --force to replace it")
+    meta_in, reader = gguf_fields(base)
+    arch = meta_in.get("general.architecture")
+    if arch != "llama":
+        raise ConvertError(f"GGUF re-emission supports arch llama, {base} is '{arch}'")
+    meta = RopeMeta.from_config(read_config(ckpt))
+    if meta.long is None:
+        raise ConvertError(f"{ckpt} carries no factors; pass a checkpoint made by `dprope extend`")
+    n_rot = int(meta_in.get("llama.rope.dimension_count", meta.head_dim))
+    if n_rot != meta.head_dim:
+        raise ConvertError(f"{base} has rope dimension {n_rot}, {ckpt} has head_dim {meta.head_dim}: not its base")
+    replaced = {"llama.context_length", "llama.rope.freq_base", "llama.rope.dimension_count",
+                "llama.rope.scaling.type", "llama.rope.scaling.factor", "llama.rope.scaling.original_context_length",
+                "llama.rope.scaling.attn_factor", "general.architecture", "dprope.method", "dprope.target_length",
+                "dprope.version"}
+    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    writer = gguf.GGUFWriter(None, "llama")
+    try:
+        for key, field in reader.fields.items():
+            if key.startswith("GGUF.") or key in replaced:
+                continue
+            vtype = field.types[0]
+            sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+            val = field.contents()
+            writer.add_key_value(key, val, vtype, sub_type=sub)
+        factor_tensors = _add_rope(writer, meta, rope_layout)
+        cfg = read_config(ckpt)
+        if cfg.get("dprope"):
+            writer.add_string("dprope.method", str(cfg["dprope"].get("method", "")))
+            writer.add_uint32("dprope.target_length", meta.target)
+        for name_, arr in factor_tensors:
+            writer.add_tensor_info(name_, arr.shape, arr.dtype, arr.nbytes)
+        kept = [t for t in reader.tensors if not t.name.startswith("rope_")]
+        for t in kept:
+            writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, int(t.n_bytes), raw_dtype=t.tensor_type)
+        writer.write_header_to_file(tmp)
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for _, arr in factor_tensors:
+            writer.write_tensor_data(arr)
+        for t in kept:
+            writer.write_tensor_data(t.data)  # a view of the memory-mapped base: the original bytes
+        writer.close()
+        os.replace(tmp, out)
+    except BaseException:
+        try:
+            writer.close()
+        except Exception:
+            pass
+        tmp.unlink(missing_ok=True)
+        raise
+    return out
