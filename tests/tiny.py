@@ -10,18 +10,41 @@ import torch
 ORIGINAL = 64  # the tiny models' pre-training window
 
 
-def tiny_tokenizer(vocab_size: int = 512):
-    """A byte-level BPE tokenizer trained on Python's own docs (offline, a second or two)."""
+def tiny_tokenizer(family: str = "gpt-2", vocab_size: int = 512):
+    """A small tokenizer of one of the families llama.cpp knows, trained on Python's own docs (a second or two).
+
+    gpt-2, smollm, llama-bpe, qwen2: byte-level BPE with that family's pre-tokenizer; spm: a Llama-2 style
+    (SentencePiece-like) BPE with byte fallback and the "▁" space marker.
+    """
     from pydoc_data.topics import topics
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
+    from convert.gguf_export import _LLAMA3_RE, _QWEN2_RE
+
+    texts = list(topics.values())[:200]
+    if family == "spm":
+        tok = Tokenizer(models.BPE(byte_fallback=True, fuse_unk=True, unk_token="<unk>"))
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+        tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(" ", 1, 0)])
+        specials = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size + 256, special_tokens=specials, show_progress=False)
+        tok.train_from_iterator(texts, trainer)
+        return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                       pad_token="<unk>")
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=family in ("gpt-2", "smollm"))
+    pre = {
+        "gpt-2": byte_level,
+        "smollm": pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level]),
+        "llama-bpe": pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(_LLAMA3_RE), "isolated"), byte_level]),
+        "qwen2": pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(_QWEN2_RE), "isolated"), byte_level]),
+    }[family]
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = pre
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<s>", "</s>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    texts = list(topics.values())[:200]
     tok.train_from_iterator(texts, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
                                    unk_token="<|endoftext|>", pad_token="<|endoftext|>")

@@ -1,0 +1,87 @@
+"""Run outputs in the runtimes users have: transformers for HF directories, llama.cpp (llama-cpp-python) for GGUF.
+
+These are the functions tests and `dprope verify` use to compare logits across runtimes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from .errors import ConvertError
+
+log = logging.getLogger(__name__)
+
+GGML_TYPE_F32 = 0
+
+
+def _llama_cpp():
+    try:
+        import llama_cpp
+    except ImportError:
+        raise ConvertError(
+            "llama-cpp-python is not installed: `pip install 'dprope[llama]'` (it compiles llama.cpp; "
+            "CMAKE_ARGS='-DLLAVA_BUILD=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_EXAMPLES=OFF' keeps it short)"
+        ) from None
+    return llama_cpp
+
+
+@contextlib.contextmanager
+def open_gguf(path: Path, n_ctx: int, *, logits_all: bool = True, f32_kv: bool = True,
+              vocab_only: bool = False) -> Iterator:
+    """A llama.cpp model with an F32 KV cache (so parity is not limited by cache rounding), closed on exit."""
+    llama_cpp = _llama_cpp()
+    kw = dict(n_ctx=n_ctx, logits_all=logits_all, verbose=False, vocab_only=vocab_only,
+              n_threads=max(1, os.cpu_count() or 1), n_batch=min(n_ctx, 512))
+    if f32_kv:
+        kw.update(type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32)
+    try:
+        llm = llama_cpp.Llama(str(path), **kw)
+    except ValueError as e:
+        raise ConvertError(f"llama.cpp could not load {path}: {e}") from None
+    try:
+        yield llm
+    finally:
+        llm.close()
+
+
+def llama_cpp_tokenize(path: Path, text: str) -> list[int]:
+    """Token ids without BOS; special tokens written in the text are parsed as such, as transformers does."""
+    with open_gguf(path, 64, logits_all=False, vocab_only=True) as llm:
+        return llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+
+
+def llama_cpp_logits(path: Path, token_ids: Sequence[int], n_ctx: int) -> tuple[np.ndarray, int]:
+    """Logits [n_tokens, vocab] (float32) for one sequence, and the context llama.cpp actually allocated."""
+    with open_gguf(path, n_ctx) as llm:
+        llm.reset()
+        llm.eval(list(map(int, token_ids)))
+        return np.array(llm.scores[: len(token_ids)], dtype=np.float32), int(llm.n_ctx())
+
+
+def hf_logits(ckpt: Path, token_ids: Sequence[int], model=None) -> np.ndarray:
+    """Logits [n_tokens, vocab] (float32) from transformers on a HF directory."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = model or AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(torch.tensor([list(map(int, token_ids))])).logits[0].float().numpy()
+
+
+def max_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a.astype(np.float64) - b.astype(np.float64)).max())
+
+
+def mean_kl(ref_logits: np.ndarray, logits: np.ndarray) -> float:
+    """Mean over positions of KL(softmax(ref) || softmax(logits)), nats."""
+    r = ref_logits.astype(np.float64)
+    q = logits.astype(np.float64)
+    lr = r - np.logaddexp.reduce(r, axis=-1, keepdims=True)
+    lq = q - np.logaddexp.reduce(q, axis=-1, keepdims=True)
+    return float((np.exp(lr) * (lr - lq)).sum(-1).mean())
