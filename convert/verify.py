@@ -1,0 +1,353 @@
+"""`dprope verify`: prove every output runs with the baked factors, in every runtime we emit for.
+
+Checks, each named so a failure says which:
+  hf-inv-freq     transformers reloads the directory and its rotary inv_freq equals plain / long factors at a
+                  position past the original window (and the scaling is not a no-op);
+  gguf-metadata   every GGUF's context_length, freq_base, dimension_count, original context and scaling type agree
+                  with the HF config;
+  gguf-factors    the factor tensor(s): name, F32, shape and values equal the HF long (and short) factors;
+  gguf-context    the context llama.cpp allocates equals the target (no silent cap);
+  parity          the same token ids through transformers and llama.cpp, at positions inside and past the original
+                  window: max |dlogit| for f32/f16 and mean KL of next-token distributions for every type.
+A negative control (the same parity numbers against the model with plain RoPE) is reported next to them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ConvertError
+
+log = logging.getLogger(__name__)
+
+VERIFY_FILE = "verify.json"
+N_TOKENS = 64
+# max |dlogit| limits where they are meaningful (float weights), mean-KL limits for every type (nats).
+# f32: only summation order differs (~1e-5 seen); f16/bf16/q8_0: weight rounding; base-quant: the base's own
+# quantisation (k-quants and 4-bit types quantise activations too in llama.cpp).
+MAX_ABS = {"f32": 1e-3, "f16": 0.5}
+MAX_KL = {"f32": 1e-6, "f16": 1e-3, "bf16": 1e-2, "q8_0": 2e-2, "base-quant": 0.1}
+
+
+@dataclass
+class Check:
+    name: str
+    target: str
+    ok: bool
+    detail: str
+    numbers: dict = field(default_factory=dict)
+
+
+@dataclass
+class Report:
+    checks: list[Check] = field(default_factory=list)
+
+    def add(self, name, target, ok, detail, **numbers) -> Check:
+        c = Check(name, str(target), bool(ok), detail, numbers)
+        self.checks.append(c)
+        (log.info if ok else log.error)("%s %s [%s]: %s", "ok" if ok else "FAILED", name, target, detail)
+        return c
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.checks)
+
+    def failed(self) -> list[Check]:
+        return [c for c in self.checks if not c.ok]
+
+    def table(self) -> str:
+        lines = ["| check | output | result | detail |", "|---|---|---|---|"]
+        for c in self.checks:
+            lines.append(f"| {c.name} | {c.target} | {'pass' if c.ok else 'FAIL'} | {c.detail} |")
+        return "\n".join(lines)
+
+
+@dataclass
+class Outputs:
+    checkpoint: Path
+    ggufs: list[tuple[Path, str]]  # (file, type)
+
+
+def find_outputs(path: Path, checkpoint: Path | None = None) -> Outputs:
+    """A run directory (hf/ + export/), an export directory (manifest.json), a checkpoint directory (GGUFs inside
+    or none), or one .gguf with --checkpoint."""
+    path = Path(path)
+    if not path.exists():
+        raise ConvertError(f"{path} does not exist")
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ConvertError(f"{path} is not a .gguf file or an output directory")
+        if checkpoint is None:
+            raise ConvertError(f"verifying {path.name} alone needs --checkpoint, the HF directory it was exported from")
+        return Outputs(Path(checkpoint), [(path, _gguf_type(path))])
+    if (path / "hf" / "config.json").exists():
+        ck = path / "hf"
+        exp = path / "export"
+        return Outputs(ck, _ggufs_in(exp) if exp.exists() else [])
+    if (path / "manifest.json").exists():
+        m = json.loads((path / "manifest.json").read_text())
+        ck = Path(checkpoint) if checkpoint else (path / m["checkpoint"]["path"]).resolve()
+        return Outputs(ck, [(path / g["file"], g["type"]) for g in m["gguf"]])
+    if (path / "config.json").exists():
+        return Outputs(path, _ggufs_in(path))
+    raise ConvertError(f"{path} has no config.json, hf/ or manifest.json: not an output of this tool")
+
+
+def _ggufs_in(d: Path) -> list[tuple[Path, str]]:
+    m = d / "manifest.json"
+    if m.exists():
+        return [(d / g["file"], g["type"]) for g in json.loads(m.read_text())["gguf"]]
+    return [(p, _gguf_type(p)) for p in sorted(d.glob("*.gguf"))]
+
+
+def _gguf_type(p: Path) -> str:
+    from .modelinfo import gguf_fields
+
+    _, reader = gguf_fields(p)
+    types = {t.tensor_type.name.lower() for t in reader.tensors if len(t.shape) > 1}
+    for t in ("q8_0", "bf16", "f16", "f32"):
+        if types == {t} or (t == "q8_0" and types <= {"q8_0", "f16"} and "q8_0" in types):
+            return t
+    return "base-quant"
+
+
+def _expected(ckpt: Path) -> dict:
+    """The truth to compare against: the baked factors file, the config's lengths."""
+    from safetensors.numpy import load_file
+
+    from .modelinfo import _rope_params, read_config
+
+    cfg = read_config(ckpt)
+    p = _rope_params(cfg)
+    fpath = ckpt / "rope_factors.safetensors"
+    if not fpath.exists():
+        raise ConvertError(f"{ckpt} has no rope_factors.safetensors: not a checkpoint baked by `dprope extend`")
+    f = load_file(str(fpath))
+    head_dim = int(cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"])
+    theta = float(p["rope_theta"])
+    plain = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim))
+    orig = int(p.get("original_max_position_embeddings") or cfg.get("original_max_position_embeddings")
+               or f.get("original_length", [0])[0])
+    return dict(cfg=cfg, head_dim=head_dim, theta=theta, plain=plain, long=f["long_factor"], short=f["short_factor"],
+                target=int(cfg["max_position_embeddings"]), original=orig)
+
+
+def check_hf(ckpt: Path, exp: dict, report: Report):
+    """Reload with the installed transformers; returns the loaded model for the parity checks."""
+    import torch
+
+    from .runtime import load_hf
+
+    model = load_hf(ckpt)
+    rot = getattr(getattr(model, "model", model), "rotary_emb", None)
+    if rot is None:
+        report.add("hf-inv-freq", ckpt.name, False, "no rotary_emb module found on the loaded model")
+        return model
+    with torch.no_grad():  # one token past the window makes longrope switch to the long factors
+        model(torch.zeros(1, 1, dtype=torch.long), position_ids=torch.tensor([[exp["original"]]]))
+    got = rot.inv_freq.float().numpy()
+    want = exp["plain"] / exp["long"]
+    no_op = bool(np.allclose(exp["long"], 1.0))
+    close = got.shape == want.shape and bool(np.allclose(got, want, rtol=1e-6, atol=0))
+    applied = not np.allclose(got, exp["plain"], rtol=1e-6, atol=0)
+    ok = close and applied and not no_op
+    detail = ("inv_freq = plain / long factors" if ok else
+              "the factors are all 1: scaling is a no-op" if no_op else
+              "transformers ignores the scaling: inv_freq is plain RoPE (check rope_scaling in config.json)"
+              if not applied else
+              f"inv_freq differs from plain / factors (max rel {np.max(np.abs(got / want - 1)):.3g})")
+    import transformers
+
+    report.add("hf-inv-freq", f"{ckpt.name} (transformers {transformers.__version__})", ok, detail)
+    return model
+
+
+def check_gguf_meta(path: Path, exp: dict, report: Report) -> str | None:
+    """Metadata and factor tensors; returns the layout found ("freqs", "longrope" or None)."""
+    from .modelinfo import gguf_fields
+
+    meta, reader = gguf_fields(path)
+    arch = meta.get("general.architecture")
+    g = lambda k: meta.get(f"{arch}.{k}")  # noqa: E731
+    problems = []
+    if g("context_length") != exp["target"]:
+        problems.append(f"context_length {g('context_length')} != target {exp['target']}")
+    if g("rope.freq_base") is None or not np.isclose(float(g("rope.freq_base")), exp["theta"], rtol=1e-6):
+        problems.append(f"rope.freq_base {g('rope.freq_base')} != {exp['theta']:g}")
+    if g("rope.dimension_count") != exp["head_dim"]:
+        problems.append(f"rope.dimension_count {g('rope.dimension_count')} != head_dim {exp['head_dim']}")
+    if g("rope.scaling.original_context_length") != exp["original"]:
+        problems.append(f"rope.scaling.original_context_length {g('rope.scaling.original_context_length')} != "
+                        f"{exp['original']}")
+    if g("rope.scaling.factor") is not None:
+        problems.append("rope.scaling.factor is set next to factor tensors: llama.cpp would scale twice")
+    tensors = {t.name: t for t in reader.tensors}
+    layout = "longrope" if "rope_factors_long.weight" in tensors else "freqs" if "rope_freqs.weight" in tensors \
+        else None
+    stype = g("rope.scaling.type")
+    if layout == "longrope" and stype != "longrope":
+        problems.append(f"rope.scaling.type is {stype!r}, long/short factor tensors need 'longrope'")
+    if layout == "freqs" and stype not in (None, "none"):
+        problems.append(f"rope.scaling.type is {stype!r} next to rope_freqs.weight")
+    report.add("gguf-metadata", path.name, not problems, "; ".join(problems) or
+               f"context {exp['target']}, base {exp['theta']:g}, dims {exp['head_dim']}, original {exp['original']}")
+    fproblems = []
+    wanted = {"freqs": {"rope_freqs.weight": exp["long"]},
+              "longrope": {"rope_factors_long.weight": exp["long"], "rope_factors_short.weight": exp["short"]}}
+    if layout is None:
+        fproblems.append("no factor tensor (rope_freqs.weight or rope_factors_long/short.weight): llama.cpp would "
+                         "run plain RoPE")
+    else:
+        for name, want in wanted[layout].items():
+            t = tensors.get(name)
+            if t is None:
+                fproblems.append(f"{name} missing")
+                continue
+            if t.tensor_type.name != "F32":
+                fproblems.append(f"{name} is {t.tensor_type.name}, llama.cpp needs F32")
+                continue
+            data = np.asarray(t.data, dtype=np.float32).ravel()
+            if data.shape != want.shape:
+                fproblems.append(f"{name} has shape {list(data.shape)}, expected [{want.size}]")
+            elif not np.array_equal(data, want.astype(np.float32)):
+                fproblems.append(f"{name} values differ from the HF factors (max |d| "
+                                 f"{np.abs(data - want).max():.3g})")
+        if layout == "freqs" and not np.array_equal(exp["short"], exp["long"]):
+            fproblems.append("rope_freqs applies the long factors at every length but the HF checkpoint uses "
+                             "different short factors inside the original window; export with --rope-layout longrope")
+    report.add("gguf-factors", path.name, not fproblems, "; ".join(fproblems) or f"{layout} factors equal HF's")
+    return layout
+
+
+FULL_SEQUENCE_MAX = 2048  # up to this many tokens, "past" is one sequence from 0 across the original window
+
+
+def _parity_windows(exp: dict, n: int) -> list[tuple[str, int, int]]:
+    """(name, first position, n tokens).  "past" is a full sequence crossing the original window when that is cheap
+    (attention then spans more than the original length); for long windows it is n tokens placed past it."""
+    if exp["original"] + n <= FULL_SEQUENCE_MAX:
+        return [("inside", 0, n), ("past", 0, min(exp["target"], exp["original"] + n))]
+    start = min(max(exp["original"], (exp["original"] + exp["target"]) // 2 - n // 2), exp["target"] - n)
+    return [("inside", 0, n), ("past", start, n)]
+
+
+def _window_ids(exp: dict, length: int) -> list[int]:
+    return np.random.default_rng(0).integers(0, int(exp["cfg"]["vocab_size"]), length).tolist()
+
+
+def check_parity(path: Path, gtype: str, layout: str | None, exp: dict, model, report: Report,
+                 ref_cache: dict, n: int = N_TOKENS) -> dict:
+    from .runtime import hf_logits, llama_cpp_logits, max_abs_diff, mean_kl
+
+    out = {}
+    problems = []
+    for where, start, length in _parity_windows(exp, n):
+        ids = _window_ids(exp, length)
+        if where not in ref_cache:
+            ref_cache[where] = hf_logits(None, ids, model=model, start_pos=start)
+        ref = ref_cache[where]
+        # the long factors apply when the context exceeds the original window (longrope layout picks by n_ctx)
+        n_ctx = exp["target"] if where == "past" or layout != "longrope" else max(exp["original"], length)
+        got, allocated = llama_cpp_logits(path, ids, n_ctx, start_pos=start)
+        if where == "past":
+            report.add("gguf-context", path.name, allocated == exp["target"],
+                       f"llama.cpp allocated {allocated} tokens (target {exp['target']})", allocated=allocated)
+        kl, mad = mean_kl(ref, got), max_abs_diff(ref, got)
+        out[where] = {"start": start, "tokens": length, "mean_kl": kl, "max_abs_dlogit": mad}
+        if kl > MAX_KL.get(gtype, MAX_KL["base-quant"]):
+            problems.append(f"{where}: mean KL {kl:.3g} > {MAX_KL.get(gtype, MAX_KL['base-quant']):g}")
+        if gtype in MAX_ABS and mad > MAX_ABS[gtype]:
+            problems.append(f"{where}: max |dlogit| {mad:.3g} > {MAX_ABS[gtype]:g}")
+    detail = "; ".join(problems) or ", ".join(
+        f"{w}: KL {v['mean_kl']:.2g}" + (f", max|d| {v['max_abs_dlogit']:.2g}" if gtype in MAX_ABS else "")
+        for w, v in out.items())
+    report.add("parity", f"{path.name} ({gtype})", not problems, detail, **out)
+    return out
+
+
+def negative_control(exp: dict, model, ref_cache: dict, n: int = N_TOKENS) -> dict:
+    """Parity numbers of the same model with plain RoPE (factors removed) against the extended reference."""
+    import torch
+
+    from .runtime import hf_logits, max_abs_diff, mean_kl
+
+    rot = model.model.rotary_emb
+    saved = (rot.inv_freq.clone(), getattr(rot, "original_inv_freq", None), getattr(rot, "long_inv_freq", None))
+    plain = torch.tensor(exp["plain"])
+    out = {}
+    try:
+        rot.inv_freq = plain.clone()
+        rot.original_inv_freq = plain.clone()
+        if saved[2] is not None:
+            rot.long_inv_freq = plain.clone()
+        for where, start, length in _parity_windows(exp, n):
+            ref = ref_cache[where]
+            got = hf_logits(None, _window_ids(exp, length), model=model, start_pos=start)
+            out[where] = {"mean_kl": mean_kl(ref, got), "max_abs_dlogit": max_abs_diff(ref, got)}
+    finally:
+        rot.inv_freq = saved[0]
+        if saved[1] is not None:
+            rot.original_inv_freq = saved[1]
+        if saved[2] is not None:
+            rot.long_inv_freq = saved[2]
+    return out
+
+
+def base_control(base: Path, exp: dict, ref_cache: dict, n: int = N_TOKENS) -> dict:
+    """Parity numbers of the base model itself (a HF directory or .gguf source) against the extended reference."""
+    from .runtime import hf_logits, load_hf, max_abs_diff, mean_kl
+    from .source import open_source
+
+    model = load_hf(open_source(base).path)
+    out = {}
+    for where, start, length in _parity_windows(exp, n):
+        got = hf_logits(None, _window_ids(exp, length), model=model, start_pos=start)
+        ref = ref_cache[where]
+        out[where] = {"mean_kl": mean_kl(ref, got), "max_abs_dlogit": max_abs_diff(ref, got)}
+    return out
+
+
+def verify(path: Path, checkpoint: Path | None = None, write: bool = True, base: Path | None = None) -> Report:
+    outs = find_outputs(path, checkpoint)
+    exp = _expected(outs.checkpoint)
+    report = Report()
+    model = check_hf(outs.checkpoint, exp, report)
+    ref_cache: dict = {}
+    parity = {}
+    for gpath, gtype in outs.ggufs:
+        layout = check_gguf_meta(gpath, exp, report)
+        parity[gpath.name] = check_parity(gpath, gtype, layout, exp, model, report, ref_cache)
+    if not ref_cache:  # no GGUF: still give the reference numbers for the control
+        from .runtime import hf_logits
+
+        for where, start, length in _parity_windows(exp, N_TOKENS):
+            ref_cache[where] = hf_logits(None, _window_ids(exp, length), model=model, start_pos=start)
+    control = base_control(base, exp, ref_cache) if base else negative_control(exp, model, ref_cache)
+    if write:
+        data = {"ok": report.ok, "checkpoint": str(outs.checkpoint), "checks": [asdict(c) for c in report.checks],
+                "negative_control": {"model": str(base) if base else "extended model with plain RoPE",
+                                     **control}, "thresholds": {"max_abs": MAX_ABS, "mean_kl": MAX_KL},
+                "tokens_per_window": N_TOKENS}
+        target_dir = outs.checkpoint
+        (target_dir / VERIFY_FILE).write_text(json.dumps(data, indent=1) + "\n")
+        _append_card(target_dir, report, control)
+    report.control = control  # type: ignore[attr-defined]
+    return report
+
+
+def _append_card(ckpt: Path, report: Report, control: dict) -> None:
+    card = ckpt / "README.md"
+    if not card.exists():
+        return
+    text = card.read_text()
+    marker = "\n## Verification\n"
+    text = text.split(marker)[0].rstrip() + "\n"
+    ctrl = ", ".join(f"{w}: KL {v['mean_kl']:.3g}, max|d| {v['max_abs_dlogit']:.3g}" for w, v in control.items())
+    text += (f"{marker}\n`dprope verify` ({'all checks pass' if report.ok else 'FAILED'}):\n\n{report.table()}\n\n"
+             f"Negative control, the model without its factors against the extended one: {ctrl}.\n")
+    card.write_text(text)

@@ -1,0 +1,110 @@
+"""`dprope verify` passes on correct outputs and fails, naming the check, on each known silent failure."""
+
+import json
+import shutil
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from convert.bake import bake, make_plan
+from convert.cli import main
+from convert.export import export_outputs
+from convert.source import open_source
+from tiny import ORIGINAL, edit_config
+
+pytestmark = pytest.mark.runtime
+TARGET = 4 * ORIGINAL
+
+
+def rewrite_gguf(src: Path, dst: Path, overrides: dict | None = None, factor_scale: float | None = None,
+                 drop: tuple = ()) -> Path:
+    """Copy a GGUF changing metadata values or the factor tensor: the damage a broken converter does."""
+    r = gguf.GGUFReader(str(src))
+    w = gguf.GGUFWriter(str(dst), r.fields["general.architecture"].contents())
+    for key, f in r.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        val = (overrides or {}).get(key, f.contents())
+        w.add_key_value(key, val, f.types[0], sub_type=f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None)
+    for t in r.tensors:
+        if t.name in drop:
+            continue
+        data = np.array(t.data)
+        if factor_scale and t.name.startswith("rope_"):
+            data = data * np.float32(factor_scale)
+        w.add_tensor(t.name, data, raw_shape=data.shape if t.tensor_type.name in ("F32", "F16") else None,
+                     raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dst
+
+
+@pytest.fixture(scope="module")
+def good(tiny_models, tmp_path_factory):
+    root = tmp_path_factory.mktemp("verify")
+    ck = bake(open_source(tiny_models[("llama", False)]), root / "hf", make_plan(target_length=TARGET), progress=False)
+    export_outputs(ck, root / "export", ("f32", "q8_0"), progress=False)
+    return root
+
+
+def _run(*args):
+    return CliRunner().invoke(main, ["verify", *map(str, args)])
+
+
+def test_verify_passes_on_a_correct_export(good):
+    res = _run(good)
+    assert res.exit_code == 0, res.output
+    data = json.loads((good / "hf" / "verify.json").read_text())
+    assert data["ok"] is True
+    names = {(c["name"], c["target"].split(" ")[0]) for c in data["checks"]}
+    for f in ("hf-f32.gguf", "hf-q8_0.gguf"):
+        for check in ("gguf-metadata", "gguf-factors", "gguf-context", "parity"):
+            assert (check, f) in names
+    assert ("hf-inv-freq", "hf") in names
+    # the negative control shows the factors matter far beyond the parity limits
+    assert data["negative_control"]["past"]["mean_kl"] > 100 * max(
+        c["numbers"]["past"]["mean_kl"] for c in data["checks"] if c["name"] == "parity")
+    assert "## Verification" in (good / "hf" / "README.md").read_text()
+
+
+def _gguf_case(good, tmp_path, **rewrite):
+    exp = tmp_path / "export"
+    shutil.copytree(good / "export", exp)
+    src = exp / "hf-q8_0.gguf" if "factor_scale" in rewrite else exp / "hf-f32.gguf"
+    bad = rewrite_gguf(src, tmp_path / "bad.gguf", **rewrite)
+    shutil.move(bad, src)
+    return _run(src, "--checkpoint", good / "hf")
+
+
+def test_fails_on_gguf_without_factor_tensor(good, tmp_path):
+    res = _gguf_case(good, tmp_path, drop=("rope_freqs.weight",))
+    assert res.exit_code == 1
+    assert "gguf-factors [hf-f32.gguf]" in res.output and "parity" in res.output
+
+
+def test_fails_on_gguf_context_left_at_original(good, tmp_path):
+    res = _gguf_case(good, tmp_path, overrides={"llama.context_length": ORIGINAL})
+    assert res.exit_code == 1 and "gguf-metadata [hf-f32.gguf]" in res.output
+    assert "context_length 64 != target 256" in res.output
+
+
+def test_fails_on_q8_0_with_altered_factors(good, tmp_path):
+    res = _gguf_case(good, tmp_path, factor_scale=1.5)
+    assert res.exit_code == 1
+    assert "parity [hf-q8_0.gguf (q8_0)]" in res.output and "gguf-factors [hf-q8_0.gguf]" in res.output
+
+
+def test_fails_on_config_whose_scaling_transformers_ignores(good, tmp_path):
+    ck = tmp_path / "hf"
+    shutil.copytree(good / "hf", ck)
+    cfg = json.loads((ck / "config.json").read_text())
+    # what a 4.x -> 5.x round trip or a fine-tuning stack does: the scaling block gone, the window kept
+    edit_config(ck, rope_scaling=None, rope_parameters={"rope_type": "default", "rope_theta": cfg["rope_theta"]})
+    res = _run(ck)
+    assert res.exit_code == 1 and "hf-inv-freq" in res.output
+    assert "ignores the scaling" in res.output
