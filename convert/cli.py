@@ -207,5 +207,34 @@ def verify(path, checkpoint, base):
         sys.exit(1)
 
 
+@main.command()
+@click.argument("checkpoint", type=click.Path(path_type=Path, exists=True))
+@click.option("--base", type=click.Path(path_type=Path, exists=True), help="The base model, scored on the same samples.")
+@click.option("--lengths", default="4096,8192,16384", show_default=True, help="Comma-separated prompt lengths (tokens).")
+@click.option("--tasks", default="passkey,ppl", show_default=True,
+              help="passkey, ppl, and offline RULER tasks (niah_single_1, niah_multikey_2, niah_multikey_3, ruler_vt, "
+                   "ruler_cwe, ruler_fwe; essay ones with a local haystack: niah_single_2, niah_single_3, "
+                   "niah_multikey_1, niah_multivalue, niah_multiquery).")
+@click.option("--limit", type=int, default=5, show_default=True, help="Samples per task and length.")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), help="Report folder (default: the checkpoint).")
+@click.option("--corpus", type=click.Path(exists=True), help="Text file for perplexity and the RULER essay haystack "
+              "(default: Python's own documentation, pydoc_data).")
+@click.option("--gate", "gates", multiple=True, help="Release gate, e.g. 'passkey@16384 >= 0.9' or "
+              "'ppl@0-8192 <= 1.05x base'; repeatable.  A failed gate exits 1.")
+def validate(checkpoint, base, lengths, tasks, limit, out_dir, corpus, gates):
+    """lm-eval long-context tasks on CHECKPOINT (and --base), side by side: validation.json/.md/.png."""
+    from .validate import validate as run_validate
+
+    cmd = "dprope " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("dprope") else ""
+    v = run_validate(checkpoint, base, [int(x) for x in lengths.split(",") if x.strip()], _candidates(tasks), limit,
+                     out_dir, corpus, gates, command=cmd)
+    click.echo(v.markdown)
+    click.echo(f"reports: {v.out_dir / 'validation.md'}, validation.json, validation.png")
+    if v.failed:
+        click.secho("error: gate(s) failed: " + "; ".join(f"{g.text} ({why})" for g, why in v.failed), fg="red",
+                    err=True)
+        sys.exit(1)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -1,0 +1,149 @@
+"""Validation through real lm-eval on a tiny random checkpoint, and the pieces of the report."""
+
+import json
+import math
+
+import pytest
+from click.testing import CliRunner
+
+from convert.bake import bake, make_plan
+from convert.cli import main
+from convert.errors import ConvertError
+from convert.source import open_source
+from convert.tasks import passkey
+from convert.validate import Gate, check_gates, local_haystack, ppl_buckets, table_rows
+from tiny import ORIGINAL
+
+
+def test_passkey_scorer():
+    assert passkey.score(" 12345. Remember", "12345") == 1.0
+    assert passkey.score("The pass key is 12345", "12345") == 1.0
+    assert passkey.score(" 123456", "12345") == 1.0  # first five digits: the key followed by noise still counts
+    assert passkey.score(" 54321", "12345") == 0.0
+    assert passkey.score(" 1234", "12345") == 0.0
+    assert passkey.score("", "12345") == 0.0
+
+
+def test_passkey_prompt_fits_and_places_the_key(tokenizer, tmp_path):
+    tokenizer.save_pretrained(str(tmp_path))
+    tok = passkey._tokenizer(str(tmp_path))
+    for depth in (0.1, 0.9):
+        p = passkey.build_prompt(tok, 400, depth, "31415")
+        n = len(tok(p, add_special_tokens=False).input_ids)
+        assert 400 - passkey.GEN_SLACK - 40 < n <= 400 - passkey.GEN_SLACK
+        # the key's place within the filler (between the introduction and the question)
+        start, end = len(passkey.INTRO), p.index(passkey.QUESTION)
+        needle_len = len(" The pass key is 31415. Remember it. 31415 is the pass key. ")
+        rel = (p.index(" The pass key is 31415") - start) / (end - start - needle_len)
+        assert abs(rel - depth) < 0.05
+    ds = passkey.make_dataset(length=300, tokenizer=str(tmp_path), per_depth=2)["test"]
+    assert [round(d, 1) for d in ds["depth"]] == [0.1, 0.5, 0.9, 0.1, 0.5, 0.9]
+    assert len(set(ds["answer"])) > 1
+
+
+def test_ppl_buckets_difference_the_prefix_sums():
+    # two documents; per-length sums of log-likelihood and token counts over the same documents
+    rows = {100: {"loglik_sum": -200.0, "token_count": 200}, 300: {"loglik_sum": -1000.0, "token_count": 600}}
+    b = ppl_buckets(rows, [100, 300])
+    assert b[(0, 100)] == pytest.approx(math.exp(1.0))
+    assert b[(100, 300)] == pytest.approx(math.exp(800 / 400))
+
+
+def test_gates_parse_and_decide():
+    rows = [{"name": "passkey @256", "task": "passkey", "length": 256, "base": 0.2, "extended": 0.95},
+            {"name": "ppl 0-64", "task": "ppl", "length": (0, 64), "base": 10.0, "extended": 10.4}]
+    gates = [Gate.parse("passkey@256 >= 0.9"), Gate.parse("ppl@0-64 <= 1.05x base"),
+             Gate.parse("ppl@0-64 <= 1.01x base"), Gate.parse("passkey@512 >= 0.5")]
+    failed = {g.text: why for g, why in check_gates(rows, gates)}
+    assert set(failed) == {"ppl@0-64 <= 1.01x base", "passkey@512 >= 0.5"}
+    assert "not measured" in failed["passkey@512 >= 0.5"]
+    with pytest.raises(ConvertError, match="not understood"):
+        Gate.parse("passkey is good")
+    with pytest.raises(ConvertError, match="bucket"):
+        Gate.parse("ppl@4096 <= 10")
+
+
+def test_table_rows_side_by_side():
+    runs = [{"model": m, "task": "passkey", "length": L, "metrics": {"acc": a}}
+            for m, L, a in (("base", 64, 1.0), ("base", 128, 0.0), ("extended", 64, 1.0), ("extended", 128, 0.5))]
+    rows = table_rows(runs, [64, 128])
+    assert [(r["name"], r["base"], r["extended"]) for r in rows] == [("passkey @64", 1.0, 1.0),
+                                                                   ("passkey @128", 0.0, 0.5)]
+
+
+def test_local_haystack_swaps_and_restores():
+    from convert.validate import ruler_niah_module
+
+    nu = ruler_niah_module()  # the module object lm-eval's YAML loader calls
+    pn = nu.generate_samples.__globals__
+    before = nu.get_haystack, pn["cached_sent_tokenize"]
+    with local_haystack("First sentence here. Second one follows! Third?"):
+        assert nu.get_haystack("essay")[:2] == ["First", "sentence"]
+        assert pn["cached_sent_tokenize"]("A b. C d.") == ["A b.", "C d."]
+        assert nu.get_haystack("repeat").startswith("The grass is green")
+    assert (nu.get_haystack, pn["cached_sent_tokenize"]) == before
+
+
+@pytest.fixture(scope="module")
+def extended_llama(tiny_models, tmp_path_factory):
+    root = tmp_path_factory.mktemp("val")
+    return bake(open_source(tiny_models[("llama", False)]), root / "ext", make_plan(target_length=4 * ORIGINAL),
+                progress=False)
+
+
+def test_validate_end_to_end_through_lm_eval(extended_llama, tiny_models, tmp_path):
+    out = tmp_path / "report"
+    args = ["validate", str(extended_llama), "--base", str(tiny_models[("llama", False)]), "--lengths", "64,256",
+            "--tasks", "passkey,ppl", "--limit", "2", "--out", str(out), "--gate", "ppl@0-64 <= 100x base"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    for f in ("validation.json", "validation.md", "validation.png"):
+        assert (out / f).stat().st_size > 100
+    data = json.loads((out / "validation.json").read_text())
+    names = [r["name"] for r in data["rows"]]
+    assert names == ["passkey @64", "passkey @256", "ppl 0-64", "ppl 64-256"]
+    assert all(r["base"] is not None and r["extended"] is not None for r in data["rows"])
+    runs = data["runs"]
+    assert len(runs) == 8 and all(r["lm_eval"]["n-samples"] for r in runs)
+    ppl = {(r["model"], r["length"]): r["metrics"] for r in runs if r["task"] == "ppl"}
+    # the same two documents, four times as long: about four times the tokens
+    assert 3.5 < ppl[("extended", 256)]["token_count"] / ppl[("extended", 64)]["token_count"] <= 4
+    assert "| ppl 64-256 |" in (out / "validation.md").read_text()
+    # the second run comes from the cache: no model is loaded, same numbers
+    res2 = CliRunner().invoke(main, args)
+    assert res2.exit_code == 0
+    assert json.loads((out / "validation.json").read_text())["rows"] == data["rows"]
+
+
+def test_failing_gate_exits_non_zero(extended_llama, tmp_path):
+    res = CliRunner().invoke(main, ["validate", str(extended_llama), "--lengths", "64", "--tasks", "passkey",
+                                    "--limit", "1", "--out", str(tmp_path), "--gate", "passkey@64 >= 1.1"])
+    assert res.exit_code == 1
+    assert "passkey@64 >= 1.1" in res.output and "gate(s) failed" in res.output
+
+
+def test_hub_tasks_are_refused_with_a_reason(extended_llama, tmp_path):
+    res = CliRunner().invoke(main, ["validate", str(extended_llama), "--tasks", "qa_squad", "--out", str(tmp_path)])
+    assert res.exit_code == 2 and "hub" in res.output
+
+
+def test_ruler_tasks_offline_including_an_essay_task(tmp_path):
+    """Stock RULER niah_single_1 and the essay-haystack niah_single_2 (local haystack), through lm-eval, on a tiny
+    model with SmolLM2's real-sized tokenizer (RULER's generators need a real vocabulary)."""
+    from transformers import AutoTokenizer
+
+    from convert.source import gguf_to_hf
+    from test_smollm2 import smollm2_gguf
+    from tiny import make_tiny
+
+    tok = AutoTokenizer.from_pretrained(str(gguf_to_hf(smollm2_gguf())))
+    base = make_tiny(tmp_path / "smoltok", "llama", tokenizer=tok)
+    ext = bake(open_source(base), tmp_path / "ext", make_plan(target_length=256), progress=False)
+    res = CliRunner().invoke(main, ["validate", str(ext), "--lengths", "4096", "--tasks", "niah_single_1,niah_single_2",
+                                    "--limit", "1", "--out", str(tmp_path / "r")])
+    assert res.exit_code == 0, res.output
+    data = json.loads((tmp_path / "r" / "validation.json").read_text())
+    got = {r["task"]: r for r in data["runs"]}
+    for t in ("niah_single_1", "niah_single_2"):
+        assert got[t]["metrics"]["score"] is not None and got[t]["lm_eval"]["n-samples"]
+    assert "ruler average @4096" in [r["name"] for r in data["rows"]]
