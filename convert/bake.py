@@ -55,14 +55,20 @@ class BakePlan:
     selection: str
     bins: int
     short_factor: str  # "same" | "original"
+    original_length: int | None = None  # overrides the window read from the config
 
     def as_dict(self) -> dict:
         return dict(method=self.method, target_length=self.target_length, candidates=self.candidates,
-                    selection=self.selection, bins=self.bins, short_factor=self.short_factor)
+                    selection=self.selection, bins=self.bins, short_factor=self.short_factor,
+                    original_length=self.original_length)
+
+    def spec_for(self, spec: RopeSpec) -> RopeSpec:
+        return spec if self.original_length is None else spec.with_window(self.original_length)
 
 
 def make_plan(method: str = "dprope", target_length: int = 0, candidates: list[str] | None = None,
-              selection: str = "argmin", bins: int = dprope.DEFAULT_BINS, short_factor: str = "same") -> BakePlan:
+              selection: str = "argmin", bins: int = dprope.DEFAULT_BINS, short_factor: str = "same",
+              original_length: int | None = None) -> BakePlan:
     if method not in METHODS:
         raise ConvertError(f"unknown method '{method}'; use one of {', '.join(METHODS)}")
     if short_factor not in ("same", "original"):
@@ -71,11 +77,12 @@ def make_plan(method: str = "dprope", target_length: int = 0, candidates: list[s
     if METHODS[method] and candidates and list(candidates) != list(dprope.DEFAULT_CANDIDATES):
         raise ConvertError(f"--candidates applies to --method dprope only ('{method}' is a single fixed scaling)")
     return BakePlan(method, int(target_length), cands, selection if method == "dprope" else "argmin", int(bins),
-                    short_factor)
+                    short_factor, int(original_length) if original_length else None)
 
 
 def compute(spec: RopeSpec, plan: BakePlan) -> DPRoPEResult:
     """Factors for this base and plan (the DPRoPE stage)."""
+    spec = plan.spec_for(spec)
     if plan.target_length <= spec.original_length:
         raise ConvertError(
             f"target length {plan.target_length} is not longer than the model's window {spec.original_length}: "
@@ -291,7 +298,7 @@ def bake(src: Source, out: Path, plan: BakePlan, *, force: bool = False, plot: b
     The weight copy starts first and runs on worker threads while the factors are computed and the small files
     written, so the wall time is close to the copy alone.
     """
-    spec = src.spec
+    spec = plan.spec_for(src.spec)
     if plan.target_length <= spec.original_length:
         raise ConvertError(
             f"target length {plan.target_length} is not longer than the model's window {spec.original_length}: "

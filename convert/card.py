@@ -24,7 +24,7 @@ def versions() -> dict[str, str]:
 
 def write_card(out: Path, src, plan, result: DPRoPEResult, long: torch.Tensor, attn: float,
                has_plot: bool = False) -> Path:
-    spec = src.spec
+    spec = plan.spec_for(src.spec)
     s = plan.target_length / spec.original_length
     name = Path(src.given).name or src.given
     vers = "\n".join(f"- {k} {v}" for k, v in versions().items())

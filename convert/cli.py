@@ -109,19 +109,21 @@ def factors(model_path, rope_theta, head_dim, original_length, target_length, bi
 @_factor_options
 @click.option("--short-factor", type=click.Choice(["same", "original"]), default="same", show_default=True,
               help="Factors used inside the original window: the long ones, or the base RoPE.")
+@click.option("--original-length", type=int, help="The pre-training window, when the config's "
+              "max_position_embeddings overstates it (default: read from the checkpoint).")
 @click.option("--plot", is_flag=True, help="Also write dprope_factors.png.")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 @click.option("--link", is_flag=True, help="Hard-link weight files instead of copying (same filesystem only; "
               "editing either copy in place then changes both).")
 @click.option("--allow-pickle", is_flag=True, help="Accept pickle (*.bin) weights, loaded with weights_only=True "
               "and baked as safetensors.")
-def extend(source, out, target_length, method, bins, candidates, selection, short_factor, plot, force, link,
-           allow_pickle):
+def extend(source, out, target_length, method, bins, candidates, selection, short_factor, original_length, plot,
+           force, link, allow_pickle):
     """Extend SOURCE (HF dir, .gguf, or cached hub id) to --target-length and write the checkpoint to OUT."""
     from .bake import bake, make_plan
     from .source import open_source
 
-    plan = make_plan(method, target_length, _candidates(candidates), selection, bins, short_factor)
+    plan = make_plan(method, target_length, _candidates(candidates), selection, bins, short_factor, original_length)
     src = open_source(source, allow_pickle=allow_pickle)
     bake(src, out, plan, force=force, plot=plot, link=link)
     from .inspect import describe
@@ -234,6 +236,28 @@ def validate(checkpoint, base, lengths, tasks, limit, out_dir, corpus, gates):
         click.secho("error: gate(s) failed: " + "; ".join(f"{g.text} ({why})" for g, why in v.failed), fg="red",
                     err=True)
         sys.exit(1)
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(path_type=Path))
+@click.option("--from", "start", type=click.Choice(["source", "factors", "bake", "train", "validate", "export",
+                                                     "verify"]), help="First stage to consider.")
+@click.option("--to", "stop", type=click.Choice(["source", "factors", "bake", "train", "validate", "export",
+                                                  "verify"]), help="Last stage to consider.")
+@click.option("--run-dir", type=click.Path(path_type=Path), help="Run directory (default: runs/<recipe name>).")
+@click.option("--dry-run", is_flag=True, help="Print the plan (which stages run, which are done) and stop.")
+@click.option("--release", is_flag=True, help="Full validation (the recipe's validate.release) with its gates; "
+              "a failed gate exits non-zero.")
+@click.option("--force-cpu", is_flag=True, help="Run the train stage on the CPU (smoke runs).")
+@click.option("--source", help="Use this checkpoint instead of the recipe's source (a path or cached hub id).")
+def run(recipe, start, stop, run_dir, dry_run, release, force_cpu, source):
+    """Run a RECIPE end to end: source, factors, bake, [train], validate, export, verify; finished stages are
+    skipped when their inputs are unchanged."""
+    from .run import run_recipe
+
+    summary = run_recipe(recipe, run_dir, start, stop, dry_run, release, force_cpu, source, echo=click.echo)
+    if not dry_run:
+        click.echo(f"outputs: {summary['run_dir']} (checkpoint {summary['model_dir']})")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -107,6 +107,12 @@ class RopeSpec:
             return plain / torch.tensor(self.gguf_factors, dtype=torch.float32)
         raise AssertionError(self.rope_type)  # rope_spec_* only build the types above
 
+    def with_window(self, original_length: int) -> "RopeSpec":
+        """The same base with a different pre-training window (when the config overstates it)."""
+        import dataclasses
+
+        return dataclasses.replace(self, original_length=int(original_length))
+
     @property
     def prior_factors(self):
         """Factors already baked into the base (1 for plain RoPE): plain / effective."""

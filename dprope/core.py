@@ -66,6 +66,17 @@ class DPRoPEResult:
             "params": dict(self.params),
         }
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "DPRoPEResult":
+        """The inverse of to_dict (a saved factors report back into a result)."""
+        f32 = lambda x: torch.tensor(x, dtype=torch.float32)  # noqa: E731
+        return cls(
+            factors=f32(d["factors"]), inv_freq=f32(d["inv_freq"]), base_inv_freq=f32(d["base_inv_freq"]),
+            chosen=list(d["chosen"]), candidates=list(d["params"]["candidates"]),
+            candidate_factors={k: f32(v) for k, v in d["candidate_factors"].items()},
+            per_pair={k: torch.tensor(v, dtype=torch.float64) for k, v in d["per_pair"].items()},
+            disturbance=dict(d["disturbance"]), params=dict(d["params"]))
+
 
 def compute_factors(
     inv_freq: torch.Tensor | Sequence[float] | None = None,

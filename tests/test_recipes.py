@@ -1,0 +1,131 @@
+"""Recipes: every shipped one validates and plans; `dprope run` resumes and redoes exactly what changed."""
+
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+import convert.export
+from convert.cli import main
+from convert.errors import ConvertError
+from convert.recipe import load_recipe
+from convert.run import RunDir, plan, run_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = sorted((ROOT / "recipes").glob("*/*.yaml"))
+
+
+def test_the_recipes_the_issue_names_are_shipped():
+    names = {f"{p.parent.name}/{p.stem}" for p in SHIPPED}
+    assert {"smollm2/135m_16k", "smollm2/135m_32k", "llama2/7b_8k", "llama2/7b_16k", "llama3/8b_32k",
+            "mistral/7b_32k", "qwen2/7b_32k"} <= names
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[f"{p.parent.name}/{p.stem}" for p in SHIPPED])
+def test_shipped_recipe_validates_and_dry_runs(path, tmp_path):
+    r = load_recipe(path)
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# make ") and "dprope run" in first  # each opens with the command that runs it
+    res = CliRunner().invoke(main, ["run", str(path), "--dry-run", "--run-dir", str(tmp_path / "run")])
+    assert res.exit_code == 0, res.output
+    assert f"recipe {r.name}" in res.output and "verify" in res.output
+    assert not (tmp_path / "run").exists()  # a dry run writes nothing
+
+
+def test_paper_settings():
+    r8, r16 = load_recipe(ROOT / "recipes/llama2/7b_8k.yaml"), load_recipe(ROOT / "recipes/llama2/7b_16k.yaml")
+    assert (r8.method.select, r8.train.steps, r8.train.seq_len) == ("top-n:40", 1000, 8192)
+    assert (r16.method.select, r16.train.steps, r16.train.seq_len) == ("top-n:32", 500, 16384)
+    for r in (r8, r16):
+        assert (r.train.lr, r.train.global_batch, r.train.warmup_steps, r.train.weight_decay) == (2e-5, 64, 0, 0.0)
+
+
+def test_make_targets_come_from_the_recipes_folder():
+    out = subprocess.run(["make", "-s", "recipes"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    want = {f"{p.parent.name}-{p.stem}".replace("_", "-") for p in SHIPPED}
+    assert set(out.split()) == want
+
+
+def test_broken_recipe_reports_every_error_at_once(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({
+        "name": "bad", "source": "x", "target_length": 4096,
+        "method": {"name": "dprope", "select": "median", "bins": 1},
+        "validate": {"tasks": ["passkey", "longbench"], "lengths": [8192], "gates": ["nonsense"]},
+        "export": {"gguf": ["q4_k"]}, "colour": "blue"}))
+    with pytest.raises(ConvertError) as e:
+        load_recipe(bad)
+    msg = str(e.value)
+    for piece in ("method.select", "method.bins", "validate.tasks", "validate.gates", "export.gguf", "colour",
+                  "go past target_length"):
+        assert piece in msg, piece
+    assert "error(s)" in msg
+
+
+def _tiny_recipe(tmp_path, src: Path, **changes) -> Path:
+    data = {"name": "tiny", "source": str(src), "target_length": 256,
+            "validate": {"tasks": ["ppl"], "lengths": [64, 128], "limit": 1},
+            "export": {"gguf": ["f32"]}}
+    for k, v in changes.items():
+        data[k] = v
+    p = tmp_path / "tiny.yaml"
+    p.write_text("# make tiny (dprope run tiny.yaml)\n" + yaml.safe_dump(data))
+    return p
+
+
+@pytest.mark.runtime
+def test_run_resumes_and_redoes_what_changed(tiny_models, tmp_path, monkeypatch):
+    src = tiny_models[("llama", False)]
+    run_dir = tmp_path / "run"
+    recipe = _tiny_recipe(tmp_path, src)
+    quiet = dict(echo=lambda *_: None)
+
+    # the export stage fails (an interrupted run): the stages before it are kept, nothing after it is marked
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(convert.export, "export_outputs", boom)
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe(recipe, run_dir, **quiet)
+    rd = RunDir(run_dir)
+    assert [s for s in ("source", "factors", "bake", "validate", "export", "verify") if rd.done(s)] == \
+        ["source", "factors", "bake", "validate"]
+    monkeypatch.undo()
+
+    s = run_recipe(recipe, run_dir, **quiet)
+    assert s["stages"] == {"source": "skip (done)", "factors": "skip (done)", "bake": "skip (done)",
+                           "train": "skip (not in recipe)", "validate": "skip (done)", "export": "run",
+                           "verify": "run"}
+    assert (run_dir / "export" / "manifest.json").exists() and (run_dir / "hf" / "verify.json").exists()
+    assert (run_dir / "validation" / "validation.md").exists()
+
+    s = run_recipe(recipe, run_dir, dry_run=True, **quiet)
+    assert set(s["stages"].values()) == {"skip (done)", "skip (not in recipe)"}
+
+    # a validation change redoes validation only; a new target redoes everything from the factors on
+    recipe = _tiny_recipe(tmp_path, src, validate={"tasks": ["ppl"], "lengths": [64, 128], "limit": 2})
+    s = run_recipe(recipe, run_dir, **quiet)
+    assert [k for k, v in s["stages"].items() if v == "run"] == ["validate"]
+    recipe = _tiny_recipe(tmp_path, src, target_length=192,
+                          validate={"tasks": ["ppl"], "lengths": [64, 128], "limit": 2})
+    r = load_recipe(recipe)
+    todo = [p.name for p in plan(r, RunDir(run_dir)) if p.action == "run"]
+    assert todo == ["factors", "bake", "validate", "export", "verify"]
+
+
+def test_from_to_select_stages(tiny_models, tmp_path):
+    recipe = _tiny_recipe(tmp_path, tiny_models[("qwen2", False)])
+    s = run_recipe(recipe, tmp_path / "run", stop="bake", echo=lambda *_: None)
+    assert [k for k, v in s["stages"].items() if v == "run"] == ["source", "factors", "bake"]
+    assert (tmp_path / "run" / "hf" / "config.json").exists()
+    with pytest.raises(ConvertError, match="comes after"):
+        run_recipe(recipe, tmp_path / "run", start="export", stop="bake", echo=lambda *_: None)
+
+
+def test_missing_source_says_how_to_provide_it(tmp_path):
+    res = CliRunner().invoke(main, ["run", str(ROOT / "recipes/llama2/7b_8k.yaml"), "--run-dir", str(tmp_path / "r"),
+                                    "--to", "source"])
+    assert res.exit_code == 2
+    assert "hf download meta-llama/Llama-2-7b-hf" in res.output and "--source" in res.output
