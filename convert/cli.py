@@ -260,5 +260,50 @@ def run(recipe, start, stop, run_dir, dry_run, release, force_cpu, source):
         click.echo(f"outputs: {summary['run_dir']} (checkpoint {summary['model_dir']})")
 
 
+@main.command()
+@click.argument("checkpoint", type=click.Path(path_type=Path, exists=True))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--data", required=True, help="Text file, folder of .txt/.jsonl files, JSONL with a 'text' field, or "
+              "'pydoc:' (Python's own docs, for smoke runs).")
+@click.option("--seq-len", type=int, required=True, help="Tokens per packed block (the target length).")
+@click.option("--steps", type=int, required=True, help="Optimizer steps.")
+@click.option("--global-batch", type=int, default=64, show_default=True, help="Sequences per optimizer step.")
+@click.option("--micro-batch", type=int, default=1, show_default=True, help="Sequences per device per forward.")
+@click.option("--lr", type=float, default=2e-5, show_default=True)
+@click.option("--weight-decay", type=float, default=0.0, show_default=True)
+@click.option("--warmup-steps", type=int, default=0, show_default=True)
+@click.option("--save-steps", type=int, default=100, show_default=True, help="Checkpoint every N steps (resumable).")
+@click.option("--eval-fraction", type=float, default=0.01, show_default=True, help="Share of blocks held out.")
+@click.option("--force-cpu", is_flag=True, help="Train on the CPU (smoke runs only).")
+@click.option("--pure-bf16", is_flag=True, help="bf16 weights and AdamW states (fits a 7B model on one 80 GB GPU).")
+@click.option("--force", is_flag=True, help="Replace an existing output directory.")
+@click.option("--write-launch-config", type=click.Path(path_type=Path),
+              help="Write an `accelerate launch` FSDP config for --num-gpus and stop.")
+@click.option("--num-gpus", type=int, default=1, show_default=True)
+def train(checkpoint, out, data, seq_len, steps, global_batch, micro_batch, lr, weight_decay, warmup_steps,
+          save_steps, eval_fraction, force_cpu, pure_bf16, force, write_launch_config, num_gpus):
+    """Continued training of a baked CHECKPOINT at the target length (paper defaults: AdamW lr 2e-5, no warmup,
+    no weight decay, global batch 64).  Multi-GPU: `accelerate launch --config_file CFG -m convert.cli train ...`."""
+    from .train import TrainArgs, accelerate_config
+    from .train import train as run_train
+
+    if write_launch_config:
+        import yaml
+
+        from .modelinfo import read_config
+
+        cls = {"llama": "LlamaDecoderLayer", "mistral": "MistralDecoderLayer", "qwen2": "Qwen2DecoderLayer"}.get(
+            read_config(checkpoint).get("model_type"), "LlamaDecoderLayer")
+        write_launch_config.write_text(yaml.safe_dump(accelerate_config(num_gpus, layer_cls=cls), sort_keys=False))
+        click.echo(f"accelerate config: {write_launch_config}")
+        return
+    s = run_train(checkpoint, out, TrainArgs(data, seq_len, steps, global_batch, micro_batch, lr, weight_decay,
+                                             warmup_steps, save_steps=save_steps, eval_fraction=eval_fraction,
+                                             pure_bf16=pure_bf16),
+                  force_cpu=force_cpu, force=force)
+    click.echo(f"trained {s['steps']} steps: held-out loss {s['eval_loss_before']:.4f} -> {s['eval_loss_after']:.4f}; "
+               f"output {out}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -63,6 +63,7 @@ class Train(_Strict):
     save_steps: int = Field(100, gt=0)
     eval_fraction: float = Field(0.01, gt=0, lt=0.5)
     device: Literal["auto", "cuda", "cpu"] = "auto"
+    pure_bf16: bool = Field(False, description="bf16 weights and optimizer states (one 80 GB GPU for a 7B model)")
 
 
 class Validate(_Strict):

@@ -1,0 +1,308 @@
+"""Train stage: short continued training at the target length, on one GPU or many (optional; CPU for smoke runs).
+
+Engine: Hugging Face Trainer (Accelerate underneath), so one process on one GPU and `accelerate launch` /
+`torchrun` over a node run the same code; several GPUs shard the model with FSDP (full shard).  Data are text files
+or JSONL, tokenised and packed into seq_len blocks as they stream (never all in RAM); every n-th block is held out
+for the eval loss.  The RoPE factors stay exactly as baked: the output's config.json is the input's, byte for byte,
+and the rotary frequencies are checked after training.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from .errors import ConvertError
+
+log = logging.getLogger(__name__)
+
+PYDOC = "pydoc:"  # --data pydoc: trains on Python's own documentation (offline, for smoke runs)
+
+
+# ------------------------------------------------------------------------------------------- data
+def iter_texts(data: str) -> Iterator[str]:
+    """Documents from a .txt file (one document per file), a folder of .txt/.jsonl files, or JSONL with 'text'."""
+    if data == PYDOC:
+        from .tasks.ppl import default_corpus_text
+
+        yield default_corpus_text()
+        return
+    p = Path(data)
+    if not p.exists():
+        raise ConvertError(f"training data {data} does not exist: pass a text file, a folder of .txt / .jsonl files, "
+                           "or 'pydoc:' for Python's own docs")
+    files = sorted(f for f in p.rglob("*") if f.suffix in (".txt", ".jsonl", ".json")) if p.is_dir() else [p]
+    if not files:
+        raise ConvertError(f"no .txt or .jsonl files under {data}")
+    for f in files:
+        if f.suffix in (".jsonl", ".json"):
+            with open(f, encoding="utf-8") as fh:
+                for i, line in enumerate(fh):
+                    if not line.strip():
+                        continue
+                    try:
+                        yield json.loads(line)["text"]
+                    except (json.JSONDecodeError, KeyError, TypeError):
+                        raise ConvertError(f"{f}:{i + 1} is not a JSON object with a 'text' field") from None
+        else:
+            yield f.read_text(encoding="utf-8", errors="replace")
+
+
+def pack(texts: Iterator[str], tokenizer, seq_len: int, chunk_chars: int = 1 << 16) -> Iterator[list[int]]:
+    """Token blocks of exactly seq_len: documents joined with EOS, tokenised piece by piece as they stream."""
+    eos = tokenizer.eos_token_id
+    buf: list[int] = []
+    for text in texts:
+        for i in range(0, len(text), chunk_chars):
+            buf.extend(tokenizer(text[i : i + chunk_chars], add_special_tokens=False).input_ids)
+            while len(buf) >= seq_len:
+                yield buf[:seq_len]
+                buf = buf[seq_len:]
+        if eos is not None:
+            buf.append(eos)
+    while len(buf) >= seq_len:
+        yield buf[:seq_len]
+        buf = buf[seq_len:]
+
+
+def split_every(eval_fraction: float) -> int:
+    """Every n-th block is held out for evaluation."""
+    return max(2, round(1 / eval_fraction))
+
+
+class PackedBlocks:
+    """A torch IterableDataset of packed blocks: the training blocks (repeating over the data), or the held-out
+    ones (first ``max_eval`` of them)."""
+
+    def __init__(self, data: str, tokenizer, seq_len: int, eval_fraction: float, held_out: bool,
+                 max_eval: int = 16):
+        import torch
+
+        self.torch = torch
+        self.data, self.tok, self.seq_len = data, tokenizer, seq_len
+        self.every, self.held_out, self.max_eval = split_every(eval_fraction), held_out, max_eval
+
+    def _blocks(self):
+        n = 0
+        for i, block in enumerate(pack(iter_texts(self.data), self.tok, self.seq_len)):
+            if (i % self.every == 0) == self.held_out:
+                yield block
+                n += 1
+                if self.held_out and n >= self.max_eval:
+                    return
+
+    def __iter__(self):
+        torch = self.torch
+        seen = False
+        while True:
+            for block in self._blocks():
+                seen = True
+                ids = torch.tensor(block, dtype=torch.long)
+                yield {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
+            if self.held_out:
+                return
+            if not seen:
+                raise ConvertError(f"the training data have fewer tokens than one {self.seq_len}-token block")
+
+
+def as_iterable_dataset(blocks: PackedBlocks):
+    import torch
+
+    class _DS(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(blocks)
+
+    return _DS()
+
+
+# ------------------------------------------------------------------------------------------- launch config
+def accelerate_config(num_gpus: int, mixed_precision: str = "bf16", layer_cls: str = "LlamaDecoderLayer") -> dict:
+    """An `accelerate launch` config: FSDP full shard over ``num_gpus`` on one node (plain DDP-free single GPU
+    when num_gpus == 1)."""
+    if num_gpus < 1:
+        raise ConvertError("num_gpus must be >= 1")
+    cfg = {"compute_environment": "LOCAL_MACHINE", "machine_rank": 0, "num_machines": 1,
+           "num_processes": num_gpus, "mixed_precision": mixed_precision, "main_training_function": "main",
+           "rdzv_backend": "static", "same_network": True, "use_cpu": False}
+    if num_gpus == 1:
+        cfg["distributed_type"] = "NO"
+    else:
+        cfg["distributed_type"] = "FSDP"
+        cfg["fsdp_config"] = {
+            "fsdp_version": 1,
+            "fsdp_sharding_strategy": "FULL_SHARD",
+            "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+            "fsdp_transformer_layer_cls_to_wrap": layer_cls,
+            "fsdp_backward_prefetch": "BACKWARD_PRE",
+            "fsdp_state_dict_type": "SHARDED_STATE_DICT",
+            "fsdp_offload_params": False,
+            "fsdp_use_orig_params": True,
+            "fsdp_cpu_ram_efficient_loading": True,
+            "fsdp_sync_module_states": True,
+        }
+    return cfg
+
+
+def grad_accumulation(global_batch: int, micro_batch: int, world_size: int) -> int:
+    per_step = micro_batch * world_size
+    if global_batch % per_step:
+        raise ConvertError(f"global batch {global_batch} is not a multiple of micro batch x processes ({per_step})")
+    return global_batch // per_step
+
+
+# ------------------------------------------------------------------------------------------- training
+@dataclass
+class TrainArgs:
+    data: str
+    seq_len: int
+    steps: int
+    global_batch: int = 64
+    micro_batch: int = 1
+    lr: float = 2e-5
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    betas: tuple[float, float] = (0.9, 0.999)
+    bf16: bool = True
+    gradient_checkpointing: bool = True
+    save_steps: int = 100
+    eval_fraction: float = 0.01
+    device: str = "auto"
+    eval_steps: int | None = None
+    seed: int = 0
+    pure_bf16: bool = False  # weights (and so AdamW states) in bf16: what fits a 7B model on one 80 GB GPU
+
+
+def _attn_impl() -> str:
+    try:
+        import flash_attn  # noqa: F401
+        import torch
+
+        return "flash_attention_2" if torch.cuda.is_available() else "sdpa"
+    except ImportError:
+        return "sdpa"
+
+
+def train(ckpt: Path, out: Path, args: TrainArgs, *, force_cpu: bool = False, force: bool = False,
+          progress: bool = True) -> dict:
+    """Fine-tune the baked checkpoint ``ckpt`` into ``out``; resumable from ``out``'s work folder."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
+
+    from .bake import FACTORS_FILE, atomic_dir
+
+    ckpt, out = Path(ckpt), Path(out)
+    cuda = torch.cuda.is_available()
+    if not cuda and not force_cpu and args.device != "cpu":
+        raise ConvertError("no GPU found: training a real model needs one; pass --force-cpu for a CPU smoke run")
+    if not (ckpt / FACTORS_FILE).exists():
+        raise ConvertError(f"{ckpt} is not a baked checkpoint (no {FACTORS_FILE}); run `dprope extend` first")
+    if out.exists() and (out / "config.json").exists() and not force:
+        raise ConvertError(f"{out} already exists; pass --force to replace it")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    accum = grad_accumulation(args.global_batch, args.micro_batch, world)
+    use_bf16 = args.bf16 and cuda and torch.cuda.is_bf16_supported()
+    tok = AutoTokenizer.from_pretrained(str(ckpt))
+    dtype = torch.bfloat16 if args.pure_bf16 else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=dtype, attn_implementation=_attn_impl())
+    baked_cfg = (ckpt / "config.json").read_bytes()
+    work = out.with_name(f".{out.name}.work")  # trainer checkpoints: kept until the output is complete
+    train_ds = as_iterable_dataset(PackedBlocks(args.data, tok, args.seq_len, args.eval_fraction, held_out=False))
+    eval_ds = as_iterable_dataset(PackedBlocks(args.data, tok, args.seq_len, args.eval_fraction, held_out=True))
+    targs = TrainingArguments(
+        output_dir=str(work), max_steps=args.steps, per_device_train_batch_size=args.micro_batch,
+        per_device_eval_batch_size=args.micro_batch, gradient_accumulation_steps=accum, learning_rate=args.lr,
+        adam_beta1=args.betas[0], adam_beta2=args.betas[1], weight_decay=args.weight_decay,
+        warmup_steps=args.warmup_steps, lr_scheduler_type="constant_with_warmup" if args.warmup_steps else "constant",
+        bf16=use_bf16, gradient_checkpointing=args.gradient_checkpointing, save_steps=args.save_steps,
+        save_total_limit=2, logging_steps=1, eval_strategy="steps", eval_steps=args.eval_steps or args.save_steps,
+        report_to=[], use_cpu=not cuda, seed=args.seed, disable_tqdm=not progress, dataloader_num_workers=0,
+        remove_unused_columns=False)
+    trainer = Trainer(model=model, args=targs, train_dataset=train_ds, eval_dataset=eval_ds)
+    last = _last_checkpoint(work)
+    if last:
+        log.info("resuming from %s", last)
+    first_eval = trainer.evaluate()["eval_loss"]
+    result = trainer.train(resume_from_checkpoint=str(last) if last else None)
+    final_eval = trainer.evaluate()["eval_loss"]
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    # the factors must be what was baked: check the live rotary module before writing anything
+    from safetensors.torch import load_file
+
+    long = load_file(str(ckpt / FACTORS_FILE))["long_factor"]
+    rot = trainer.model.model.rotary_emb
+    with torch.no_grad():
+        trainer.model(torch.zeros(1, 1, dtype=torch.long, device=trainer.model.device),
+                      position_ids=torch.tensor([[model.config.max_position_embeddings - 1]],
+                                                device=trainer.model.device))
+    theta = json.loads(baked_cfg)["rope_theta"]
+    hd = rot.inv_freq.numel() * 2
+    plain = 1.0 / (theta ** (torch.arange(0, hd, 2).float() / hd))
+    if not torch.allclose(rot.inv_freq.float().cpu(), plain / long, rtol=1e-6):
+        raise ConvertError("the rotary frequencies changed during training; refusing to write the output")
+    summary = {"steps": int(trainer.state.global_step), "resumed_from": str(last) if last else None,
+               "eval_loss_before": first_eval, "eval_loss_after": final_eval, "train_losses": losses,
+               "train_runtime_s": result.metrics.get("train_runtime"), "seq_len": args.seq_len,
+               "global_batch": args.global_batch, "lr": args.lr, "data": args.data, "world_size": world,
+               "bf16": use_bf16, "device": "cuda" if cuda else "cpu"}
+    if trainer.is_world_process_zero():
+        with atomic_dir(out, force=True) as tmp:
+            trainer.model.save_pretrained(str(tmp), safe_serialization=True)
+            # save_pretrained (transformers 5) rewrites the RoPE block; the baked config.json is the one that loads
+            # everywhere, so it is restored byte for byte
+            (tmp / "config.json").write_bytes(baked_cfg)
+            for f in ckpt.iterdir():
+                if f.is_file() and not f.name.endswith(".safetensors") and f.name not in (
+                        "config.json", "model.safetensors.index.json", "generation_config.json"):
+                    shutil.copyfile(f, tmp / f.name)
+            shutil.copyfile(ckpt / FACTORS_FILE, tmp / FACTORS_FILE)
+            (tmp / "train.json").write_text(json.dumps(summary, indent=1))
+            _card_section(tmp, summary)
+        shutil.rmtree(work, ignore_errors=True)
+    return summary
+
+
+def _last_checkpoint(work: Path) -> Path | None:
+    if not work.exists():
+        return None
+    ck = [p for p in work.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    return max(ck, key=lambda p: int(p.name.split("-")[-1])) if ck else None
+
+
+def _card_section(out: Path, s: dict) -> None:
+    card = out / "README.md"
+    if not card.exists():
+        return
+    text = card.read_text().split("\n## Continued training\n")[0].rstrip() + "\n"
+    text += (f"\n## Continued training\n\n{s['steps']} steps at {s['seq_len']} tokens, global batch {s['global_batch']}, "
+             f"lr {s['lr']:g}, data `{s['data']}`, {s['world_size']} process(es) on {s['device']}"
+             f"{' (bf16)' if s['bf16'] else ''}. Held-out loss {s['eval_loss_before']:.4f} -> "
+             f"{s['eval_loss_after']:.4f}. The RoPE factors are the baked ones (config.json unchanged).\n")
+    card.write_text(text)
+
+
+def train_from_recipe(recipe, ckpt: Path, out: Path, force_cpu: bool = False) -> dict:
+    t = recipe.train
+    args = TrainArgs(data=t.data, seq_len=t.seq_len, steps=t.steps, global_batch=t.global_batch,
+                     micro_batch=t.micro_batch, lr=t.lr, weight_decay=t.weight_decay, warmup_steps=t.warmup_steps,
+                     betas=tuple(t.betas), bf16=t.bf16, gradient_checkpointing=t.gradient_checkpointing,
+                     save_steps=t.save_steps, eval_fraction=t.eval_fraction, device=t.device,
+                     pure_bf16=t.pure_bf16)
+    return train(ckpt, out, args, force_cpu=force_cpu, force=True)
+
+
+def memory_estimate_gb(n_params: float, seq_len: int, hidden: int, layers: int, num_gpus: int = 1,
+                       pure_bf16: bool = False) -> dict:
+    """Rough per-GPU memory: weights, grads and AdamW states (FSDP shards them over GPUs) plus checkpointed
+    activations (one [seq, hidden] bf16 tensor per layer, and a few for the layer being recomputed)."""
+    # weights, grads, AdamW m and v: all bf16 with pure_bf16 (states follow the parameter dtype), else fp32
+    bytes_state = (2 + 2 + 2 * 2) if pure_bf16 else (4 + 4 + 4 * 2)
+    states = n_params * bytes_state / num_gpus / 1e9
+    acts = (layers * seq_len * hidden * 2 + 16 * seq_len * hidden * 2) / 1e9
+    return {"states_gb": round(states, 1), "activations_gb": round(acts, 1), "total_gb": round(states + acts, 1)}
+
+
