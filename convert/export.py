@@ -3,7 +3,6 @@ manifest with sha256 sums of every output file."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -13,18 +12,11 @@ from typing import Sequence
 from .errors import ConvertError
 from .gguf_export import OUTTYPES, export_gguf, reemit_gguf
 from .modelinfo import read_config
+from .source import file_digest as sha256
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-
-
-def sha256(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(chunk):
-            h.update(b)
-    return h.hexdigest()
 
 
 def modelfile_text(gguf_name: str, n_ctx: int) -> str:

@@ -13,6 +13,7 @@ its llama graph takes Qwen2's q/k/v biases): q/k weights and biases get the rota
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -323,6 +324,8 @@ class RopeMeta:
 
 def _add_rope(writer, meta: RopeMeta, layout: str) -> list[tuple[str, np.ndarray]]:
     """RoPE keys; returns the factor tensors to write (name, float32 array)."""
+    import gguf
+
     writer.add_context_length(meta.target)
     writer.add_rope_freq_base(meta.rope_theta)
     writer.add_rope_dimension_count(meta.head_dim)
@@ -335,7 +338,7 @@ def _add_rope(writer, meta: RopeMeta, layout: str) -> list[tuple[str, np.ndarray
             raise ConvertError(f"attention factor {meta.attn_factor:g} cannot be carried with rope_freqs; "
                                "use --rope-layout longrope")
         return [("rope_freqs.weight", long)]
-    writer.add_rope_scaling_type(__import__("gguf").RopeScalingType.LONGROPE)
+    writer.add_rope_scaling_type(gguf.RopeScalingType.LONGROPE)
     writer.add_rope_scaling_attn_factors(meta.attn_factor)
     return [("rope_factors_long.weight", long),
             ("rope_factors_short.weight", np.asarray(meta.short, dtype=np.float32))]
@@ -361,6 +364,26 @@ def _add_provenance(writer, ckpt: Path, cfg: dict, name: str | None) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- entry points
+@contextlib.contextmanager
+def _gguf_file(out: Path, force: bool) -> Iterator[tuple[Any, Path]]:
+    """A GGUFWriter writing beside ``out``; the file is renamed into place only when the block completes."""
+    import gguf
+
+    if out.exists() and not force:
+        raise ConvertError(f"{out} already exists; pass --force to replace it")
+    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    writer = gguf.GGUFWriter(None, "llama")
+    try:
+        yield writer, tmp
+        writer.close()
+        os.replace(tmp, out)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def export_gguf(ckpt: Path, out: Path, outtype: str = "f16", rope_layout: str = "freqs", *, force: bool = False,
                 progress: bool = True, name: str | None = None, drop_factors: bool = False) -> Path:
     """Write ``out`` (.gguf) from the HF checkpoint ``ckpt``.  ``drop_factors`` omits the factor tensors (a
@@ -382,9 +405,7 @@ def export_gguf(ckpt: Path, out: Path, outtype: str = "f16", rope_layout: str = 
     tensors = _plan_tensors(ckpt, cfg, outtype)
     n_vocab = int(cfg["vocab_size"])
 
-    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    writer = gguf.GGUFWriter(None, "llama")
-    try:
+    with _gguf_file(out, force) as (writer, tmp):
         _add_provenance(writer, ckpt, cfg, name)
         writer.add_block_count(int(cfg["num_hidden_layers"]))
         writer.add_embedding_length(int(cfg["hidden_size"]))
@@ -440,15 +461,6 @@ def export_gguf(ckpt: Path, out: Path, outtype: str = "f16", rope_layout: str = 
                         yield b
 
                 _write_raw(writer, blocks(), _nbytes(t.shape, t.qtype))
-        writer.close()
-        os.replace(tmp, out)
-    except BaseException:
-        try:
-            writer.close()
-        except Exception:
-            pass
-        tmp.unlink(missing_ok=True)
-        raise
     log.info("wrote %s (%s, %d tensors, rope layout %s)", out, outtype, len(tensors) + len(factor_tensors),
              "none" if drop_factors else rope_layout)
     return out
@@ -462,8 +474,6 @@ def reemit_gguf(base: Path, ckpt: Path, out: Path, rope_layout: str = "freqs", *
     from .modelinfo import gguf_fields
 
     base, ckpt, out = Path(base), Path(ckpt), Path(out)
-    if out.exists() and not force:
-        raise ConvertError(f"{out} already exists; pass --force to replace it")
     meta_in, reader = gguf_fields(base)
     arch = meta_in.get("general.architecture")
     if arch != "llama":
@@ -478,9 +488,7 @@ def reemit_gguf(base: Path, ckpt: Path, out: Path, rope_layout: str = "freqs", *
                 "llama.rope.scaling.type", "llama.rope.scaling.factor", "llama.rope.scaling.original_context_length",
                 "llama.rope.scaling.attn_factor", "general.architecture", "dprope.method", "dprope.target_length",
                 "dprope.version"}
-    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    writer = gguf.GGUFWriter(None, "llama")
-    try:
+    with _gguf_file(out, force) as (writer, tmp):
         for key, field in reader.fields.items():
             if key.startswith("GGUF.") or key in replaced:
                 continue
@@ -505,13 +513,4 @@ def reemit_gguf(base: Path, ckpt: Path, out: Path, rope_layout: str = "freqs", *
             writer.write_tensor_data(arr)
         for t in kept:
             writer.write_tensor_data(t.data)  # a view of the memory-mapped base: the original bytes
-        writer.close()
-        os.replace(tmp, out)
-    except BaseException:
-        try:
-            writer.close()
-        except Exception:
-            pass
-        tmp.unlink(missing_ok=True)
-        raise
     return out
