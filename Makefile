@@ -62,6 +62,7 @@ release: setup
 	$(DPROPE) run $(RECIPE) --release
 
 bench: setup
+	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) bench/factors.py
 	$(PY) bench/extend.py
 	$(PY) bench/gguf.py

@@ -13,6 +13,7 @@ Targets: no slower than the peer, peak RSS under the peer's.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import subprocess
 import sys
@@ -20,8 +21,14 @@ import tarfile
 from importlib import metadata
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _measure import DATA, big_llama, dir_size, measure, median_of  # noqa: E402
+HERE = Path(__file__).resolve().parent
+# this script is named like the gguf package: keep its folder off the import path, load the helpers by file
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
+_spec = importlib.util.spec_from_file_location("_measure", HERE / "_measure.py")
+_measure = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_measure)
+DATA, big_llama, dir_size, measure, median_of = (_measure.DATA, _measure.big_llama, _measure.dir_size,
+                                                 _measure.measure, _measure.median_of)
 
 
 def peer_converter() -> Path:

@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 ROPE_LAYOUTS = ("freqs", "longrope")
-_BLOCK_BYTES = 64 << 20  # rows per write block: ~64 MB of float32
+_BLOCK_BYTES = 16 << 20  # rows per conversion block: ~16 MB of float32
 
 
 # ----------------------------------------------------------------------------------------------- tokenizers
@@ -193,6 +193,27 @@ class _Tensor:
     file: Path
     qtype: Any  # GGMLQuantizationType
     permute_heads: int = 0
+    dtype: str = "F32"  # safetensors dtype
+    offset: int = 0  # absolute byte offset of the tensor's data in its file
+
+
+_ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
+
+
+def _read_rows(f, t: _Tensor, r0: int, r1: int) -> np.ndarray:
+    """Rows r0:r1 of a safetensors tensor as float32, read with plain reads (no memory map, so nothing of the
+    shard stays resident); bf16 is widened exactly by a 16-bit shift."""
+    np_dtype = _ST_DTYPES[t.dtype]
+    row = int(np.prod(t.shape[1:], dtype=np.int64)) if len(t.shape) > 1 else 1
+    item = np.dtype(np_dtype).itemsize
+    count = (r1 - r0) * row if len(t.shape) > 1 else int(np.prod(t.shape))
+    f.seek(t.offset + r0 * row * item)
+    raw = np.fromfile(f, dtype=np_dtype, count=count)
+    if raw.size != count:
+        raise ConvertError(f"{t.file} ended inside tensor {t.hf_name}: the shard is truncated")
+    if t.dtype == "BF16":
+        raw = (raw.astype(np.uint32) << 16).view(np.float32)
+    return raw.astype(np.float32, copy=False).reshape((r1 - r0, *t.shape[1:]) if len(t.shape) > 1 else t.shape)
 
 
 def _plan_tensors(ckpt: Path, cfg: dict, outtype: str) -> list[_Tensor]:
@@ -217,6 +238,8 @@ def _plan_tensors(ckpt: Path, cfg: dict, outtype: str) -> list[_Tensor]:
     unknown = []
     for fname in files:
         header = safetensors_header(ckpt / fname)
+        with open(ckpt / fname, "rb") as fh:
+            data_start = 8 + int.from_bytes(fh.read(8), "little")
         for name, info in header.items():
             if name == "__metadata__" or name.endswith("rotary_emb.inv_freq"):
                 continue
@@ -236,7 +259,10 @@ def _plan_tensors(ckpt: Path, cfg: dict, outtype: str) -> list[_Tensor]:
             else:
                 q = qt.F16  # f16, and q8_0 rows that are not a multiple of 32
             perm = n_head if ".self_attn.q_proj." in name else n_kv if ".self_attn.k_proj." in name else 0
-            out.append(_Tensor(name, gname, shape, ckpt / fname, q, perm))
+            if info["dtype"] not in _ST_DTYPES:
+                raise ConvertError(f"tensor {name} is {info['dtype']}; GGUF export reads F32, F16 and BF16 weights")
+            out.append(_Tensor(name, gname, shape, ckpt / fname, q, perm, info["dtype"],
+                               data_start + int(info["data_offsets"][0])))
     if unknown:
         raise ConvertError(f"tensors with no GGUF name: {', '.join(unknown[:5])}; this architecture layout is not "
                            "supported for GGUF export")
@@ -389,7 +415,6 @@ def export_gguf(ckpt: Path, out: Path, outtype: str = "f16", rope_layout: str = 
     """Write ``out`` (.gguf) from the HF checkpoint ``ckpt``.  ``drop_factors`` omits the factor tensors (a
     negative control for tests and verify)."""
     import gguf
-    from safetensors import safe_open
     from tqdm.auto import tqdm
 
     ckpt, out = Path(ckpt), Path(out)
@@ -443,22 +468,27 @@ def export_gguf(ckpt: Path, out: Path, outtype: str = "f16", rope_layout: str = 
         for _, arr in factor_tensors:
             writer.write_tensor_data(arr)
         total = sum(_nbytes(t.shape, t.qtype) for t in tensors)
-        handles: dict[Path, Any] = {}
-        with tqdm(total=total, unit="B", unit_scale=True, desc=f"gguf {outtype}", disable=not progress) as bar:
-            for t in tensors:
-                if t.file not in handles:
-                    handles[t.file] = safe_open(str(t.file), framework="pt")
-                h = handles[t.file]
+        from concurrent.futures import ThreadPoolExecutor
 
-                def blocks(t=t, h=h):
-                    for r0, r1 in _row_blocks(t):
-                        x = h.get_slice(t.hf_name)[r0:r1] if len(t.shape) > 1 else h.get_tensor(t.hf_name)
-                        a = x.float().numpy()
-                        if t.permute_heads:
-                            a = _permute(a, t.permute_heads)
-                        b = _convert(a, t.qtype)
-                        bar.update(b.nbytes)
-                        yield b
+        def convert_block(path: Path, t: _Tensor, r0: int, r1: int) -> np.ndarray:
+            with open(path, "rb") as f:  # one handle per block: blocks are read on several threads
+                a = _read_rows(f, t, r0, r1)
+            if t.permute_heads:
+                a = _permute(a, t.permute_heads)
+            return _convert(a, t.qtype)
+
+        # row blocks are read and converted on worker threads (numpy releases the GIL) and written in order;
+        # plain reads, no memory map: resident memory is the blocks in flight, not the shards
+        workers = max(1, min(4, os.cpu_count() or 1))
+        with tqdm(total=total, unit="B", unit_scale=True, desc=f"gguf {outtype}", disable=not progress) as bar, \
+                ThreadPoolExecutor(workers) as pool:
+            for t in tensors:
+                def blocks(t=t):
+                    ranges = list(_row_blocks(t))
+                    for i in range(0, len(ranges), 2 * workers):  # a bounded number of blocks in flight
+                        for b in pool.map(lambda rr: convert_block(t.file, t, *rr), ranges[i : i + 2 * workers]):
+                            bar.update(b.nbytes)
+                            yield b
 
                 _write_raw(writer, blocks(), _nbytes(t.shape, t.qtype))
     log.info("wrote %s (%s, %d tensors, rope layout %s)", out, outtype, len(tensors) + len(factor_tensors),

@@ -262,9 +262,9 @@ def check_parity(path: Path, gtype: str, layout: str | None, exp: dict, model, r
         if kl > MAX_KL.get(gtype, MAX_KL["base-quant"]):
             problems.append(f"{where}: mean KL {kl:.3g} > {MAX_KL.get(gtype, MAX_KL['base-quant']):g}")
         if gtype in MAX_ABS and mad > MAX_ABS[gtype]:
-            problems.append(f"{where}: max |dlogit| {mad:.3g} > {MAX_ABS[gtype]:g}")
+            problems.append(f"{where}: max abs dlogit {mad:.3g} > {MAX_ABS[gtype]:g}")
     detail = "; ".join(problems) or ", ".join(
-        f"{w}: KL {v['mean_kl']:.2g}" + (f", max|d| {v['max_abs_dlogit']:.2g}" if gtype in MAX_ABS else "")
+        f"{w}: KL {v['mean_kl']:.2g}" + (f", max abs dlogit {v['max_abs_dlogit']:.2g}" if gtype in MAX_ABS else "")
         for w, v in out.items())
     report.add("parity", f"{path.name} ({gtype})", not problems, detail, **out)
     return out
@@ -340,6 +340,11 @@ def verify(path: Path, checkpoint: Path | None = None, write: bool = True, base:
     return report
 
 
+def control_text(control: dict) -> str:
+    return ", ".join(f"{w}: KL {v['mean_kl']:.3g}, max abs dlogit {v['max_abs_dlogit']:.3g}"
+                     for w, v in control.items() if isinstance(v, dict))
+
+
 def _append_card(ckpt: Path, report: Report, control: dict) -> None:
     card = ckpt / "README.md"
     if not card.exists():
@@ -347,7 +352,7 @@ def _append_card(ckpt: Path, report: Report, control: dict) -> None:
     text = card.read_text()
     marker = "\n## Verification\n"
     text = text.split(marker)[0].rstrip() + "\n"
-    ctrl = ", ".join(f"{w}: KL {v['mean_kl']:.3g}, max|d| {v['max_abs_dlogit']:.3g}" for w, v in control.items())
+    ctrl = control_text(control)
     text += (f"{marker}\n`dprope verify` ({'all checks pass' if report.ok else 'FAILED'}):\n\n{report.table()}\n\n"
              f"Negative control, the model without its factors against the extended one: {ctrl}.\n")
     card.write_text(text)

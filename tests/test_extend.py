@@ -224,3 +224,22 @@ def test_safetensors_header_lies_about_size(tiny_copy, tmp_path):
     f.write_bytes(bytes(data))
     with pytest.raises(ConvertError, match="truncated or not safetensors"):
         open_source(src)
+
+
+def test_hub_id_in_the_local_cache_is_used(tiny_models, tmp_path, monkeypatch):
+    """A hub id resolves offline when its snapshot is in the local Hugging Face cache."""
+    import shutil
+
+    hf_home = tmp_path / "hf"
+    repo = hf_home / "hub" / "models--someorg--tiny"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(tiny_models[("llama", False)], repo / "snapshots" / commit)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HOME", str(hf_home))
+    monkeypatch.setenv("HF_HUB_CACHE", str(hf_home / "hub"))
+    src = open_source("someorg/tiny")
+    assert src.kind == "hub" and src.path == repo / "snapshots" / commit
+    out = bake(src, tmp_path / "out", make_plan(target_length=TARGET), progress=False)
+    assert json.loads((out / "config.json").read_text())["max_position_embeddings"] == TARGET
+    assert "someorg/tiny" in (out / "README.md").read_text()
