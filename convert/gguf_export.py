@@ -468,6 +468,7 @@ def export_gguf(ckpt: Path, out: Path, outtype: str = "f16", rope_layout: str = 
         for _, arr in factor_tensors:
             writer.write_tensor_data(arr)
         total = sum(_nbytes(t.shape, t.qtype) for t in tensors)
+        from collections import deque
         from concurrent.futures import ThreadPoolExecutor
 
         def convert_block(path: Path, t: _Tensor, r0: int, r1: int) -> np.ndarray:
@@ -484,11 +485,18 @@ def export_gguf(ckpt: Path, out: Path, outtype: str = "f16", rope_layout: str = 
                 ThreadPoolExecutor(workers) as pool:
             for t in tensors:
                 def blocks(t=t):
-                    ranges = list(_row_blocks(t))
-                    for i in range(0, len(ranges), 2 * workers):  # a bounded number of blocks in flight
-                        for b in pool.map(lambda rr: convert_block(t.file, t, *rr), ranges[i : i + 2 * workers]):
+                    # a sliding window of 2 x workers blocks in flight, written in order as each one is ready
+                    pending: deque = deque()
+                    for r0, r1 in _row_blocks(t):
+                        pending.append(pool.submit(convert_block, t.file, t, r0, r1))
+                        if len(pending) >= 2 * workers:
+                            b = pending.popleft().result()
                             bar.update(b.nbytes)
                             yield b
+                    while pending:
+                        b = pending.popleft().result()
+                        bar.update(b.nbytes)
+                        yield b
 
                 _write_raw(writer, blocks(), _nbytes(t.shape, t.qtype))
     log.info("wrote %s (%s, %d tensors, rope layout %s)", out, outtype, len(tensors) + len(factor_tensors),
