@@ -212,7 +212,9 @@ def _read_rows(f, t: _Tensor, r0: int, r1: int) -> np.ndarray:
     if raw.size != count:
         raise ConvertError(f"{t.file} ended inside tensor {t.hf_name}: the shard is truncated")
     if t.dtype == "BF16":
-        raw = (raw.astype(np.uint32) << 16).view(np.float32)
+        wide = raw.astype(np.uint32)
+        wide <<= 16  # in place: one temporary, not two
+        raw = wide.view(np.float32)
     return raw.astype(np.float32, copy=False).reshape((r1 - r0, *t.shape[1:]) if len(t.shape) > 1 else t.shape)
 
 
