@@ -173,7 +173,10 @@ def _hub_snapshot(repo_id: str) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(repo_id=repo_id, local_files_only=True))
+        # the cache folder is read at call time (huggingface_hub fixes its default when imported)
+        cache = os.environ.get("HF_HUB_CACHE") or (os.path.join(os.environ["HF_HOME"], "hub")
+                                                   if os.environ.get("HF_HOME") else None)
+        return Path(snapshot_download(repo_id=repo_id, local_files_only=True, cache_dir=cache))
     except Exception:
         raise ConvertError(
             f"'{repo_id}' is neither a local path nor in the local Hugging Face cache; this tool works offline. "
