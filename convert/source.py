@@ -4,6 +4,7 @@ dequantised once into a cached HF directory)."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -104,6 +105,13 @@ def cache_root() -> Path:
 
 
 def file_digest(path: Path, chunk: int = 1 << 22) -> str:
+    """sha256 of a file; remembered per (path, size, mtime), since a run opens its source in several stages."""
+    st = Path(path).stat()
+    return _digest(str(Path(path).resolve()), st.st_size, st.st_mtime_ns, chunk)
+
+
+@functools.lru_cache(maxsize=64)
+def _digest(path: str, size: int, mtime_ns: int, chunk: int) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while b := f.read(chunk):
