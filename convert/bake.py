@@ -246,10 +246,6 @@ class _Copier:
         self.bar.close()
 
 
-def copy_weights(src: Source, out: Path, link: bool = False, progress: bool = True) -> list[str]:
-    return _Copier(src, out, link, progress).wait()
-
-
 def _pickle_to_safetensors(src: Source, out: Path, bar) -> list[str]:
     import torch
     from safetensors.torch import save_file

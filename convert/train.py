@@ -239,9 +239,9 @@ def train(ckpt: Path, out: Path, args: TrainArgs, *, force_cpu: bool = False, fo
         trainer.model(torch.zeros(1, 1, dtype=torch.long, device=trainer.model.device),
                       position_ids=torch.tensor([[model.config.max_position_embeddings - 1]],
                                                 device=trainer.model.device))
-    theta = json.loads(baked_cfg)["rope_theta"]
-    hd = rot.inv_freq.numel() * 2
-    plain = 1.0 / (theta ** (torch.arange(0, hd, 2).float() / hd))
+    import dprope
+
+    plain = dprope.base_inv_freq(json.loads(baked_cfg)["rope_theta"], rot.inv_freq.numel() * 2)
     if not torch.allclose(rot.inv_freq.float().cpu(), plain / long, rtol=1e-6):
         raise ConvertError("the rotary frequencies changed during training; refusing to write the output")
     summary = {"steps": int(trainer.state.global_step), "resumed_from": str(last) if last else None,

@@ -172,12 +172,11 @@ def run_one(model, tokenizer, run: Run, task: str, length: int, limit: int | Non
 
 
 def _load(path: Path):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
-    tok = AutoTokenizer.from_pretrained(str(path))
-    return model, tok
+    from .runtime import load_hf
+
+    return load_hf(path), AutoTokenizer.from_pretrained(str(path))
 
 
 # ------------------------------------------------------------------------------------------- gates and report

@@ -130,7 +130,9 @@ def _expected(ckpt: Path) -> dict:
     f = load_file(str(fpath))
     head_dim = int(cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"])
     theta = float(p["rope_theta"])
-    plain = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim))
+    import dprope
+
+    plain = dprope.base_inv_freq(theta, head_dim).numpy()  # torch's float32 pow, as transformers computes it
     orig = int(p.get("original_max_position_embeddings") or cfg.get("original_max_position_embeddings")
                or f.get("original_length", [0])[0])
     return dict(cfg=cfg, head_dim=head_dim, theta=theta, plain=plain, long=f["long_factor"], short=f["short_factor"],

@@ -26,7 +26,7 @@ def test_passkey_scorer():
 
 def test_passkey_prompt_fits_and_places_the_key(tokenizer, tmp_path):
     tokenizer.save_pretrained(str(tmp_path))
-    tok = passkey._tokenizer(str(tmp_path))
+    tok = passkey.load_tokenizer(str(tmp_path))
     for depth in (0.1, 0.9):
         p = passkey.build_prompt(tok, 400, depth, "31415")
         n = len(tok(p, add_special_tokens=False).input_ids)

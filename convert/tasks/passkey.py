@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import random
 import re
-from functools import lru_cache
 
 import datasets
+
+from convert.tasks.common import tokenizer as load_tokenizer
 
 INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
          "I will quiz you about the important information there.\n")
@@ -19,13 +20,6 @@ QUESTION = "\nWhat is the pass key? The pass key is"
 GEN_SLACK = 16  # tokens left free for the answer
 DEFAULT_DEPTHS = (0.1, 0.5, 0.9)
 N_PER_DEPTH = 10
-
-
-@lru_cache(maxsize=4)
-def _tokenizer(path: str):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path)
 
 
 def _n_tokens(tok, text: str) -> int:
@@ -56,7 +50,7 @@ def build_prompt(tok, length: int, depth: float, key: str) -> str:
 
 def make_dataset(length: int, tokenizer: str, depths=DEFAULT_DEPTHS, seed: int = 0, per_depth: int = N_PER_DEPTH,
                  **_) -> dict:
-    tok = _tokenizer(str(tokenizer))
+    tok = load_tokenizer(str(tokenizer))
     rng = random.Random(f"{seed}-{length}")
     rows = []
     for i in range(per_depth * len(depths)):

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import datasets
 
+from convert.tasks.common import tokenizer as load_tokenizer
+
 
 def default_corpus_text() -> str:
     """Python's own documentation (pydoc_data.topics): ~465k characters on every CPython."""
@@ -27,16 +29,9 @@ def corpus_text(path: str | None) -> str:
     return Path(path).read_text(encoding="utf-8", errors="replace") if path else default_corpus_text()
 
 
-@lru_cache(maxsize=4)
-def _tokenizer(path: str):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path)
-
-
 def make_dataset(length: int, tokenizer: str, chunk_tokens: int | None = None, corpus: str | None = None,
                  **_) -> dict:
-    tok = _tokenizer(str(tokenizer))
+    tok = load_tokenizer(str(tokenizer))
     length = int(length)
     chunk = int(chunk_tokens or length)
     ids = tok(corpus_text(corpus), add_special_tokens=False).input_ids
