@@ -511,10 +511,14 @@ def reemit_gguf(base: Path, ckpt: Path, out: Path, rope_layout: str = "freqs", *
     and RoPE metadata of the baked checkpoint ``ckpt`` (extended from that base)."""
     import gguf
 
-    from .modelinfo import gguf_fields
+    from .ggufmeta import read_gguf
 
     base, ckpt, out = Path(base), Path(ckpt), Path(out)
-    meta_in, reader = gguf_fields(base)
+    meta_in = read_gguf(base).meta  # checks the header, with a clear error on a bad file
+    try:
+        reader = gguf.GGUFReader(str(base))  # every field with its value type, and memory-mapped tensor data
+    except Exception as e:  # gguf-py raises ValueError / struct.error / OSError on bad files
+        raise ConvertError(f"{base} is not a readable GGUF file ({type(e).__name__}: {e})") from None
     arch = meta_in.get("general.architecture")
     if arch != "llama":
         raise ConvertError(f"GGUF re-emission supports arch llama, {base} is '{arch}'")

@@ -4,20 +4,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
+import numpy as np
 
 from .errors import ConvertError
 from .modelinfo import gguf_fields, read_config, rope_spec
 
 
 def _factor_text(name: str, values) -> str:
-    t = torch.as_tensor(values, dtype=torch.float32).flatten()
+    t = np.asarray(values, dtype=np.float32).ravel()
     uniq = sorted({round(float(x), 6) for x in t.tolist()})
     if len(uniq) <= 4:
-        groups = ", ".join(f"{u:g} x{int((t - u).abs().lt(1e-6).sum())}" for u in uniq)
+        groups = ", ".join(f"{u:g} x{int((np.abs(t - u) < 1e-6).sum())}" for u in uniq)
     else:
         groups = f"min {float(t.min()):.4g}, max {float(t.max()):.4g}, mean {float(t.mean()):.4g}"
-    return f"  {name}: {t.numel()} values ({groups})"
+    return f"  {name}: {t.size} values ({groups})"
 
 
 def describe(path: Path) -> str:
@@ -37,7 +37,7 @@ def describe(path: Path) -> str:
         for t in reader.tensors:
             if t.name.startswith("rope_"):
                 lines.append(f"  tensor {t.name} {t.tensor_type.name} shape {[int(x) for x in t.shape]}")
-                lines.append(_factor_text(t.name, t.data.copy()))
+                lines.append(_factor_text(t.name, t.data))
         for key in ("general.base_model.0.name", "dprope.method", "dprope.target_length"):
             if key in meta:
                 lines.append(f"  {key}: {meta[key]}")

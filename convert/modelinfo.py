@@ -179,22 +179,11 @@ def read_config(path: Path) -> dict:
 
 
 def gguf_fields(path: Path) -> tuple[dict[str, Any], Any]:
-    """(metadata dict, reader) of a GGUF file; the reader memory-maps and loads no tensor data."""
-    from gguf import GGUFReader
+    """(metadata dict, tensor table) of a GGUF file, from its header alone (see `ggufmeta`)."""
+    from .ggufmeta import read_gguf
 
-    try:
-        reader = GGUFReader(str(path))
-    except Exception as e:  # gguf-py raises ValueError / struct.error / OSError on bad files
-        raise ConvertError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e})") from None
-    meta = {}
-    for k, f in reader.fields.items():
-        if k.startswith("tokenizer.ggml.") and k.rsplit(".", 1)[-1] in ("tokens", "merges", "token_type", "scores"):
-            continue  # large arrays: skip
-        try:
-            meta[k] = f.contents()
-        except Exception:  # unusual field types are not needed here
-            continue
-    return meta, reader
+    info = read_gguf(Path(path))
+    return info.meta, info
 
 
 def rope_spec_from_gguf(path: Path) -> RopeSpec:

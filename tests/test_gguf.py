@@ -182,3 +182,31 @@ def test_rows_are_read_exactly_for_every_weight_dtype(tmp_path):
                            start + info["data_offsets"][0])
             got = _read_rows(fh, spec, 4, 29)
             assert got.dtype == np.float32 and np.array_equal(got, t[4:29].float().numpy())
+
+
+def test_lean_header_reader_agrees_with_gguf_py_and_refuses_bad_files(extended, tmp_path):
+    import gguf
+
+    from convert.ggufmeta import read_gguf
+
+    gg = export_gguf(extended["qwen2"], tmp_path / "q.gguf", "q8_0", progress=False)
+    info, ref = read_gguf(gg), gguf.GGUFReader(str(gg))
+    for key, field in ref.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        if key.rsplit(".", 1)[-1] in ("tokens", "merges", "token_type", "scores"):
+            assert info.meta[f"{key}#len"] == len(field.data) and key not in info.meta
+        else:
+            assert info.meta[key] == field.contents(), key
+    assert [t.name for t in info.tensors] == [t.name for t in ref.tensors]
+    for a, b in zip(info.tensors, ref.tensors):
+        assert (a.tensor_type, a.shape, a.offset, a.n_bytes) == (b.tensor_type, tuple(int(x) for x in b.shape),
+                                                                 b.data_offset, int(b.n_bytes))
+        assert a.data.tobytes() == b.data.tobytes(), a.name
+    raw = gg.read_bytes()
+    (tmp_path / "head.gguf").write_bytes(raw[:2000])  # cut inside the header
+    (tmp_path / "body.gguf").write_bytes(raw[: len(raw) - 100])  # cut inside the last tensor
+    (tmp_path / "text.gguf").write_bytes(b"not a model at all, just text" * 10)
+    for name, words in (("head", "truncated"), ("body", "truncated"), ("text", "not a GGUF")):
+        with pytest.raises(ConvertError, match=words):
+            read_gguf(tmp_path / f"{name}.gguf")
