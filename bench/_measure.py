@@ -78,17 +78,21 @@ def smollm2_tokenizer_dir() -> Path:
     return gguf_to_hf(Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
-def big_llama(path: Path | None = None, hidden: int = 2048, layers: int = 16, inter: int = 8192, heads: int = 32,
-              kv_heads: int = 8, vocab: int = 49152, shard_bytes: int = 1 << 29) -> Path:
-    """A Llama-3.2-1B-shaped checkpoint of random bf16 tensors (2.6 GB in ~500 MB shards) with SmolLM2's
-    tokenizer (so llama.cpp's own converter recognises it), made once and cached.  Tensors are generated and
-    written one shard at a time."""
+# Llama shapes (hidden, layers, intermediate, heads, kv heads), all with SmolLM2's 49k vocabulary
+SHAPES = {"1b": (2048, 16, 8192, 32, 8), "3b": (3072, 28, 8192, 24, 8), "7b": (4096, 32, 11008, 32, 32)}
+
+
+def big_llama(shape: str = "1b", path: Path | None = None, vocab: int = 49152, shard_bytes: int = 1 << 29) -> Path:
+    """A Llama-shaped checkpoint of random bf16 tensors (1b: Llama-3.2-1B, 2.35 GB; 3b: Llama-3.2-3B, 6.4 GB;
+    7b: Llama-2-7B, 13.2 GB; ~500 MB shards) with SmolLM2's tokenizer (so llama.cpp's own converter recognises it),
+    made once and cached.  Tensors are generated and written one shard at a time."""
     import shutil
 
     import torch
     from safetensors.torch import save_file
 
-    path = path or DATA / "llama-1b-random"
+    hidden, layers, inter, heads, kv_heads = SHAPES[shape]
+    path = path or DATA / f"llama-{shape}-random"
     if (path / "model.safetensors.index.json").exists():
         return path
     tmp = path.with_name(path.name + ".partial")

@@ -1,9 +1,10 @@
 """Extend a multi-GB sharded checkpoint: `dprope extend` vs `cp -r` of the same directory, same run.
 
-    python bench/extend.py [--repeats 3]
+    python bench/extend.py [--repeats 3] [--shape 1b|3b|7b]
 
-The checkpoint is a Llama-3.2-1B-shaped model of random bf16 tensors (3 GB in 6 shards, cached under
-bench/.data).  Two regimes, each command run --repeats times, alternating, median reported:
+The checkpoint is a Llama-shaped model of random bf16 tensors (--shape 1b: Llama-3.2-1B, 2.35 GB in 5 shards;
+3b and 7b for larger ones; cached under bench/.data).  Two regimes, each command run --repeats times,
+alternating, median reported:
   cold: the source evicted from the page cache before every run (a checkpoint not read recently);
   warm: the source in the page cache (the copy is then a memory copy, and fixed start-up costs show).
 Targets: wall time <= 1.2x the copy, peak RSS < 500 MB.
@@ -24,8 +25,10 @@ from _measure import DATA, big_llama, dir_size, evict, measure, median_of  # noq
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--shape", choices=["1b", "3b", "7b"], default="1b",
+                    help="checkpoint size: Llama-3.2-1B (2.35 GB), -3B (6.4 GB) or Llama-2-7B (13.2 GB) shapes")
     args = ap.parse_args()
-    src = big_llama()
+    src = big_llama(args.shape)
     size_gb = dir_size(src) / 1e9
     dprope = str(Path(sys.executable).with_name("dprope"))
     cp_out, ours_out = DATA / "cp-out", DATA / "extend-out"
