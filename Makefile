@@ -65,7 +65,7 @@ bench: setup
 	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) bench/factors.py
 	$(PY) bench/extend.py
-	$(PY) bench/gguf.py
+	$(PY) bench/gguf_vs_llamacpp.py
 
 bench-quick: setup
 	$(PY) bench/factors.py --quick

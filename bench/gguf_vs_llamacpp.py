@@ -1,6 +1,6 @@
 """GGUF export: `dprope export-gguf` vs llama.cpp's own `convert_hf_to_gguf.py`, same checkpoint, same run.
 
-    python bench/gguf.py [--repeats 1]
+    python bench/gguf_vs_llamacpp.py [--repeats 1]
 
 The checkpoint is the Llama-3.2-1B-shaped random bf16 checkpoint of bench/extend.py (2.6 GB, SmolLM2 tokenizer).
 The peer is the converter vendored in the llama-cpp-python source release that is installed here (fetched from
@@ -13,7 +13,6 @@ Targets: no slower than the peer, peak RSS under the peer's.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import subprocess
 import sys
@@ -21,14 +20,8 @@ import tarfile
 from importlib import metadata
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-# this script is named like the gguf package: keep its folder off the import path, load the helpers by file
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
-_spec = importlib.util.spec_from_file_location("_measure", HERE / "_measure.py")
-_measure = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_measure)
-DATA, big_llama, dir_size, measure, median_of = (_measure.DATA, _measure.big_llama, _measure.dir_size,
-                                                 _measure.measure, _measure.median_of)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _measure import DATA, big_llama, dir_size, measure, median_of  # noqa: E402
 
 
 def peer_converter() -> Path:
