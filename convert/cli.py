@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
 import sys
 from pathlib import Path
 
@@ -226,7 +227,7 @@ def validate(checkpoint, base, lengths, tasks, limit, out_dir, corpus, gates):
     """lm-eval long-context tasks on CHECKPOINT (and --base), side by side: validation.json/.md/.png."""
     from .validate import validate as run_validate
 
-    cmd = "dprope " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("dprope") else ""
+    cmd = "dprope " + shlex.join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("dprope") else ""
     v = run_validate(checkpoint, base, [int(x) for x in lengths.split(",") if x.strip()], _candidates(tasks), limit,
                      out_dir, corpus, gates, command=cmd)
     click.echo(v.markdown)
