@@ -115,11 +115,18 @@ def test_validate_end_to_end_through_lm_eval(extended_llama, tiny_models, tmp_pa
     assert json.loads((out / "validation.json").read_text())["rows"] == data["rows"]
 
 
-def test_failing_gate_exits_non_zero(extended_llama, tmp_path):
-    res = CliRunner().invoke(main, ["validate", str(extended_llama), "--lengths", "64", "--tasks", "passkey",
-                                    "--limit", "1", "--out", str(tmp_path), "--gate", "passkey@64 >= 1.1"])
+def test_failing_gate_exits_non_zero(extended_llama, tmp_path, monkeypatch):
+    import shlex
+
+    args = ["validate", str(extended_llama), "--lengths", "64", "--tasks", "passkey", "--limit", "1", "--out",
+            str(tmp_path), "--gate", "passkey@64 >= 1.1"]
+    monkeypatch.setattr("sys.argv", ["dprope", *args])
+    res = CliRunner().invoke(main, args)
     assert res.exit_code == 1
     assert "passkey@64 >= 1.1" in res.output and "gate(s) failed" in res.output
+    # the report records a command that a shell runs as given (gates quoted)
+    recorded = (tmp_path / "validation.md").read_text().split("`")[1]
+    assert shlex.split(recorded) == ["dprope", *args]
 
 
 def test_hub_tasks_are_refused_with_a_reason(extended_llama, tmp_path):
