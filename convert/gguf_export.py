@@ -511,21 +511,23 @@ def reemit_gguf(base: Path, ckpt: Path, out: Path, rope_layout: str = "freqs", *
     and RoPE metadata of the baked checkpoint ``ckpt`` (extended from that base)."""
     import gguf
 
-    from .ggufmeta import read_gguf
-
     base, ckpt, out = Path(base), Path(ckpt), Path(out)
-    meta_in = read_gguf(base).meta  # checks the header, with a clear error on a bad file
     try:
         reader = gguf.GGUFReader(str(base))  # every field with its value type, and memory-mapped tensor data
     except Exception as e:  # gguf-py raises ValueError / struct.error / OSError on bad files
         raise ConvertError(f"{base} is not a readable GGUF file ({type(e).__name__}: {e})") from None
-    arch = meta_in.get("general.architecture")
+
+    def field(key: str, default=None):
+        f = reader.fields.get(key)
+        return default if f is None else f.contents()
+
+    arch = field("general.architecture")
     if arch != "llama":
         raise ConvertError(f"GGUF re-emission supports arch llama, {base} is '{arch}'")
     meta = RopeMeta.from_config(read_config(ckpt))
     if meta.long is None:
         raise ConvertError(f"{ckpt} carries no factors; pass a checkpoint made by `dprope extend`")
-    n_rot = int(meta_in.get("llama.rope.dimension_count", meta.head_dim))
+    n_rot = int(field("llama.rope.dimension_count", meta.head_dim))
     if n_rot != meta.head_dim:
         raise ConvertError(f"{base} has rope dimension {n_rot}, {ckpt} has head_dim {meta.head_dim}: not its base")
     replaced = {"llama.context_length", "llama.rope.freq_base", "llama.rope.dimension_count",
