@@ -87,11 +87,20 @@ class _Cursor:
             raise ConvertError(f"{self.path} ends inside its GGUF header: the file is truncated") from None
         self.pos = pos
 
+    def numbers(self, sub: int, count: int) -> np.ndarray:
+        """A numeric array's values (a view of the buffer), bounds-checked; the cursor moves past them."""
+        end = self.pos + count * np.dtype(_NP[sub]).itemsize
+        if end > len(self.buf):
+            raise ConvertError(f"{self.path} ends inside its GGUF header: the file is truncated")
+        arr = np.frombuffer(self.buf, dtype=_NP[sub], count=count, offset=self.pos)
+        self.pos = end
+        return arr
+
     def skip_array(self, sub: int, count: int) -> None:
         if sub == 8:
             self.skip_strings(count)
         elif sub in _NP:
-            self.pos += count * np.dtype(_NP[sub]).itemsize
+            self.numbers(sub, count)
         else:
             for _ in range(count):
                 self.value(sub, decode=False)
@@ -112,11 +121,7 @@ class _Cursor:
             if sub == 8:
                 return [self.string() for _ in range(count)]
             if sub in _NP:
-                if self.pos + count * np.dtype(_NP[sub]).itemsize > len(self.buf):
-                    raise ConvertError(f"{self.path} ends inside its GGUF header: the file is truncated")
-                arr = np.frombuffer(self.buf, dtype=_NP[sub], count=count, offset=self.pos)
-                self.pos += arr.nbytes
-                return arr.tolist()
+                return self.numbers(sub, count).tolist()
             return [self.value(sub) for _ in range(count)]  # nested arrays
         raise ConvertError(f"{self.path}: unknown GGUF value type {vtype}; the file is corrupt")
 
