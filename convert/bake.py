@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING, Iterator
 import yaml
 
 import dprope
+from dprope.methods import DEFAULT_METHOD
 
 from .errors import ConvertError
 from .modelinfo import RopeSpec
@@ -42,61 +44,74 @@ CARD_FILE = "README.md"
 _NOT_CARRIED = {"config.json", CARD_FILE, FACTORS_FILE, REPORT_FILE, PLOT_FILE, RECIPE_FILE, "verify.json",
                 "manifest.json"}
 
-METHODS = {"dprope": None, "pi": ["interpolation"], "ntk": ["ntk"], "yarn": ["yarn"]}
-
-
 @dataclass
 class BakePlan:
-    """The resolved extension: what is computed and how it is written."""
+    """The resolved extension: which registered method (``dprope.methods``) with which options, and how it is
+    written."""
 
     method: str
     target_length: int
-    candidates: list[str]
-    selection: str
-    bins: int
+    options: dict
     short_factor: str  # "same" | "original"
     original_length: int | None = None  # overrides the window read from the config
 
     def as_dict(self) -> dict:
-        return dict(method=self.method, target_length=self.target_length, candidates=self.candidates,
-                    selection=self.selection, bins=self.bins, short_factor=self.short_factor,
-                    original_length=self.original_length)
+        return dict(method=self.method, target_length=self.target_length, options=dict(self.options),
+                    short_factor=self.short_factor, original_length=self.original_length)
 
     def spec_for(self, spec: RopeSpec) -> RopeSpec:
         return spec if self.original_length is None else spec.with_window(self.original_length)
 
 
-def make_plan(method: str = "dprope", target_length: int = 0, candidates: list[str] | None = None,
-              selection: str = "argmin", bins: int = dprope.DEFAULT_BINS, short_factor: str = "same",
-              original_length: int | None = None) -> BakePlan:
-    if method not in METHODS:
-        raise ConvertError(f"unknown method '{method}'; use one of {', '.join(METHODS)}")
+def make_plan(method: str = DEFAULT_METHOD, target_length: int = 0, candidates: list[str] | None = None,
+              selection: str | None = None, bins: int | None = None, short_factor: str = "same",
+              original_length: int | None = None, options: dict | None = None) -> BakePlan:
+    """A checked plan.  ``candidates``, ``selection`` and ``bins`` are shorthands for the method options of the
+    same meaning (``candidates``, ``select``, ``bins``); ``options`` sets any of the method's options."""
+    from dprope.methods import get_method
+
+    try:
+        m = get_method(method)
+    except dprope.DPRoPEError as e:
+        raise ConvertError(str(e)) from None
     if short_factor not in ("same", "original"):
         raise ConvertError(f"--short-factor must be 'same' or 'original', got '{short_factor}'")
-    cands = METHODS[method] or list(candidates or dprope.DEFAULT_CANDIDATES)
-    if METHODS[method] and candidates and list(candidates) != list(dprope.DEFAULT_CANDIDATES):
-        raise ConvertError(f"--candidates applies to --method dprope only ('{method}' is a single fixed scaling)")
-    return BakePlan(method, int(target_length), cands, selection if method == "dprope" else "argmin", int(bins),
-                    short_factor, int(original_length) if original_length else None)
+    given = dict(options or {})
+    for key, val in (("candidates", candidates), ("select", selection), ("bins", bins)):
+        if val is None or (key == "candidates" and list(val) == list(dprope.DEFAULT_CANDIDATES)
+                           and key not in m.defaults):
+            continue
+        if key not in m.defaults:
+            raise ConvertError(f"--{'selection' if key == 'select' else key} does not apply to method '{m.name}' "
+                               f"(its options: {', '.join(sorted(m.defaults)) or 'none'})")
+        given[key] = list(val) if key == "candidates" else val
+    try:
+        opts = m.options(given)
+    except dprope.DPRoPEError as e:
+        raise ConvertError(str(e)) from None
+    return BakePlan(m.name, int(target_length), opts, short_factor, int(original_length) if original_length else None)
 
 
 def compute(spec: RopeSpec, plan: BakePlan) -> DPRoPEResult:
-    """Factors for this base and plan (the DPRoPE stage)."""
+    """Factors and temperature for this base and plan (the factors stage)."""
     spec = plan.spec_for(spec)
     if plan.target_length <= spec.original_length:
         raise ConvertError(
             f"target length {plan.target_length} is not longer than the model's window {spec.original_length}: "
             "pass --target-length above it")
-    return dprope.compute_factors(spec.inv_freq, rope_theta=spec.rope_theta, head_dim=spec.head_dim,
-                                  original_length=spec.original_length, target_length=plan.target_length,
-                                  bins=plan.bins, candidates=plan.candidates, selection=plan.selection)
+    from dprope.freqs import RopeContext
+    from dprope.methods import run_method
+
+    ctx = RopeContext(spec.inv_freq, spec.rope_theta, spec.original_length, plan.target_length)
+    try:
+        return run_method(plan.method, ctx, **plan.options)
+    except dprope.DPRoPEError as e:
+        raise ConvertError(str(e)) from None
 
 
-def attention_factor(spec: RopeSpec, plan: BakePlan) -> float:
-    """cos/sin multiplier: 1 for DPRoPE / PI / NTK (FACTS 3), YaRN's 0.1 ln(s) + 1, times the base's own."""
-    s = plan.target_length / spec.original_length
-    own = 0.1 * math.log(s) + 1.0 if plan.method == "yarn" else 1.0
-    return own * spec.attention_factor
+def attention_factor(spec: RopeSpec, result: DPRoPEResult) -> float:
+    """cos/sin multiplier: the method's temperature times the base's own (1 for plain RoPE)."""
+    return float(result.temperature) * spec.attention_factor
 
 
 def hf_factors(spec: RopeSpec, result: DPRoPEResult, short: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,12 +141,16 @@ def longrope_config(cfg: dict, spec: RopeSpec, plan: BakePlan, long: torch.Tenso
         "factor": plan.target_length / spec.original_length,
         "original_max_position_embeddings": spec.original_length,
         "attention_factor": attn,
+        # vLLM and SGLang ignore attention_factor and read these (vllm/model_executor/layers/rotary_embedding/
+        # phi3_long_rope_scaled_rope.py); MLX-lm's SuScaledRoPE reads long_mscale (mlx_lm/models/rope_utils.py)
+        "short_mscale": attn,
+        "long_mscale": attn,
     }
     out["original_max_position_embeddings"] = spec.original_length
     out["max_position_embeddings"] = plan.target_length
     out["head_dim"] = spec.head_dim
-    out["dprope"] = {"method": plan.method, "version": dprope.__version__,
-                     "base_rope_type": spec.rope_type, "target_length": plan.target_length}
+    out["dprope"] = {"method": plan.method, "options": dict(plan.options), "version": dprope.__version__,
+                     "base_rope_type": spec.rope_type, "target_length": plan.target_length, "temperature": attn}
     return out
 
 
@@ -287,12 +306,50 @@ def write_factors(out: Path, long: torch.Tensor, short: torch.Tensor, result: DP
                                                   "target_length": str(result.params["target_length"])})
 
 
+_QK = re.compile(r"\.self_attn\.[qk]_proj\.(weight|bias)$")
+
+
+def fold_into_qk(directory: Path, t: float) -> list[str]:
+    """Multiply every q_proj / k_proj weight and bias in the safetensors files of ``directory`` by ``t``, in place,
+    one tensor at a time.  RoPE rotates q and k linearly, so scaling both by t scales every attention logit by t^2,
+    exactly what a cos/sin temperature t does.  Returns the names of the tensors changed."""
+    import struct
+
+    import torch
+
+    dtypes = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+    changed = []
+    for f in sorted(Path(directory).glob("*.safetensors")):
+        if f.name == FACTORS_FILE:
+            continue
+        with open(f, "r+b") as fh:
+            n = struct.unpack("<Q", fh.read(8))[0]
+            header = json.loads(fh.read(n))
+            for name, info in header.items():
+                if name == "__metadata__" or not _QK.search(name):
+                    continue
+                if info["dtype"] not in dtypes:
+                    raise ConvertError(f"cannot fold the temperature into {name} of dtype {info['dtype']}")
+                a, b = info["data_offsets"]
+                fh.seek(8 + n + a)
+                x = torch.frombuffer(bytearray(fh.read(b - a)), dtype=dtypes[info["dtype"]])
+                y = (x.float() * t).to(x.dtype)
+                fh.seek(8 + n + a)
+                fh.write(y.view(torch.uint8).numpy().tobytes())
+                changed.append(name)
+    if not changed:
+        raise ConvertError("--fold-temperature found no q_proj / k_proj tensors to scale (Llama, Mistral and Qwen2 "
+                           "name them model.layers.N.self_attn.q_proj.weight)")
+    return changed
+
+
 def bake(src: Source, out: Path, plan: BakePlan, *, force: bool = False, plot: bool = False, link: bool = False,
-         progress: bool = True, result: DPRoPEResult | None = None) -> Path:
+         progress: bool = True, result: DPRoPEResult | None = None, fold_temperature: bool = False) -> Path:
     """Write the extended checkpoint for ``src`` into ``out``; returns ``out``.
 
     The weight copy starts first and runs on worker threads while the factors are computed and the small files
-    written, so the wall time is close to the copy alone.
+    written, so the wall time is close to the copy alone.  ``fold_temperature`` writes the method's attention
+    temperature into the q/k weights (copied, never linked) and leaves 1 in the config.
     """
     spec = plan.spec_for(src.spec)
     if plan.target_length <= spec.original_length:
@@ -302,16 +359,24 @@ def bake(src: Source, out: Path, plan: BakePlan, *, force: bool = False, plot: b
     out = Path(out)
     if out.resolve() == src.path.resolve():
         raise ConvertError("the output directory is the source directory; choose a new one")
+    fold = fold_temperature
+    if fold and (link or src.kind == "pickle"):
+        link = False  # the copies are patched in place: never the source's own files
     with atomic_dir(out, force) as tmp:
         copier = _Copier(src, tmp, link, progress)
         try:
             result = result or compute(spec, plan)
             result.params["method"] = plan.method
             long, short = hf_factors(spec, result, plan.short_factor)
-            attn = attention_factor(spec, plan)
+            attn = attention_factor(spec, result)
+            folded = attn if fold and not math.isclose(attn, 1.0, rel_tol=0, abs_tol=1e-9) else None
+            if folded is not None:
+                attn = 1.0
             weights_names = [f.name for f in src.weight_files] if src.kind != "pickle" else []
             carried = carry_files(src, tmp, set(weights_names) | {INDEX_NAME})
             cfg = longrope_config(src.config, spec, plan, long, short, attn)
+            if folded is not None:
+                cfg["dprope"]["temperature_folded"] = folded
             (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
             write_factors(tmp, long, short, result)
             (tmp / REPORT_FILE).write_text(json.dumps(result.to_dict(), indent=1) + "\n")
@@ -327,6 +392,9 @@ def bake(src: Source, out: Path, plan: BakePlan, *, force: bool = False, plot: b
             copier.abort()
             raise
         weights = copier.wait()
+        if folded is not None:
+            n = len(fold_into_qk(tmp, folded))
+            log.info("folded temperature %.6g into %d q/k tensors", folded, n)
         log.info("baked %s (weights %s; carried %s)", out, ", ".join(weights), ", ".join(carried))
     return out
 
@@ -334,8 +402,8 @@ def bake(src: Source, out: Path, plan: BakePlan, *, force: bool = False, plot: b
 def _recipe_text(src: Source, plan: BakePlan) -> str:
     recipe = {"source": src.given, "source_kind": src.kind, **plan.as_dict()}
     flags = f"--target-length {plan.target_length} --method {plan.method}"
-    if plan.method == "dprope":
-        flags += f" --candidates {','.join(plan.candidates)} --select {plan.selection}"
-    flags += f" --bins {plan.bins} --short-factor {plan.short_factor}"
+    for k, v in plan.options.items():
+        flags += f" --opt {k}={','.join(map(str, v)) if isinstance(v, (list, tuple)) else v}"
+    flags += f" --short-factor {plan.short_factor}"
     return (f"# Resolved parameters of this extension; re-run with:\n#   dprope extend {src.given} OUT {flags}\n"
             + yaml.safe_dump(recipe, sort_keys=False))

@@ -28,13 +28,18 @@ def write_card(out: Path, src, plan, result: DPRoPEResult, long: torch.Tensor, a
     s = plan.target_length / spec.original_length
     name = Path(src.given).name or src.given
     vers = "\n".join(f"- {k} {v}" for k, v in versions().items())
-    method_text = {
-        "dprope": "DPRoPE (Wu et al., EMNLP 2024): per rotary pair, the scaling whose rotary-angle distribution at "
-                  "the target length stays closest (KL) to the pre-trained one",
-        "pi": "position interpolation (every pair scaled by s)",
-        "ntk": "NTK-aware static scaling",
-        "yarn": "YaRN (official ramp, beta_fast 32, beta_slow 1)",
-    }[plan.method]
+    from dprope.methods import get_method
+
+    method_text = f"`{plan.method}`: {get_method(plan.method).summary}"
+    opts = ", ".join(f"{k}={v}" for k, v in plan.options.items()) or "none"
+    if abs(attn - 1.0) > 1e-9:
+        temp_text = (f"- Attention temperature: {attn:.6g} on cos/sin (attention logits x {attn * attn:.4g}). Carried as "
+                     "`attention_factor` (transformers), `short_mscale`/`long_mscale` (vLLM, SGLang, MLX-lm) and "
+                     "`rope.scaling.attn_factor` in the GGUF (llama.cpp). Ollama's Go engine and older llama.cpp "
+                     "builds read no temperature key: for those, `dprope extend --fold-temperature` writes it into "
+                     "the q/k projection weights instead.")
+    else:
+        temp_text = "- Attention temperature: none (1.0)"
     lines = [
         "---",
         f"base_model: {src.given}",
@@ -44,6 +49,8 @@ def write_card(out: Path, src, plan, result: DPRoPEResult, long: torch.Tensor, a
         "",
         f"- Base model: `{src.given}` ({spec.arch.hf_class}, source {src.kind})",
         f"- Method: {method_text}",
+        f"- Method options: {opts}",
+        temp_text,
         f"- Window: {spec.original_length} -> {plan.target_length} tokens (scale {s:.4g})",
         f"- RoPE: theta {spec.rope_theta:g}, head_dim {spec.head_dim}, base rope type `{spec.rope_type}`, "
         f"attention factor {attn:g}",

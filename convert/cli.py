@@ -20,17 +20,39 @@ log = logging.getLogger("convert")
 
 def _factor_options(fn):
     """Options shared by every command that computes factors (one definition, many commands)."""
+    from dprope.methods import DEFAULT_METHOD, available_methods
+
     opts = [
-        click.option("--bins", default=dprope.DEFAULT_BINS, show_default=True, help="Angle histogram bins."),
-        click.option("--candidates", default=",".join(dprope.DEFAULT_CANDIDATES), show_default=True,
-                     help=f"Comma-separated candidates in tie-break order; built in: "
+        click.option("--method", default=DEFAULT_METHOD, show_default=True,
+                     type=click.Choice(available_methods(), case_sensitive=False),
+                     help="Extension method (`dprope methods` lists them with their options)."),
+        click.option("--opt", "method_opts", multiple=True, metavar="KEY=VALUE",
+                     help="A method option, e.g. --opt temperature=yarn --opt guard=32; repeatable."),
+        click.option("--bins", type=int, help="Angle histogram bins (the method option 'bins'; default 360)."),
+        click.option("--candidates",
+                     help=f"Comma-separated candidates in tie-break order (DPRoPE methods); built in: "
                           f"{', '.join(dprope.BUILTIN_CANDIDATES)} (or any registered with dprope.register_candidate)."),
-        click.option("--select", "selection", default="argmin", show_default=True,
-                     help="argmin | threshold:T | top-n:N (the paper's n-hat interpolated pairs)."),
+        click.option("--select", "selection",
+                     help="argmin | threshold:T | top-n:N (the paper's n-hat interpolated pairs) | tolerance:T "
+                          "(DPRoPE methods)."),
     ]
     for o in reversed(opts):
         fn = o(fn)
     return fn
+
+
+def _method_options(pairs) -> dict:
+    """KEY=VALUE strings -> options; values are read as YAML scalars or lists (numbers, none, [a, b])."""
+    import yaml
+
+    out = {}
+    for p in pairs:
+        key, sep, val = p.partition("=")
+        if not sep or not key.strip():
+            raise ConvertError(f"--opt '{p}' is not KEY=VALUE (e.g. --opt temperature=yarn)")
+        v = yaml.safe_load(val) if val.strip() else None
+        out[key.strip()] = None if isinstance(v, str) and v.lower() == "none" and key.strip() != "temperature" else v
+    return out
 
 
 def _candidates(text: str) -> list[str]:
@@ -68,9 +90,9 @@ def main(verbose: int) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("--plot", type=click.Path(path_type=Path), help="Write a PNG: per-pair disturbance and two pairs' "
               "angle histograms.")
-def factors(model_path, rope_theta, head_dim, original_length, target_length, bins, candidates, selection,
-            as_json, plot):
-    """Compute DPRoPE per-pair factors and show why each pair got its choice."""
+def factors(model_path, rope_theta, head_dim, original_length, target_length, method, method_opts, bins, candidates,
+            selection, as_json, plot):
+    """Compute a method's per-pair factors and temperature, and show why each pair got its choice."""
     inv_freq = None
     if model_path is not None:
         if rope_theta is not None or head_dim is not None:
@@ -84,9 +106,18 @@ def factors(model_path, rope_theta, head_dim, original_length, target_length, bi
         raise ConvertError("give --rope-theta and --head-dim, or --model PATH to read them from a checkpoint")
     if original_length is None:
         raise ConvertError("give --original-length (the model's pre-training window)")
-    r = dprope.compute_factors(inv_freq, rope_theta=rope_theta, head_dim=head_dim, original_length=original_length,
-                               target_length=target_length, bins=bins, candidates=_candidates(candidates),
-                               selection=selection)
+    from dprope.freqs import RopeContext, check_inv_freq
+    from dprope.methods import run_method
+
+    from .bake import make_plan
+
+    plan = make_plan(method, target_length, _candidates(candidates) if candidates else None, selection, bins,
+                     options=_method_options(method_opts))
+    if target_length <= original_length:
+        raise ConvertError(f"target length {target_length} is not longer than the original length "
+                           f"{original_length}: pass a target above the model's pre-trained window")
+    inv = check_inv_freq(inv_freq) if inv_freq is not None else dprope.base_inv_freq(rope_theta, head_dim)
+    r = run_method(plan.method, RopeContext(inv, rope_theta, original_length, target_length), **plan.options)
     if plot:
         from .report import plot_result
 
@@ -105,8 +136,6 @@ def factors(model_path, rope_theta, head_dim, original_length, target_length, bi
 @click.argument("source")
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--target-length", type=int, required=True, help="Target window in tokens.")
-@click.option("--method", type=click.Choice(["dprope", "pi", "ntk", "yarn"]), default="dprope", show_default=True,
-              help="dprope, or a baseline through the same path.")
 @_factor_options
 @click.option("--short-factor", type=click.Choice(["same", "original"]), default="same", show_default=True,
               help="Factors used inside the original window: the long ones, or the base RoPE.")
@@ -118,19 +147,43 @@ def factors(model_path, rope_theta, head_dim, original_length, target_length, bi
               "editing either copy in place then changes both).")
 @click.option("--allow-pickle", is_flag=True, help="Accept pickle (*.bin) weights, loaded with weights_only=True "
               "and baked as safetensors.")
-def extend(source, out, target_length, method, bins, candidates, selection, short_factor, original_length, plot,
-           force, link, allow_pickle):
+@click.option("--fold-temperature", is_flag=True, help="Write the method's attention temperature into the q/k "
+              "projection weights (for runtimes that read no temperature key, e.g. ollama's Go engine) instead of "
+              "the config; the weight files are then rewritten, not copied.")
+def extend(source, out, target_length, method, method_opts, bins, candidates, selection, short_factor,
+           original_length, plot, force, link, allow_pickle, fold_temperature):
     """Extend SOURCE (HF dir, .gguf, or cached hub id) to --target-length and write the checkpoint to OUT."""
     from .bake import bake, make_plan
     from .source import open_source
 
-    plan = make_plan(method, target_length, _candidates(candidates), selection, bins, short_factor, original_length)
+    plan = make_plan(method, target_length, _candidates(candidates) if candidates else None, selection, bins,
+                     short_factor, original_length, options=_method_options(method_opts))
     src = open_source(source, allow_pickle=allow_pickle)
-    bake(src, out, plan, force=force, plot=plot, link=link)
+    bake(src, out, plan, force=force, plot=plot, link=link, fold_temperature=fold_temperature)
     from .inspect import describe
 
     click.echo(describe(out))
     click.echo(f"extended checkpoint: {out}")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print names, families, summaries and option defaults as JSON.")
+def methods(as_json):
+    """List the extension methods: name, family, what it does, and its options."""
+    from dprope.methods import DEFAULT_METHOD, available_methods, get_method
+
+    rows = [get_method(n) for n in available_methods()]
+    if as_json:
+        click.echo(json.dumps([{"name": m.name, "family": m.family, "summary": m.summary,
+                                "options": dict(m.defaults), "default": m.name == DEFAULT_METHOD} for m in rows],
+                              indent=1, default=str))
+        return
+    width = max(len(m.name) for m in rows)
+    for m in rows:
+        mark = " (default)" if m.name == DEFAULT_METHOD else ""
+        click.echo(f"{m.name:<{width}}  {m.family:<7}  {m.summary}{mark}")
+        if m.defaults:
+            click.echo(f"{'':<{width}}           options: " + ", ".join(f"{k}={v}" for k, v in m.defaults.items()))
 
 
 @main.command()

@@ -362,9 +362,11 @@ def _add_rope(writer, meta: RopeMeta, layout: str) -> list[tuple[str, np.ndarray
     writer.add_rope_scaling_orig_ctx_len(meta.original)
     long = np.asarray(meta.long, dtype=np.float32)
     if layout == "freqs":
-        if not math.isclose(meta.attn_factor, 1.0):
-            raise ConvertError(f"attention factor {meta.attn_factor:g} cannot be carried with rope_freqs; "
-                               "use --rope-layout longrope")
+        # llama.cpp reads <arch>.rope.scaling.attn_factor for every architecture and multiplies cos/sin by it in
+        # ggml_rope_ext also when no YaRN is active (src/llama-model.cpp, ggml/src/ggml-cpu/ops.cpp rope_yarn):
+        # the temperature travels with rope_freqs.  Written only when it is not 1, so plain files stay as before.
+        if not math.isclose(meta.attn_factor, 1.0, rel_tol=0, abs_tol=1e-9):
+            writer.add_rope_scaling_attn_factors(meta.attn_factor)
         return [("rope_freqs.weight", long)]
     writer.add_rope_scaling_type(gguf.RopeScalingType.LONGROPE)
     writer.add_rope_scaling_attn_factors(meta.attn_factor)

@@ -18,18 +18,61 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _import_plugins(mods) -> None:
+    """Import modules (dotted names or .py paths) that register candidates or methods."""
+    import importlib
+    import importlib.util
+
+    for m in mods or []:
+        try:
+            if str(m).endswith(".py"):
+                spec = importlib.util.spec_from_file_location(Path(m).stem, m)
+                if spec is None or spec.loader is None:
+                    raise ImportError(f"cannot load {m}")
+                mod = importlib.util.module_from_spec(spec)
+                spec.loader.exec_module(mod)
+            else:
+                importlib.import_module(str(m))
+        except Exception as e:  # a plugin's own error, reported as a recipe problem
+            raise ValueError(f"plugin {m!r} failed to import: {type(e).__name__}: {e}") from None
+
+
 class Method(_Strict):
-    name: Literal["dprope", "pi", "ntk", "yarn"] = "dprope"
-    candidates: list[str] = Field(default_factory=lambda: ["extrapolation", "interpolation"])
-    select: str = "argmin"
-    bins: int = Field(360, ge=2)
+    """A registered method (``dprope methods``) and its options.  ``candidates``, ``select`` and ``bins`` are the
+    options of the DPRoPE family under their usual names; ``options`` sets any other (temperature, guard, ...).
+    ``plugins`` are imported first, so candidates and methods they register can be named here."""
+
+    name: str = "dprope"
+    plugins: list[str] = Field(default_factory=list)
+    candidates: list[str] | None = None
+    select: str | None = None
+    bins: int | None = Field(None, ge=2)
+    options: dict = Field(default_factory=dict)
     short_factor: Literal["same", "original"] = "same"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _plugins_first(cls, data):
+        if isinstance(data, dict):
+            _import_plugins(data.get("plugins"))
+        return data
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        from dprope.methods import available_methods
+
+        if v.lower() not in available_methods():
+            raise ValueError(f"unknown method '{v}'; registered: {', '.join(available_methods())}")
+        return v.lower()
 
     @field_validator("select")
     @classmethod
-    def _select(cls, v: str) -> str:
+    def _select(cls, v: str | None) -> str | None:
         from dprope.select import Selection
 
+        if v is None:
+            return v
         try:
             return str(Selection.parse(v))
         except ValueError as e:
@@ -37,15 +80,37 @@ class Method(_Strict):
 
     @field_validator("candidates")
     @classmethod
-    def _cands(cls, v: list[str]) -> list[str]:
-        from dprope.constants import BUILTIN_CANDIDATES
+    def _cands(cls, v: list[str] | None) -> list[str] | None:
+        import dprope
 
-        bad = [c for c in v if c not in BUILTIN_CANDIDATES and c not in ("pi", "linear", "extrap")]
+        if v is None:
+            return v
+        bad = []
+        for c in v:
+            try:
+                dprope.get_candidate(c)
+            except ValueError:
+                bad.append(c)
         if bad:
-            raise ValueError(f"unknown candidate(s) {bad}; built in: {', '.join(BUILTIN_CANDIDATES)}")
+            raise ValueError(f"unknown candidate(s) {bad}; registered: {', '.join(dprope.available_candidates())} "
+                             "(register your own in a module listed under method.plugins)")
         if not v:
             raise ValueError("at least one candidate")
         return v
+
+    @model_validator(mode="after")
+    def _options(self):
+        from .bake import make_plan
+
+        try:
+            make_plan(self.name, 1, self.candidates, self.select, self.bins, self.short_factor, options=self.options)
+        except ConvertError as e:
+            raise ValueError(str(e)) from None
+        return self
+
+    def plan_args(self) -> dict:
+        return dict(method=self.name, candidates=self.candidates, selection=self.select, bins=self.bins,
+                    short_factor=self.short_factor, options=dict(self.options))
 
 
 class Train(_Strict):
@@ -163,8 +228,6 @@ def cross_errors(d: dict) -> list[str]:
     orig = d.get("original_length")
     if isinstance(orig, int) and orig >= target:
         errs.append(f"original_length {orig} is not below target_length {target}")
-    if get("method", "name", "dprope") != "dprope" and get("method", "select", "argmin") != "argmin":
-        errs.append(f"method.select applies to dprope only, not {get('method', 'name')}")
     return errs
 
 

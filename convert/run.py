@@ -164,9 +164,8 @@ def _source(recipe: Recipe, run: RunDir):
 def _plan_of(recipe: Recipe):
     from .bake import make_plan
 
-    m = recipe.method
-    return make_plan(m.name, recipe.target_length, m.candidates, m.select, m.bins, m.short_factor,
-                     original_length=recipe.original_length)
+    a = recipe.method.plan_args()
+    return make_plan(a.pop("method"), recipe.target_length, original_length=recipe.original_length, **a)
 
 
 def _stage_factors(recipe: Recipe, run: RunDir, **_) -> dict:

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
+import numpy as np
+
 from .errors import ConvertError
 
 log = logging.getLogger(__name__)
@@ -35,7 +37,8 @@ RULER_OFFLINE = ("niah_single_1", "niah_multikey_2", "niah_multikey_3", "ruler_v
 RULER_ESSAY = ("niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multivalue", "niah_multiquery")
 RULER_LENGTHS = (4096, 8192, 16384, 32768, 65536, 131072)
 RULER_NEEDS_HUB = ("ruler_qa_squad", "ruler_qa_hotpot", "qa_squad", "qa_hotpot")
-CACHE_VERSION = 1
+CACHE_VERSION = 2
+BLOCK = 128  # tokens per block of the stored perplexity-by-position sums
 
 
 def supported_tasks() -> list[str]:
@@ -96,6 +99,38 @@ def local_haystack(text: str) -> Iterator[None]:
 
 
 # ------------------------------------------------------------------------------------------- running lm-eval
+@contextlib.contextmanager
+def quiet_lm_eval(log_file: Path | None = None) -> Iterator[Path]:
+    """Keep lm-eval's, transformers' and datasets' warnings off the terminal for the duration of the block: they
+    go to ``log_file`` (default ~/.cache/dprope/logs/lm_eval.log) instead, with Python warnings."""
+    import os
+    import warnings
+
+    log_file = Path(log_file or Path(os.environ.get("DPROPE_CACHE") or Path.home() / ".cache" / "dprope")
+                    / "logs" / "lm_eval.log")
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(log_file)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    names = ("lm_eval", "lm-eval", "transformers", "datasets", "py.warnings", "accelerate")
+    saved = {}
+    for n in names:
+        lg = logging.getLogger(n)
+        saved[n] = (lg.handlers[:], lg.propagate)
+        lg.handlers = [handler]
+        lg.propagate = False
+    logging.captureWarnings(True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("default")
+            yield log_file
+    finally:
+        logging.captureWarnings(False)
+        for n, (hs, prop) in saved.items():
+            lg = logging.getLogger(n)
+            lg.handlers, lg.propagate = hs, prop
+        handler.close()
+
+
 def model_hash(path: Path) -> str:
     """Config, factors and each weight file's size and first MB: changes whenever the model does."""
     h = hashlib.sha256()
@@ -142,15 +177,16 @@ def run_one(model, tokenizer, run: Run, task: str, length: int, limit: int | Non
         log.info("cached: %s %s @%d", run.label, task, length)
         return json.loads(cfile.read_text())
     import lm_eval
-    from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
+
+    from .lmeval import chunked_lm_class
 
     from .tasks.ppl import corpus_text
 
     meta = {"length": length, "max_seq_lengths": [length], "tokenizer": str(run.path), "chunk_tokens": chunk_tokens,
             "corpus": corpus, "seed": seed}
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, max_length=length, batch_size=1, device="cpu",
-              max_batch_size=1)
+    lm = chunked_lm_class()(pretrained=model, tokenizer=tokenizer, max_length=length, batch_size=1,
+                            device=str(next(model.parameters()).device), max_batch_size=1)
     # index only the folder the task lives in: the full lm-eval index costs seconds per run
     import lm_eval.tasks as lm_tasks
 
@@ -162,8 +198,15 @@ def run_one(model, tokenizer, run: Run, task: str, length: int, limit: int | Non
         res = lm_eval.simple_evaluate(model=lm, tasks=[name], task_manager=tm, limit=limit, log_samples=False,
                                       random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
                                       fewshot_random_seed=seed)
+    metrics = _metric(task, length, res)
+    if task == "ppl" and lm.token_logprobs:
+        # per-document log-likelihood sums over BLOCK-token blocks: perplexity by position at any bucket edges
+        metrics["block"] = BLOCK
+        metrics["block_ll"] = [[float(b.sum()) for b in np.split(lp.astype(np.float64),
+                                                                    range(BLOCK, len(lp), BLOCK))]
+                               for _, lp in sorted(lm.token_logprobs.items())]
     out = {"task": task, "length": length, "limit": limit, "model": run.label, "model_hash": run.hash,
-           "metrics": _metric(task, length, res),
+           "metrics": metrics,
            "lm_eval": {"results": res["results"], "n-samples": res.get("n-samples"),
                        "versions": res.get("versions"), "config": {k: str(v) for k, v in res.get("config", {}).items()}}}
     cache_dir.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,10 @@ Checks, each named so a failure says which:
   gguf-metadata   every GGUF's context_length, freq_base, dimension_count, original context and scaling type agree
                   with the HF config;
   gguf-factors    the factor tensor(s): name, F32, shape and values equal the HF long (and short) factors;
+  temperature-config  config.json carries the method's attention temperature as attention_factor and as the
+                  short_mscale / long_mscale keys vLLM, SGLang and MLX-lm read;
+  hf-temperature  transformers scales cos/sin by that temperature after reloading;
+                  (gguf-metadata also checks rope.scaling.attn_factor against it)
   gguf-context    the context llama.cpp allocates equals the target (no silent cap);
   parity          the same token ids through transformers and llama.cpp, at positions inside and past the original
                   window: max |dlogit| for f32/f16 and mean KL of next-token distributions for every type.
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -135,8 +140,27 @@ def _expected(ckpt: Path) -> dict:
     plain = dprope.base_inv_freq(theta, head_dim).numpy()  # torch's float32 pow, as transformers computes it
     orig = int(p.get("original_max_position_embeddings") or cfg.get("original_max_position_embeddings")
                or f.get("original_length", [0])[0])
+    # the temperature the bake decided (method x base), unless it was folded into the q/k weights
+    own = cfg.get("dprope") or {}
+    temp = 1.0 if own.get("temperature_folded") else float(own.get("temperature", p.get("attention_factor") or 1.0))
     return dict(cfg=cfg, head_dim=head_dim, theta=theta, plain=plain, long=f["long_factor"], short=f["short_factor"],
-                target=int(cfg["max_position_embeddings"]), original=orig)
+                target=int(cfg["max_position_embeddings"]), original=orig, temperature=temp, params=p)
+
+
+def check_temperature_config(ckpt: Path, exp: dict, report: Report) -> None:
+    """config.json carries the temperature under every key a runtime reads: attention_factor (transformers),
+    short_mscale / long_mscale (vLLM, SGLang, MLX-lm); a missing key means that runtime applies its own default
+    sqrt(1 + ln s / ln L) instead."""
+    p, t = exp["params"], exp["temperature"]
+    problems = []
+    for key in ("attention_factor", "short_mscale", "long_mscale"):
+        v = p.get(key)
+        if v is None:
+            problems.append(f"rope_scaling.{key} missing")
+        elif not math.isclose(float(v), t, rel_tol=1e-6, abs_tol=1e-9):
+            problems.append(f"rope_scaling.{key} = {v} != temperature {t:.6g}")
+    report.add("temperature-config", ckpt.name, not problems, "; ".join(problems) or
+               f"attention_factor = short_mscale = long_mscale = {t:.6g}")
 
 
 def check_hf(ckpt: Path, exp: dict, report: Report):
@@ -153,6 +177,9 @@ def check_hf(ckpt: Path, exp: dict, report: Report):
     with torch.no_grad():  # one token past the window makes longrope switch to the long factors
         model(torch.zeros(1, 1, dtype=torch.long), position_ids=torch.tensor([[exp["original"]]]))
     got = rot.inv_freq.float().numpy()
+    scaling = float(getattr(rot, "attention_scaling", 1.0))
+    report.add("hf-temperature", ckpt.name, math.isclose(scaling, exp["temperature"], rel_tol=1e-6, abs_tol=1e-9),
+               f"transformers scales cos/sin by {scaling:.6g} (expected {exp['temperature']:.6g})")
     want = exp["plain"] / exp["long"]
     no_op = bool(np.allclose(exp["long"], 1.0))
     close = got.shape == want.shape and bool(np.allclose(got, want, rtol=1e-6, atol=0))
@@ -188,6 +215,11 @@ def check_gguf_meta(path: Path, exp: dict, report: Report) -> str | None:
                         f"{exp['original']}")
     if g("rope.scaling.factor") is not None:
         problems.append("rope.scaling.factor is set next to factor tensors: llama.cpp would scale twice")
+    attn = float(g("rope.scaling.attn_factor") if g("rope.scaling.attn_factor") is not None else 1.0)
+    if not math.isclose(attn, exp["temperature"], rel_tol=1e-6, abs_tol=1e-7):
+        problems.append(f"rope.scaling.attn_factor {attn:.6g} != temperature {exp['temperature']:.6g}"
+                        + (" (key missing: llama.cpp would run without the temperature)"
+                           if g("rope.scaling.attn_factor") is None else ""))
     tensors = {t.name: t for t in reader.tensors}
     layout = "longrope" if "rope_factors_long.weight" in tensors else "freqs" if "rope_freqs.weight" in tensors \
         else None
@@ -318,6 +350,7 @@ def verify(path: Path, checkpoint: Path | None = None, write: bool = True, base:
     outs = find_outputs(path, checkpoint)
     exp = _expected(outs.checkpoint)
     report = Report()
+    check_temperature_config(outs.checkpoint, exp, report)
     model = check_hf(outs.checkpoint, exp, report)
     ref_cache: dict = {}
     parity = {}

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -14,7 +14,8 @@ from .candidates import get_candidate
 from .constants import DEFAULT_BINS, DEFAULT_CANDIDATES
 from .errors import DPRoPEError
 from .freqs import RopeContext, base_inv_freq, check_inv_freq
-from .histogram import DEFAULT_CHUNK_ELEMS, angle_distribution, angle_histogram, kl_divergence
+from .histogram import (DEFAULT_CHUNK_ELEMS, angle_distribution, angle_histogram, coverage_distribution,
+                        kl_divergence)
 from .select import Selection, choose
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,9 @@ class DPRoPEResult:
     chosen:      candidate name per pair
     per_pair:    candidate name -> float64 [n_pairs], D_i^c = KL(P_L || P_L'^c) in nats
     disturbance: 'selected' and each candidate name -> mean over pairs (the paper's total disturbance)
+    temperature: cos/sin multiplier the method pairs with its factors (1.0: none); attention logits scale by its
+                 square (HF ``attention_factor``, llama.cpp ``rope.scaling.attn_factor``)
+    method:      the registered method that produced it (``dprope.methods``)
     """
 
     factors: torch.Tensor
@@ -41,6 +45,8 @@ class DPRoPEResult:
     per_pair: dict[str, torch.Tensor]
     disturbance: dict[str, float]
     params: dict[str, Any] = field(default_factory=dict)
+    temperature: float = 1.0
+    method: str = "dprope-paper"
 
     @property
     def scale(self) -> float:
@@ -64,6 +70,8 @@ class DPRoPEResult:
             "per_pair": {k: [float(x) for x in v.tolist()] for k, v in self.per_pair.items()},
             "candidate_factors": {k: [float(x) for x in v.tolist()] for k, v in self.candidate_factors.items()},
             "params": dict(self.params),
+            "temperature": float(self.temperature),
+            "method": self.method,
         }
 
     @classmethod
@@ -75,7 +83,8 @@ class DPRoPEResult:
             chosen=list(d["chosen"]), candidates=list(d["params"]["candidates"]),
             candidate_factors={k: f32(v) for k, v in d["candidate_factors"].items()},
             per_pair={k: torch.tensor(v, dtype=torch.float64) for k, v in d["per_pair"].items()},
-            disturbance=dict(d["disturbance"]), params=dict(d["params"]))
+            disturbance=dict(d["disturbance"]), params=dict(d["params"]),
+            temperature=float(d.get("temperature", 1.0)), method=str(d.get("method", "dprope-paper")))
 
 
 def compute_factors(
@@ -89,12 +98,22 @@ def compute_factors(
     candidates: Sequence[str] = DEFAULT_CANDIDATES,
     selection: str | Selection = "argmin",
     chunk_elems: int = DEFAULT_CHUNK_ELEMS,
+    extra_candidates: Mapping[str, torch.Tensor] | None = None,
+    density: str = "sampled",
+    guard: float | None = None,
 ) -> DPRoPEResult:
     """DPRoPE factors for extending a model from ``original_length`` to ``target_length``.
 
     Give the model's effective pre-trained ``inv_freq`` (float32 [head_dim/2]; already-scaled bases such as
     Llama 3.1 pass their scaled values), or ``rope_theta`` and ``head_dim`` to build plain RoPE frequencies.
     ``rope_theta`` is also what base-defined candidates (yarn, ntk) use.
+
+    extra_candidates: name -> float32 [n_pairs] factors, scored after the registered ``candidates`` (a grid of
+        fractional factors, a searched set).
+    density: "sampled" (the reference: histograms of integer positions) or "coverage" (the aliasing-free
+        continuous coverage, :func:`dprope.histogram.coverage_distribution`).
+    guard: pairs that turn at least this many times inside the original window keep factor 1 whatever the
+        divergence says (their angles cover the circle evenly before and after; only aliasing tells them apart).
     """
     if inv_freq is None:
         if rope_theta is None or head_dim is None:
@@ -119,13 +138,17 @@ def compute_factors(
         )
     if int(bins) != bins or bins < 2:
         raise DPRoPEError(f"bins must be an integer >= 2, got {bins}")
-    if not candidates:
+    if not candidates and not extra_candidates:
         raise DPRoPEError("give at least one candidate (the default is extrapolation,interpolation)")
+    if density not in ("sampled", "coverage"):
+        raise DPRoPEError(f"density must be 'sampled' (the reference) or 'coverage', got {density!r}")
+    if guard is not None and not (math.isfinite(guard) and guard > 0):
+        raise DPRoPEError(f"guard must be a number of turns > 0, got {guard}")
     if rope_theta is not None and not (math.isfinite(rope_theta) and rope_theta > 0):
         raise DPRoPEError(f"rope_theta must be finite and > 0, got {rope_theta}")
     sel = Selection.parse(selection)
     cands = [get_candidate(c) for c in candidates]
-    names = [c.name for c in cands]
+    names = [c.name for c in cands] + list(extra_candidates or {})
     if len(set(names)) != len(names):
         raise DPRoPEError(f"candidates repeat: {names}")
 
@@ -134,21 +157,39 @@ def compute_factors(
         "DPRoPE %d -> %d (s=%.4g), %d pairs, %d bins, candidates %s, selection %s",
         original_length, target_length, ctx.scale, ctx.n_pairs, bins, ",".join(names), sel,
     )
-    p_orig = angle_distribution(angle_histogram(inv_freq, original_length, bins, chunk_elems), original_length)
+    def dist(freq: torch.Tensor, length: int) -> torch.Tensor:
+        if density == "coverage":
+            return coverage_distribution(freq, length, bins)
+        return angle_distribution(angle_histogram(freq, length, bins, chunk_elems), length)
+
+    p_orig = dist(inv_freq, original_length)
 
     cand_factors: dict[str, torch.Tensor] = {}
     per_pair: dict[str, torch.Tensor] = {}
-    for c in cands:
-        f = c.factors(ctx)
+    given = [(c.name, c.factors(ctx)) for c in cands]
+    for name, raw in (extra_candidates or {}).items():
+        f = torch.as_tensor(raw, dtype=torch.float32).flatten()
+        if f.numel() != ctx.n_pairs or not bool(torch.isfinite(f).all()) or not bool((f > 0).all()):
+            raise DPRoPEError(f"candidate '{name}' needs {ctx.n_pairs} finite factors > 0, got {f.numel()}")
+        given.append((name, f))
+    for name, f in given:
         new_freq = inv_freq / f
-        q = angle_distribution(angle_histogram(new_freq, target_length, bins, chunk_elems), target_length)
-        cand_factors[c.name] = f
-        per_pair[c.name] = kl_divergence(p_orig, q)
-        log.debug("candidate %s: mean disturbance %.6g", c.name, float(per_pair[c.name].mean()))
+        cand_factors[name] = f
+        per_pair[name] = kl_divergence(p_orig, dist(new_freq, target_length))
+        log.debug("candidate %s: mean disturbance %.6g", name, float(per_pair[name].mean()))
 
     stacked = torch.stack([per_pair[n] for n in names])  # [n_candidates, n_pairs]
-    idx = choose(stacked, sel)
     factors_all = torch.stack([cand_factors[n] for n in names])
+    idx = choose(stacked, sel, factors_all)
+    guarded: list[int] = []
+    if guard is not None:
+        ones = [k for k, n in enumerate(names) if bool((cand_factors[n] == 1).all())]
+        if not ones:
+            raise DPRoPEError("guard keeps pairs at factor 1: include the extrapolation candidate")
+        turns = original_length * inv_freq.double() / (2 * math.pi)
+        mask = turns >= guard
+        guarded = torch.nonzero(mask).flatten().tolist()
+        idx = torch.where(mask, torch.full_like(idx, ones[0]), idx)
     pair_ix = torch.arange(ctx.n_pairs)
     factors = factors_all[idx, pair_ix].contiguous()
     selected = stacked[idx, pair_ix]
@@ -173,6 +214,9 @@ def compute_factors(
             "rope_theta": rope_theta,
             "head_dim": ctx.head_dim,
             "divergence": "KL(P_L || P_L'), summed over bins, nats",
+            "density": density,
+            "guard": guard,
+            "guarded_pairs": guarded,
         },
     )
     log.info("chosen per candidate: %s; total disturbance %.6g", result.counts(), disturbance["selected"])

@@ -67,3 +67,26 @@ def kl_divergence(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     p64, q64 = p.double(), q.double()
     return (p64 * (p64.log() - q64.log())).sum(-1)
 
+
+
+def coverage_distribution(inv_freq: torch.Tensor, length: int, bins: int = 360) -> torch.Tensor:
+    """Aliasing-free angle density: the share of continuous positions t in [0, length) whose angle t*theta mod 2*pi
+    falls in each bin, plus the reference's pseudo-count.  float32 [n_pairs, bins].
+
+    The sampled histogram of integer positions is a comb whenever 2*pi/theta is close to a ratio of small integers,
+    and two combs that barely differ in where their teeth fall can score a large divergence although the model sees
+    the same range of angles.  The continuous coverage is what the sampled histogram tends to as positions get
+    dense: ``floor(n)`` whole turns spread evenly plus the partial turn [0, 2*pi*frac(n)), with n = length*theta/2pi
+    turns.  Closed form, O(pairs x bins), whatever the length.
+    """
+    _check_bins(bins)
+    if length < 1:
+        raise DPRoPEError(f"length must be >= 1, got {length}")
+    theta = inv_freq.double().flatten().unsqueeze(1)  # [n_pairs, 1]
+    turns = length * theta / (2 * torch.pi)
+    whole = torch.floor(turns)
+    part = turns - whole  # fraction of the last turn, in [0, 1)
+    lo = torch.arange(bins, dtype=torch.float64).unsqueeze(0) / bins  # bin starts, in turns
+    overlap = (part - lo).clamp(0, 1.0 / bins)  # [n_pairs, bins], in turns
+    share = (whole / bins + overlap) / turns
+    return ((share * length + PSEUDO_COUNT) / length).to(torch.float32)

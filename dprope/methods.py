@@ -1,0 +1,250 @@
+"""Extension methods: one registry from a name and options to per-pair factors, a temperature and a report.
+
+Every method returns a :class:`~dprope.core.DPRoPEResult`: its factors, the attention temperature it pairs them
+with, and the per-pair angle-distribution disturbance of what it chose (so formula methods are scored by the same
+criterion as the DPRoPE family and a report can say why).  The CLI, recipes, the model card and the quality
+benchmark read this registry; none keeps a list of its own.  Register your own with :func:`register_method`.
+
+Families:
+  formula  PI, NTK-aware, YaRN, Llama 3 (closed forms; YaRN with its temperature);
+  dprope   the paper's method exactly (``dprope-paper``) and documented variants of it, each a change to one step
+           of the paper's recipe: the temperature, a high-frequency guard, the angle density, the candidate set,
+           the selection rule.  ``dprope`` is the project default: the variant that measured best (README).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+from .constants import DEFAULT_BINS, DEFAULT_CANDIDATES
+from .errors import DPRoPEError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_METHOD = "dprope"
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    fn: Callable[..., Any]  # fn(ctx: RopeContext, **options) -> DPRoPEResult
+    summary: str
+    family: str
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+
+    def options(self, given: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The method's defaults updated with ``given``; unknown names are refused, naming the known ones."""
+        given = dict(given or {})
+        unknown = sorted(set(given) - set(self.defaults))
+        if unknown:
+            known = ", ".join(sorted(self.defaults)) or "none"
+            raise DPRoPEError(f"method '{self.name}' has no option(s) {', '.join(unknown)}; its options: {known}")
+        return {**self.defaults, **given}
+
+
+_METHODS: dict[str, Method] = {}
+
+
+def register_method(name: str, summary: str, family: str = "user", **defaults):
+    """Decorator: register ``fn(ctx, **options) -> DPRoPEResult`` under ``name`` with its option defaults."""
+
+    def deco(fn):
+        key = name.lower()
+        if key in _METHODS:
+            raise DPRoPEError(f"method '{name}' is already registered")
+        _METHODS[key] = Method(key, fn, summary, family, dict(defaults))
+        return fn
+
+    return deco
+
+
+def unregister_method(name: str) -> None:
+    _METHODS.pop(name.lower(), None)
+
+
+def get_method(name: str) -> Method:
+    try:
+        return _METHODS[name.lower()]
+    except KeyError:
+        raise DPRoPEError(f"unknown method '{name}'; registered: {', '.join(available_methods())} "
+                          "(`dprope methods` describes each)") from None
+
+
+def available_methods() -> list[str]:
+    return list(_METHODS)
+
+
+def run_method(name: str, ctx, **options):
+    """Factors, temperature and report of method ``name`` for ``ctx`` (a :class:`~dprope.freqs.RopeContext`)."""
+    m = get_method(name)
+    opts = m.options(options)
+    result = m.fn(ctx, **opts)
+    result.method = m.name
+    result.params["method"] = m.name
+    result.params["options"] = {k: v for k, v in opts.items()}
+    result.params["temperature"] = result.temperature
+    log.info("method %s: temperature %.4f, factors %s..%s", m.name, result.temperature,
+             f"{float(result.factors.min()):.3g}", f"{float(result.factors.max()):.3g}")
+    return result
+
+
+# ----------------------------------------------------------------------------------------------- temperature
+TEMPERATURES = ("none", "yarn", "longrope")
+
+
+def temperature(spec: Any, scale: float, original_length: int) -> float:
+    """cos/sin multiplier for a temperature spec: 'none' (1), 'yarn' (0.1 ln s + 1, Peng et al. 2023),
+    'longrope' (sqrt(1 + ln s / ln L), Ding et al. 2024, the default of transformers' longrope), or a number."""
+    if spec is None or spec == "none":
+        return 1.0
+    if spec == "yarn":
+        return 0.1 * math.log(scale) + 1.0
+    if spec == "longrope":
+        return math.sqrt(1 + math.log(scale) / math.log(original_length))
+    try:
+        t = float(spec)
+    except (TypeError, ValueError):
+        raise DPRoPEError(f"temperature must be one of {', '.join(TEMPERATURES)} or a number, got {spec!r}") from None
+    if not (math.isfinite(t) and t > 0):
+        raise DPRoPEError(f"temperature must be a finite number > 0, got {spec!r}")
+    return t
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def _compute(ctx, **kw):
+    from .core import compute_factors
+
+    return compute_factors(ctx.inv_freq, rope_theta=ctx.rope_theta, head_dim=ctx.head_dim,
+                           original_length=ctx.original_length, target_length=ctx.target_length, **kw)
+
+
+def _candidates(value) -> list[str]:
+    if isinstance(value, str):
+        value = [c for c in value.split(",") if c.strip()]
+    return [str(c).strip() for c in value]
+
+
+def factor_grid(scale: float, steps: int) -> dict[str, Any]:
+    """``steps`` + 1 uniform per-pair factors 1, ..., s (every pair the same), named by their value."""
+    import torch
+
+    if int(steps) != steps or steps < 1:
+        raise DPRoPEError(f"grid needs a whole number of steps >= 1, got {steps}")
+    vals = torch.linspace(1.0, float(scale), int(steps) + 1, dtype=torch.float64)
+    return {f"x{float(v):.4g}": float(v) for v in vals}
+
+
+def _formula(candidate: str, temp: str = "none"):
+    def fn(ctx, temperature: Any = temp, bins: int = DEFAULT_BINS):
+        r = _compute(ctx, candidates=[candidate], bins=bins)
+        r.temperature = _temp(temperature, ctx)
+        return r
+
+    return fn
+
+
+def _temp(spec, ctx) -> float:
+    return temperature(spec, ctx.scale, ctx.original_length)
+
+
+# ----------------------------------------------------------------------------------------------- formulas
+register_method("pi", "position interpolation: every pair slowed by s (Chen et al. 2023)", "formula",
+                temperature="none", bins=DEFAULT_BINS)(_formula("interpolation"))
+register_method("ntk", "NTK-aware static scaling, factor s^(2i/(d-2)) (bloc97 2023)", "formula",
+                temperature="none", bins=DEFAULT_BINS)(_formula("ntk"))
+register_method("yarn", "YaRN: ramp from extrapolation to PI (beta 32..1) with temperature 0.1 ln s + 1 "
+                "(Peng et al. 2023)", "formula", temperature="yarn", bins=DEFAULT_BINS)(_formula("yarn", "yarn"))
+register_method("llama3", "Llama 3.1 wavelength bands (low 1, high 4), no temperature", "formula",
+                temperature="none", bins=DEFAULT_BINS)(_formula("llama3"))
+
+
+# ----------------------------------------------------------------------------------------------- DPRoPE family
+def _dprope(ctx, *, candidates=DEFAULT_CANDIDATES, select="argmin", bins=DEFAULT_BINS, density="sampled",
+            guard=None, grid=0, temperature="none"):
+    import torch
+
+    extra = {}
+    if grid:
+        extra = {name: torch.full((ctx.n_pairs,), v, dtype=torch.float32)
+                 for name, v in factor_grid(ctx.scale, grid).items()}
+    r = _compute(ctx, candidates=_candidates(candidates), selection=select, bins=int(bins), density=density,
+                 guard=None if guard in (None, 0, "none") else float(guard), extra_candidates=extra)
+    r.temperature = _temp(temperature, ctx)
+    r.params["grid"] = int(grid or 0)
+    return r
+
+
+_PAPER = dict(candidates=list(DEFAULT_CANDIDATES), select="argmin", bins=DEFAULT_BINS, density="sampled",
+              guard=None, grid=0, temperature="none")
+
+
+def _variant(name: str, summary: str, **changes):
+    register_method(name, summary, "dprope", **{**_PAPER, **changes})(_dprope)
+
+
+_variant("dprope-paper", "DPRoPE exactly as the paper and its reference code: extrapolation vs PI per pair, 360-bin "
+         "sampled angle histograms, KL argmin, no temperature (Wu et al. 2024)")
+_variant("dprope-temp", "dprope-paper + YaRN's attention temperature 0.1 ln s + 1", temperature="yarn")
+_variant("dprope-guard", "dprope-paper + high-frequency guard: pairs turning >= 32 times in the original window "
+         "stay extrapolated (YaRN's beta_fast)", guard=32)
+_variant("dprope-coverage", "dprope-paper with the aliasing-free coverage density and the paper's threshold "
+         "selection (t = 0.002 nats)", density="coverage", select="threshold:0.002")
+_variant("dprope-grid", "DPRoPE over a grid of fractional factors 1..s (16 steps), coverage density, the mildest "
+         "factor within 0.002 nats of the closest", density="coverage", grid=16, select="tolerance:0.002")
+
+
+def _topn(ctx, *, n=None, **kw):
+    """The paper's top-n selection; by default n = the share of pairs the paper interpolated on LLaMA2-7B
+    (40 of 64 at s = 2, 32 of 64 at s = 4; linear in log2 s between, 32/64 beyond)."""
+    if n is None:
+        share = 40 / 64 if ctx.scale <= 2 else 32 / 64 if ctx.scale >= 4 else \
+            40 / 64 - (8 / 64) * (math.log2(ctx.scale) - 1)
+        n = int(round(share * ctx.n_pairs))
+    return _dprope(ctx, **{**kw, "select": f"top-n:{int(n)}"})
+
+
+register_method("dprope-topn", "dprope-paper with the paper's top-n selection (n: the paper's LLaMA2 share of "
+                "interpolated pairs unless given)", "dprope", n=None,
+                **{k: v for k, v in _PAPER.items() if k != "select"})(_topn)
+
+def _ramp(ctx, *, low=1e-4, high=1e-2, bins=DEFAULT_BINS, density="coverage", temperature="none"):
+    """Soft DPRoPE: a pair's interpolation weight grows with its extrapolation disturbance, log-linearly from
+    ``low`` nats (weight 0, keep the frequency) to ``high`` nats (weight 1, PI); blended like YaRN blends
+    frequencies, theta' = theta ((1 - w) + w / s).  The disturbance gain is made monotone from high to low
+    frequency (a slower pair is never extrapolated more than a faster one)."""
+    import torch
+
+    if not (0 < float(low) < float(high)):
+        raise DPRoPEError(f"ramp needs 0 < low < high (nats), got low={low}, high={high}")
+    r = _compute(ctx, candidates=list(DEFAULT_CANDIDATES), bins=int(bins), density=density)
+    gain = (r.per_pair["extrapolation"] - r.per_pair["interpolation"]).clamp(min=1e-30)
+    gain = torch.cummax(gain, dim=0).values  # pairs go from high to low frequency
+    w = ((gain / float(low)).log() / math.log(float(high) / float(low))).clamp(0, 1)
+    f = (1.0 / ((1 - w) + w / ctx.scale)).float()
+    f = torch.where(w >= 1, torch.full_like(f, float(ctx.scale)), torch.where(w <= 0, torch.ones_like(f), f))
+    # score the blend by the same criterion, for the report
+    blended = _compute(ctx, candidates=[], extra_candidates={"ramp": f}, bins=int(bins), density=density)
+    r.per_pair["ramp"] = blended.per_pair["ramp"]
+    r.candidate_factors["ramp"] = f
+    r.candidates = [*r.candidates, "ramp"]
+    r.params["candidates"] = r.candidates
+    r.chosen = ["extrapolation" if x <= 0 else "interpolation" if x >= 1 else "ramp" for x in w.tolist()]
+    r.factors = f.contiguous()
+    r.inv_freq = r.base_inv_freq / r.factors
+    r.disturbance["ramp"] = float(r.per_pair["ramp"].mean())
+    r.disturbance["selected"] = float(r.per_pair["ramp"].mean())
+    r.params.update(selection=f"ramp:{low}..{high}", ramp_weight=[float(x) for x in w.tolist()])
+    r.temperature = _temp(temperature, ctx)
+    return r
+
+
+register_method("dprope-ramp", "soft DPRoPE: interpolation weight log-linear in the extrapolation disturbance "
+                "(1e-4 .. 1e-2 nats, coverage density), monotone in frequency", "dprope", low=1e-4, high=1e-2,
+                bins=DEFAULT_BINS, density="coverage", temperature="none")(_ramp)
+
+# The project default: see the README's method table (chosen on Python's docs, confirmed on a second corpus).
+_variant(DEFAULT_METHOD, "default: dprope-grid + YaRN temperature (the best measured DPRoPE variant; README)",
+         density="coverage", grid=16, select="tolerance:0.002", temperature="yarn")
