@@ -61,15 +61,28 @@ def corpus_path(name: str, cache: Path) -> str | None:
     return str(Path(name).resolve())
 
 
+def parse_spec(spec: str) -> tuple[str, dict]:
+    """'name' or 'name:key=value:key=value' (a method with options, e.g. dprope-ramp:temperature=yarn)."""
+    import yaml
+
+    name, *opts = spec.split(":")
+    out = {}
+    for o in opts:
+        k, _, v = o.partition("=")
+        out[k] = yaml.safe_load(v)
+    return name, out
+
+
 def checkpoint(src, method: str, target: int, cache: Path, src_hash: str) -> Path:
     """The baked checkpoint of ``method`` at ``target`` (weights hard-linked to the cached source), made once."""
     from convert.bake import bake, make_plan
 
     if method == "none":
         return src.path
-    plan = make_plan(method, target)
+    name, opts = parse_spec(method)
+    plan = make_plan(name, target, options=opts)
     key = hashlib.sha256(json.dumps([src_hash, plan.as_dict()], sort_keys=True, default=str).encode()).hexdigest()
-    out = cache / "models" / f"{method}-{target}-{key[:12]}"
+    out = cache / "models" / f"{name}-{target}-{key[:12]}"
     if not (out / "config.json").exists():
         bake(src, out, plan, force=True, link=True, progress=False)
     return out
@@ -124,7 +137,7 @@ def run(args) -> dict:
     methods = ["none", *M.available_methods()] if args.methods == "all" else args.methods.split(",")
     for m in methods:
         if m != "none":
-            M.get_method(m)
+            M.get_method(parse_spec(m)[0])
     targets = [int(t) for t in args.targets.split(",")]
     corpora = {c: corpus_path(c, cache) for c in args.corpora.split(",")}
     tasks = args.tasks.split(",")
@@ -148,20 +161,21 @@ def run(args) -> dict:
         t0 = time.time()
         from convert.validate import cache_file
 
-        cached = cache_file(cache / "evals", run, task, L, limit, corpora.get(corpus) if corpus else None,
+        evals = Path(args.evals)
+        cached = cache_file(evals, run, task, L, limit, corpora.get(corpus) if corpus else None,
                             L if task == "ppl" else 0).exists()
         if not cached and (loaded is None or loaded[0] != path):
             loaded = (path, *_load(path))
         model, tok = (loaded[1], loaded[2]) if loaded and loaded[0] == path else (None, None)
         r = run_one(model, tok, run, task, L, limit, corpora.get(corpus) if corpus else None,
-                    L if task == "ppl" else 0, cache / "evals")
+                    L if task == "ppl" else 0, evals)
         results.append({"target": T, "method": m, "task": task, "length": L, "corpus": corpus,
                         "seconds": None if cached else round(time.time() - t0, 1), "metrics": r["metrics"],
                         "lm_eval_samples": (r.get("lm_eval") or {}).get("n-samples")})
     return {"source": args.source, "original": original, "targets": targets, "methods": methods,
             "corpora": list(corpora), "samples": args.samples, "passkey_samples": args.passkey, "results": results,
-            "method_info": {m: (M.get_method(m).summary if m != "none" else "the base model, plain RoPE")
-                            for m in methods}}
+            "method_info": {m: (M.get_method(parse_spec(m)[0]).summary if m != "none" else
+                                "the base model, plain RoPE") for m in methods}}
 
 
 def tables(data: dict) -> str:
@@ -252,7 +266,11 @@ def main(argv=None) -> int:
     ap.add_argument("--passkey", type=int, default=3, help="passkey prompts per length (0: none)")
     ap.add_argument("--passkey-lengths", default="auto", help="'auto' (original and target) or a comma list")
     ap.add_argument("--out", default=str(HERE / "results"), help="folder for quality.json / .md / .png")
-    ap.add_argument("--cache", help="cache folder (default: $DPROPE_CACHE/quality or ~/.cache/dprope/quality)")
+    ap.add_argument("--cache", help="baked checkpoints and corpora (default: $DPROPE_CACHE/quality or "
+                    "~/.cache/dprope/quality)")
+    ap.add_argument("--evals", default=str(HERE / "results" / "evals"),
+                    help="lm-eval results, one small JSON per (model content, task, length, samples, corpus); the "
+                         "repository keeps the ones behind the README's tables, so re-running those is instant")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     from convert.validate import quiet_lm_eval

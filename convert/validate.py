@@ -37,7 +37,7 @@ RULER_OFFLINE = ("niah_single_1", "niah_multikey_2", "niah_multikey_3", "ruler_v
 RULER_ESSAY = ("niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multivalue", "niah_multiquery")
 RULER_LENGTHS = (4096, 8192, 16384, 32768, 65536, 131072)
 RULER_NEEDS_HUB = ("ruler_qa_squad", "ruler_qa_hotpot", "qa_squad", "qa_hotpot")
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 BLOCK = 128  # tokens per block of the stored perplexity-by-position sums
 
 
@@ -163,10 +163,17 @@ def _metric(task: str, length: int, results: dict) -> dict:
     return {"score": pick(str(length))}
 
 
+def corpus_digest(corpus: str | None) -> str:
+    """The corpus by content (the default, Python's docs, differs between Python versions)."""
+    from .tasks.ppl import corpus_text
+
+    return hashlib.sha256(corpus_text(corpus).encode("utf-8")).hexdigest()[:16]
+
+
 def cache_file(cache_dir: Path, run: Run, task: str, length: int, limit: int | None, corpus: str | None,
                chunk_tokens: int, seed: int = 0) -> Path:
-    key = hashlib.sha256(json.dumps([CACHE_VERSION, run.hash, task, length, limit, corpus, chunk_tokens, seed])
-                         .encode()).hexdigest()[:20]
+    key = hashlib.sha256(json.dumps([CACHE_VERSION, run.hash, task, length, limit, corpus_digest(corpus),
+                                     chunk_tokens, seed]).encode()).hexdigest()[:20]
     return cache_dir / f"{run.hash}-{task}-{length}-{key}.json"
 
 
@@ -206,7 +213,7 @@ def run_one(model, tokenizer, run: Run, task: str, length: int, limit: int | Non
                                                                     range(BLOCK, len(lp), BLOCK))]
                                for _, lp in sorted(lm.token_logprobs.items())]
     out = {"task": task, "length": length, "limit": limit, "model": run.label, "model_hash": run.hash,
-           "metrics": metrics,
+           "corpus_digest": corpus_digest(corpus), "chunk_tokens": chunk_tokens, "seed": seed, "metrics": metrics,
            "lm_eval": {"results": res["results"], "n-samples": res.get("n-samples"),
                        "versions": res.get("versions"), "config": {k: str(v) for k, v in res.get("config", {}).items()}}}
     cache_dir.mkdir(parents=True, exist_ok=True)

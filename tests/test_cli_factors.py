@@ -8,7 +8,7 @@ from click.testing import CliRunner
 from convert.cli import main
 from test_engine import GOLDEN_16K, GOLDEN_8K
 
-LLAMA2 = ["factors", "--rope-theta", "10000", "--head-dim", "128", "--original-length", "4096"]
+LLAMA2 = ["factors", "--method", "dprope-paper", "--rope-theta", "10000", "--head-dim", "128", "--original-length", "4096"]
 
 
 @pytest.mark.parametrize("target,golden", [(8192, GOLDEN_8K), (16384, GOLDEN_16K)])
@@ -59,3 +59,36 @@ def test_model_option_reads_a_checkpoint(tiny_models):
 def test_errors_are_one_line(args, msg):
     res = CliRunner().invoke(main, ["factors", *args])
     assert res.exit_code == 2 and msg in res.output and "Traceback" not in res.output
+
+
+def test_default_method_and_methods_listing():
+    res = CliRunner().invoke(main, ["factors", "--rope-theta", "1e5", "--head-dim", "64", "--original-length", "8192",
+                                    "--target-length", "16384", "--json"])
+    assert res.exit_code == 0, res.output
+    d = json.loads(res.output)
+    from dprope.methods import DEFAULT_METHOD
+
+    assert d["method"] == DEFAULT_METHOD and d["params"]["options"]
+    listing = CliRunner().invoke(main, ["methods"])
+    assert listing.exit_code == 0
+    from dprope.methods import available_methods
+
+    for name in available_methods():
+        assert any(line.split()[0] == name for line in listing.output.splitlines() if line.strip()), name
+    assert "(default)" in listing.output
+    js = json.loads(CliRunner().invoke(main, ["methods", "--json"]).output)
+    assert {m["name"] for m in js} == set(available_methods())
+
+
+def test_method_options_on_the_command_line():
+    res = CliRunner().invoke(main, ["factors", "--method", "yarn", "--opt", "temperature=1.25", "--rope-theta", "1e4",
+                                    "--head-dim", "64", "--original-length", "4096", "--target-length", "8192",
+                                    "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["temperature"] == 1.25
+    bad = CliRunner().invoke(main, ["factors", "--method", "yarn", "--opt", "guard=3", "--rope-theta", "1e4",
+                                    "--head-dim", "64", "--original-length", "4096", "--target-length", "8192"])
+    assert bad.exit_code == 2 and "no option(s) guard" in bad.output
+    bad = CliRunner().invoke(main, ["factors", "--method", "yarn", "--select", "top-n:3", "--rope-theta", "1e4",
+                                    "--head-dim", "64", "--original-length", "4096", "--target-length", "8192"])
+    assert bad.exit_code == 2 and "does not apply" in bad.output

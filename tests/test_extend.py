@@ -54,7 +54,11 @@ def test_output_loads_in_transformers_with_the_factors(tiny_models, tmp_path, mo
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["max_position_embeddings"] == TARGET and cfg["original_max_position_embeddings"] == ORIGINAL
     assert cfg["rope_scaling"]["rope_type"] == "longrope" and "rope_parameters" not in cfg
-    assert cfg["rope_scaling"]["attention_factor"] == 1.0
+    # the default method's temperature, under every key a runtime reads
+    t = r["temperature"]
+    assert t > 1 and cfg["rope_scaling"]["attention_factor"] == pytest.approx(t)
+    assert cfg["rope_scaling"]["short_mscale"] == cfg["rope_scaling"]["long_mscale"] == pytest.approx(t)
+    assert cfg["rope_scaling"]["type"] == "longrope" and cfg["dprope"]["method"] == r["method"]
 
     model = AutoModelForCausalLM.from_pretrained(str(out)).eval()
     base = AutoModelForCausalLM.from_pretrained(str(src)).eval()
@@ -68,6 +72,7 @@ def test_output_loads_in_transformers_with_the_factors(tiny_models, tmp_path, mo
         rot = base.model.rotary_emb
         rot.inv_freq = base_inv / factors
         rot.original_inv_freq = rot.inv_freq
+        rot.attention_scaling = t
         want = base(ids).logits
         base_plain = AutoModelForCausalLM.from_pretrained(str(src)).eval()
         plain = base_plain(ids).logits
@@ -77,7 +82,7 @@ def test_output_loads_in_transformers_with_the_factors(tiny_models, tmp_path, mo
 
 def test_methods_share_the_path(tiny_models, tmp_path):
     src = tiny_models[("llama", False)]
-    for method in ("pi", "ntk", "yarn"):
+    for method in ("pi", "ntk", "yarn", "llama3"):
         out = _extend(src, tmp_path / method, method=method)
         cfg = json.loads((out / "config.json").read_text())
         long = torch.tensor(cfg["rope_scaling"]["long_factor"])

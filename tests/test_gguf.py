@@ -92,11 +92,13 @@ def test_longrope_layout_short_and_long_contexts(tokenizer, tmp_path):
     """Original window 256 -> 1024 with short factors = the base RoPE: llama.cpp picks short for n_ctx <= 256 and
     long above, like transformers picks by sequence length."""
     base = make_tiny(tmp_path / "base", "llama", tokenizer=tokenizer, max_pos=256)
-    ckpt = bake(open_source(base), tmp_path / "ext", make_plan(target_length=1024, short_factor="original"),
+    ckpt = bake(open_source(base), tmp_path / "ext", make_plan("dprope-paper", 1024, short_factor="original"),
                 progress=False)
     gg = export_gguf(ckpt, tmp_path / "lr.gguf", "f32", "longrope", progress=False)
     meta, reader = gguf_fields(gg)
-    assert meta["llama.rope.scaling.type"] == "longrope" and meta["llama.rope.scaling.attn_factor"] == 1.0
+    temp = json.loads((ckpt / "config.json").read_text())["rope_scaling"]["attention_factor"]
+    assert meta["llama.rope.scaling.type"] == "longrope"
+    assert meta["llama.rope.scaling.attn_factor"] == pytest.approx(temp)
     assert {"rope_factors_long.weight", "rope_factors_short.weight"} <= {t.name for t in reader.tensors}
     short_ids, long_ids = _ids(100, seed=1), _ids(300, seed=2)
     ref_short, ref_long = hf_logits(ckpt, short_ids), hf_logits(ckpt, long_ids)
@@ -210,3 +212,66 @@ def test_lean_header_reader_agrees_with_gguf_py_and_refuses_bad_files(extended, 
     for name, words in (("head", "truncated"), ("body", "truncated"), ("text", "not a GGUF")):
         with pytest.raises(ConvertError, match=words):
             read_gguf(tmp_path / f"{name}.gguf")
+
+
+def _with_config(src: Path, dst: Path, **rope_scaling) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg["rope_scaling"].update(rope_scaling)
+    (dst / "config.json").write_text(json.dumps(cfg, indent=2))
+    return dst
+
+
+def test_temperature_travels_to_llama_cpp_with_rope_freqs(tiny_models, tmp_path):
+    """A method's attention temperature: attention_factor + short/long_mscale in config.json, and
+    rope.scaling.attn_factor next to rope_freqs.weight in the GGUF, which llama.cpp applies (parity past the
+    window); the same GGUF without the key runs a different model (negative control)."""
+    ckpt = bake(open_source(tiny_models[("llama", False)]), tmp_path / "ext",
+                make_plan("pi", TARGET, options={"temperature": 1.3}), progress=False)
+    rs = json.loads((ckpt / "config.json").read_text())["rope_scaling"]
+    assert rs["attention_factor"] == rs["short_mscale"] == rs["long_mscale"] == pytest.approx(1.3)
+    ids = _ids()
+    ref = hf_logits(ckpt, ids)
+    gg = export_gguf(ckpt, tmp_path / "t.gguf", "f32", progress=False)
+    meta, reader = gguf_fields(gg)
+    assert meta["llama.rope.scaling.attn_factor"] == pytest.approx(1.3)
+    assert "llama.rope.scaling.type" not in meta and "rope_freqs.weight" in {t.name for t in reader.tensors}
+    got, _ = llama_cpp_logits(gg, ids, TARGET)
+    assert max_abs_diff(ref, got) < F32_TOL
+    # negative control: the same factors, no temperature key
+    plain = _with_config(ckpt, tmp_path / "no-t", attention_factor=1.0, short_mscale=1.0, long_mscale=1.0)
+    gg0 = export_gguf(plain, tmp_path / "no-t.gguf", "f32", progress=False)
+    assert "llama.rope.scaling.attn_factor" not in gguf_fields(gg0)[0]
+    bad, _ = llama_cpp_logits(gg0, ids, TARGET)
+    assert max_abs_diff(ref, bad) > 100 * F32_TOL
+
+
+def test_folded_temperature_runs_the_same_model(tiny_models, tmp_path):
+    """--fold-temperature: q/k weights times t, temperature 1 in the config; transformers and llama.cpp (no
+    temperature key) give the logits of the unfolded checkpoint."""
+    src = open_source(tiny_models[("qwen2", False)])  # q/k biases are folded too
+    plan = make_plan("yarn", TARGET)
+    ckpt = bake(src, tmp_path / "ext", plan, progress=False)
+    folded = bake(src, tmp_path / "fold", plan, progress=False, fold_temperature=True)
+    cfg = json.loads((folded / "config.json").read_text())
+    t = 0.1 * np.log(4) + 1
+    assert cfg["rope_scaling"]["attention_factor"] == 1.0 and cfg["dprope"]["temperature_folded"] == pytest.approx(t)
+    ids = _ids()
+    ref = hf_logits(ckpt, ids)
+    assert max_abs_diff(ref, hf_logits(folded, ids)) < 1e-4
+    from safetensors.numpy import load_file
+
+    a = load_file(str(next(ckpt.glob("model*.safetensors"))))
+    b = load_file(str(next(folded.glob("model*.safetensors"))))
+    qk = [k for k in a if ".q_proj." in k or ".k_proj." in k]
+    assert len(qk) == 8 and all(np.allclose(b[k], a[k] * t, rtol=1e-6) for k in qk)
+    assert all(np.array_equal(a[k], b[k]) for k in a if k not in qk)
+    gg = export_gguf(folded, tmp_path / "fold.gguf", "f32", progress=False)
+    assert "qwen2.rope.scaling.attn_factor" not in gguf_fields(gg)[0]
+    assert "llama.rope.scaling.attn_factor" not in gguf_fields(gg)[0]
+    got, _ = llama_cpp_logits(gg, ids, TARGET)
+    assert max_abs_diff(ref, got) < F32_TOL
+    # the source's own files are never patched
+    assert np.array_equal(load_file(str(next(src.path.glob("model*.safetensors"))))[qk[0]], a[qk[0]])

@@ -129,3 +129,34 @@ def test_missing_source_says_how_to_provide_it(tmp_path):
                                     "--to", "source"])
     assert res.exit_code == 2
     assert "hf download meta-llama/Llama-2-7b-hf" in res.output and "--source" in res.output
+
+
+def test_recipes_accept_every_registered_method_and_plugin_candidates(tmp_path):
+    from dprope.methods import available_methods
+
+    for name in available_methods():
+        r = load_recipe(ROOT / "recipes/smollm2/135m_16k.yaml", {"method": {"name": name}})
+        assert r.method.name == name
+    plugin = tmp_path / "my_candidates.py"
+    plugin.write_text("import torch, dprope\n"
+                      "@dprope.register_candidate('quarter_pi', 'a quarter of PI')\n"
+                      "def quarter(ctx):\n    return torch.full((ctx.n_pairs,), 1 + (ctx.scale - 1) / 4)\n")
+    try:
+        r = load_recipe(ROOT / "recipes/smollm2/135m_16k.yaml", {"method": {
+            "name": "dprope-paper", "plugins": [str(plugin)], "candidates": ["extrapolation", "quarter_pi"],
+            "options": {"temperature": "yarn"}}})
+        assert r.method.candidates == ["extrapolation", "quarter_pi"]
+        from convert.run import _plan_of
+
+        p = _plan_of(r)
+        assert p.options["candidates"] == ["extrapolation", "quarter_pi"] and p.options["temperature"] == "yarn"
+    finally:
+        import dprope
+
+        dprope.unregister_candidate("quarter_pi")
+    for bad, msg in (({"name": "magic"}, "unknown method 'magic'"),
+                     ({"name": "yarn", "options": {"guard": 2}}, r"no option\(s\) guard"),
+                     ({"name": "dprope-paper", "candidates": ["nope"]}, "unknown candidate"),
+                     ({"name": "dprope", "plugins": ["no_such_module_xyz"]}, "failed to import")):
+        with pytest.raises(ConvertError, match=msg):
+            load_recipe(ROOT / "recipes/smollm2/135m_16k.yaml", {"method": bad})

@@ -25,7 +25,7 @@ def rewrite_gguf(src: Path, dst: Path, overrides: dict | None = None, factor_sca
     r = gguf.GGUFReader(str(src))
     w = gguf.GGUFWriter(str(dst), r.fields["general.architecture"].contents())
     for key, f in r.fields.items():
-        if key.startswith("GGUF.") or key == "general.architecture":
+        if key.startswith("GGUF.") or key == "general.architecture" or key in drop:
             continue
         val = (overrides or {}).get(key, f.contents())
         w.add_key_value(key, val, f.types[0], sub_type=f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None)
@@ -108,3 +108,22 @@ def test_fails_on_config_whose_scaling_transformers_ignores(good, tmp_path):
     res = _run(ck)
     assert res.exit_code == 1 and "hf-inv-freq" in res.output
     assert "ignores the scaling" in res.output
+
+
+def test_verify_checks_the_temperature(good, tmp_path):
+    names = {c["name"] for c in json.loads((good / "hf" / "verify.json").read_text())["checks"]}
+    assert {"temperature-config", "hf-temperature"} <= names
+    # a GGUF that lost its attn_factor key: metadata names it, and llama.cpp's logits move
+    res = _gguf_case(good, tmp_path, drop=("llama.rope.scaling.attn_factor",))
+    assert res.exit_code == 1 and "gguf-metadata [hf-f32.gguf]" in res.output
+    assert "rope.scaling.attn_factor 1 != temperature" in res.output and "parity [hf-f32.gguf" in res.output
+
+
+def test_verify_fails_on_a_config_vllm_would_misread(good, tmp_path):
+    ck = tmp_path / "hf"
+    shutil.copytree(good / "hf", ck)
+    cfg = json.loads((ck / "config.json").read_text())
+    rs = {k: v for k, v in cfg["rope_scaling"].items() if k not in ("short_mscale", "long_mscale")}
+    edit_config(ck, rope_scaling=rs)
+    res = _run(ck)
+    assert res.exit_code == 1 and "temperature-config" in res.output and "short_mscale missing" in res.output
