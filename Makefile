@@ -15,12 +15,13 @@ RECIPES := $(sort $(wildcard recipes/*/*.yaml))
 recipe_target = $(subst _,-,$(subst /,-,$(patsubst recipes/%.yaml,%,$(1))))
 RECIPE_TARGETS := $(foreach r,$(RECIPES),$(call recipe_target,$(r)))
 
-.PHONY: setup test test-all extend bench bench-quick clean help release recipes $(RECIPE_TARGETS)
+.PHONY: setup test test-all extend bench bench-quick bench-quality clean help release recipes $(RECIPE_TARGETS)
 
 help:
 	@echo "make extend   extend the embedded SmolLM2-135M (8k) to 16k tokens into $(OUT)/ (sets itself up)"
 	@echo "make test     install into $(VENV) and run the tests"
 	@echo "make bench    run the benchmarks (minutes)"
+	@echo "make bench-quality   every method through extend -> lm-eval on SmolLM2 (hours on a 2-core CPU; QUALITY_ARGS=...)"
 	@echo "make release RECIPE=recipes/<family>/<size>_<target>.yaml   full validation with gates"
 	@echo "recipes:      $(RECIPE_TARGETS)"
 
@@ -66,6 +67,11 @@ bench: setup
 	$(PY) bench/factors.py
 	$(PY) bench/extend.py
 	$(PY) bench/gguf_vs_llamacpp.py
+
+# every registered method through the real pipeline; cached per (model, task, length, corpus), so re-runs are instant
+QUALITY_ARGS ?= --targets 16384 --corpora pydoc,licenses --samples 1 --passkey 1
+bench-quality: setup
+	$(PY) bench/quality.py $(QUALITY_ARGS)
 
 bench-quick: setup
 	$(PY) bench/factors.py --quick

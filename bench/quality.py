@@ -92,7 +92,8 @@ def buckets(original: int, target: int) -> list[tuple[int, int]]:
     edges = sorted({0, original // 2, original, *[original * 2**k for k in range(1, 8) if original * 2**k <= target],
                     target})
     out = list(zip(edges, edges[1:]))
-    return out + [(original, target)] if (original, target) not in out else out
+    # the whole original window and everything past it, whatever the finer edges
+    return out + [b for b in ((0, original), (original, target)) if b not in out]
 
 
 def bucket_ppl(block_ll: list[list[float]], block: int, lo: int, hi: int, n_tokens: list[int]) -> float | None:
@@ -239,11 +240,15 @@ def plots(data: dict, out: Path) -> list[Path]:
                 if not pm or not pm.get("block_ll"):
                     continue
                 n_tok = [min(T, len(d) * pm["block"]) for d in pm["block_ll"]]
-                xs, ys = zip(*curve(pm["block_ll"], pm["block"], n_tok))
+                width = max(pm["block"], (T // 32) // pm["block"] * pm["block"])  # 32 spans per window
+                pts = curve(pm["block_ll"], pm["block"], n_tok, width)
+                if not pts:
+                    continue
+                xs, ys = zip(*pts)
                 ax.plot(xs, ys, label=m, lw=2.2 if m in ("dprope", "yarn", "none") else 1.2)
             ax.axvline(data["original"], color="grey", ls="--", lw=1)
             ax.set_yscale("log")
-            ax.set_xlabel("token position (1k-token spans)")
+            ax.set_xlabel(f"token position ({T // 32}-token spans)")
             ax.set_ylabel("perplexity")
             ax.set_title(f"{Path(str(data['source'])).name}: {data['original']} -> {T}, corpus {c}")
             ax.legend(fontsize=7, ncol=2)

@@ -38,7 +38,7 @@ RULER_ESSAY = ("niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multiv
 RULER_LENGTHS = (4096, 8192, 16384, 32768, 65536, 131072)
 RULER_NEEDS_HUB = ("ruler_qa_squad", "ruler_qa_hotpot", "qa_squad", "qa_hotpot")
 CACHE_VERSION = 3
-BLOCK = 128  # tokens per block of the stored perplexity-by-position sums
+BLOCK = 128  # tokens per block of the stored perplexity-by-position sums (fewer for short lengths)
 
 
 def supported_tasks() -> list[str]:
@@ -99,6 +99,16 @@ def local_haystack(text: str) -> Iterator[None]:
 
 
 # ------------------------------------------------------------------------------------------- running lm-eval
+def _quiet_git_hash() -> str | None:
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "describe", "--always"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
 @contextlib.contextmanager
 def quiet_lm_eval(log_file: Path | None = None) -> Iterator[Path]:
     """Keep lm-eval's, transformers' and datasets' warnings off the terminal for the duration of the block: they
@@ -119,11 +129,20 @@ def quiet_lm_eval(log_file: Path | None = None) -> Iterator[Path]:
         lg.handlers = [handler]
         lg.propagate = False
     logging.captureWarnings(True)
+    # lm-eval records the git commit of the working directory with a bare `git describe`, whose "fatal: not a git
+    # repository" reaches the terminal outside a checkout (lm_eval/loggers/utils.py get_git_commit_hash)
+    import lm_eval.evaluator as ev
+
+    orig_git = getattr(ev, "get_git_commit_hash", None)
+    if orig_git is not None:
+        ev.get_git_commit_hash = _quiet_git_hash
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("default")
             yield log_file
     finally:
+        if orig_git is not None:
+            ev.get_git_commit_hash = orig_git
         logging.captureWarnings(False)
         for n, (hs, prop) in saved.items():
             lg = logging.getLogger(n)
@@ -201,16 +220,17 @@ def run_one(model, tokenizer, run: Run, task: str, length: int, limit: int | Non
     tm = TaskManager(include_path=str(folder), include_defaults=False, metadata=meta)
     name = PROJECT_TASKS.get(task, task)
     ctx = local_haystack(corpus_text(corpus)) if task in RULER_ESSAY else contextlib.nullcontext()
-    with ctx:
+    with ctx, quiet_lm_eval():
         res = lm_eval.simple_evaluate(model=lm, tasks=[name], task_manager=tm, limit=limit, log_samples=False,
                                       random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
                                       fewshot_random_seed=seed)
     metrics = _metric(task, length, res)
     if task == "ppl" and lm.token_logprobs:
         # per-document log-likelihood sums over BLOCK-token blocks: perplexity by position at any bucket edges
-        metrics["block"] = BLOCK
+        block = max(1, min(BLOCK, length // 64))
+        metrics["block"] = block
         metrics["block_ll"] = [[float(b.sum()) for b in np.split(lp.astype(np.float64),
-                                                                    range(BLOCK, len(lp), BLOCK))]
+                                                                    range(block, len(lp), block))]
                                for _, lp in sorted(lm.token_logprobs.items())]
     out = {"task": task, "length": length, "limit": limit, "model": run.label, "model_hash": run.hash,
            "corpus_digest": corpus_digest(corpus), "chunk_tokens": chunk_tokens, "seed": seed, "metrics": metrics,

@@ -248,3 +248,21 @@ def test_hub_id_in_the_local_cache_is_used(tiny_models, tmp_path, monkeypatch):
     out = bake(src, tmp_path / "out", make_plan(target_length=TARGET), progress=False)
     assert json.loads((out / "config.json").read_text())["max_position_embeddings"] == TARGET
     assert "someorg/tiny" in (out / "README.md").read_text()
+
+
+def test_every_registered_method_bakes_and_loads(tiny_models, tmp_path):
+    """Each method through bake: config factors = the method's, temperature under every key, transformers reload."""
+    from transformers import AutoConfig
+
+    from dprope.methods import available_methods
+
+    src = tiny_models[("qwen2", False)]
+    for name in available_methods():
+        out = _extend(src, tmp_path / name, method=name)
+        rep = json.loads((out / "dprope_factors.json").read_text())
+        cfg = json.loads((out / "config.json").read_text())
+        assert rep["method"] == name and cfg["dprope"]["method"] == name
+        assert cfg["rope_scaling"]["long_factor"] == pytest.approx(rep["factors"])
+        for key in ("attention_factor", "short_mscale", "long_mscale"):
+            assert cfg["rope_scaling"][key] == pytest.approx(rep["temperature"])
+        assert AutoConfig.from_pretrained(str(out)).max_position_embeddings == TARGET

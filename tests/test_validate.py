@@ -18,7 +18,9 @@ from tiny import ORIGINAL
 def test_passkey_scorer():
     assert passkey.score(" 12345. Remember", "12345") == 1.0
     assert passkey.score("The pass key is 12345", "12345") == 1.0
-    assert passkey.score(" 123456", "12345") == 1.0  # first five digits: the key followed by noise still counts
+    assert passkey.score(" 123456", "12345") == 0.0  # a longer number is not the key
+    assert passkey.score(" 12345678", "12345") == 0.0
+    assert passkey.score(" 012345", "12345") == 0.0
     assert passkey.score(" 54321", "12345") == 0.0
     assert passkey.score(" 1234", "12345") == 0.0
     assert passkey.score("", "12345") == 0.0

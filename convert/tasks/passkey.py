@@ -63,8 +63,8 @@ def make_dataset(length: int, tokenizer: str, depths=DEFAULT_DEPTHS, seed: int =
 
 
 def score(generation: str, answer: str) -> float:
-    """1.0 when the first 5-digit number in the generation is the key."""
-    m = re.search(r"\d{5}", generation)
+    """1.0 when the first number in the generation is exactly the key (123456 is not 12345)."""
+    m = re.search(r"\d+", generation)
     return float(bool(m) and m.group(0) == answer)
 
 

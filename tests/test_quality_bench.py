@@ -1,0 +1,67 @@
+"""bench/quality.py end to end on a tiny model: every registered method baked and scored by lm-eval on the same
+samples, tables, plots, and a cached re-run that computes nothing."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    sys.path.insert(0, str(ROOT / "bench"))
+    import quality
+
+    return quality
+
+
+METHODS = ["none", "pi", "yarn", "dprope-paper", "dprope"]
+
+
+def test_methods_through_the_pipeline(bench, tiny_models, tmp_path, capsys):
+    corpus = tmp_path / "other.txt"
+    from pydoc_data.topics import topics
+
+    corpus.write_text("\n\n".join(topics[k] for k in sorted(topics)[::-1][:80]))
+    args = ["--source", str(tiny_models[("llama", False)]), "--targets", "256", "--corpora", f"pydoc,{corpus}",
+            "--samples", "2", "--passkey", "1", "--methods", ",".join(METHODS), "--passkey-lengths", "256", "--out", str(tmp_path / "out"),
+            "--cache", str(tmp_path / "cache"), "--evals", str(tmp_path / "evals")]
+    assert bench.main(args) == 0
+    data = json.loads((tmp_path / "out" / "quality-256.json").read_text())
+    assert data["methods"] == METHODS
+    ppl = [r for r in data["results"] if r["task"] == "ppl"]
+    assert len(ppl) == 2 * len(data["methods"])
+    for r in ppl:
+        assert len(r["metrics"]["block_ll"]) == 2  # the same two documents for every method
+        assert r["metrics"]["token_perplexity"] > 1
+    # methods differ past the window, and every table row is filled
+    past = {r["method"]: r["metrics"]["token_perplexity"] for r in ppl if r["corpus"] == "pydoc"}
+    assert len({round(v, 6) for v in past.values()}) > len(past) // 2
+    md = (tmp_path / "out" / "quality-256.md").read_text()
+    for m in data["methods"]:
+        assert f"| {m} |" in md
+    assert "past-window ppl vs yarn" in md and "1.000x" in md  # yarn against itself
+    pngs = sorted((tmp_path / "out").glob("*.png"))
+    assert len(pngs) == 2 and all(p.read_bytes()[:4] == b"\x89PNG" for p in pngs)
+    # a second run computes nothing: every result comes from the cache
+    capsys.readouterr()
+    assert bench.main(args) == 0
+    again = json.loads((tmp_path / "out" / "quality-256.json").read_text())
+    assert all(r["seconds"] is None for r in again["results"])
+    assert [r["metrics"] for r in again["results"]] == [r["metrics"] for r in data["results"]]
+
+
+def test_bucket_and_curve_arithmetic(bench):
+    import math
+
+    block_ll = [[-128.0, -256.0], [-128.0 * 2, -128.0]]  # two docs, two 128-token blocks each
+    assert bench.bucket_ppl(block_ll, 128, 0, 128, [256, 256]) == pytest.approx(math.exp(1.5))
+    assert bench.bucket_ppl(block_ll, 128, 128, 256, [256, 256]) == pytest.approx(math.exp(1.5))
+    assert bench.bucket_ppl(block_ll, 128, 0, 256, [256, 256]) == pytest.approx(math.exp(1.5))
+    assert bench.buckets(8192, 32768) == [(0, 4096), (4096, 8192), (8192, 16384), (16384, 32768), (0, 8192),
+                                          (8192, 32768)]
+    assert bench.parse_spec("dprope-ramp:temperature=yarn:low=0.001") == ("dprope-ramp",
+                                                                          {"temperature": "yarn", "low": 0.001})
