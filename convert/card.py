@@ -34,8 +34,10 @@ def write_card(out: Path, src, plan, result: DPRoPEResult, long: torch.Tensor, a
     opts = ", ".join(f"{k}={v}" for k, v in plan.options.items()) or "none"
     if abs(attn - 1.0) > 1e-9:
         temp_text = (f"- Attention temperature: {attn:.6g} on cos/sin (attention logits x {attn * attn:.4g}). Carried as "
-                     "`attention_factor` (transformers), `short_mscale`/`long_mscale` (vLLM, SGLang, MLX-lm) and "
-                     "`rope.scaling.attn_factor` in the GGUF (llama.cpp). Ollama's Go engine and older llama.cpp "
+                     "`attention_factor` (transformers), `short_mscale`/`long_mscale` (vLLM, SGLang) and "
+                     "`rope.scaling.attn_factor` in the GGUF (llama.cpp). MLX-lm and ExLlamaV2 read none of these "
+                     "and apply their own default: load the `hf-portable/` copy `dprope export` writes for them. "
+                     "Ollama's Go engine and older llama.cpp "
                      "builds read no temperature key: for those, `dprope extend --fold-temperature` writes it into "
                      "the q/k projection weights instead.")
     else:

@@ -231,13 +231,21 @@ def export_gguf_cmd(checkpoint, out, outtype, rope_layout, base_gguf, force):
 @click.option("--base-gguf", type=click.Path(path_type=Path, exists=True),
               help="Also re-emit this base GGUF with its own quantisation plus the factors.")
 @click.option("--name", help="File name stem (default: the checkpoint directory's name).")
-def export(checkpoint, out_dir, outtypes, rope_layout, base_gguf, name):
-    """Export stage: GGUF files, ollama Modelfiles and a sha256 manifest for a baked CHECKPOINT."""
+@click.option("--portable/--no-portable", default=True, show_default=True,
+              help="Write hf-portable/, the copy MLX-lm and ExLlamaV2 run with the right temperature (only when the "
+                   "temperature differs from their default).")
+def export(checkpoint, out_dir, outtypes, rope_layout, base_gguf, name, portable):
+    """Export stage: GGUF files, ollama Modelfiles, the portable HF copy and a sha256 manifest for a baked
+    CHECKPOINT."""
     from .export import export_outputs
 
-    m = export_outputs(checkpoint, out_dir, _candidates(outtypes), rope_layout, base_gguf, name)
+    m = export_outputs(checkpoint, out_dir, _candidates(outtypes), rope_layout, base_gguf, name, portable=portable)
     for g in m["gguf"]:
         click.echo(f"{out_dir / g['file']}  {g['type']}  sha256 {g['sha256'][:16]}...")
+    if m.get("portable"):
+        p = m["portable"]
+        click.echo(f"{out_dir / p['path']}/  config temperature {p['config_temperature']:.6g}, q/k x "
+                   f"{p['qk_scale']:.6g} (for MLX-lm, ExLlamaV2)")
     click.echo(f"manifest: {out_dir / 'manifest.json'}")
 
 

@@ -1,5 +1,6 @@
-"""Export stage of the pipeline: GGUF files beside the baked HF directory, an ollama Modelfile for each, and a
-manifest with sha256 sums of every output file."""
+"""Export stage of the pipeline: GGUF files beside the baked HF directory, an ollama Modelfile for each, the portable
+HF copy for runtimes that apply their own temperature (`convert.portable`; only when the temperature differs from
+their default), and a manifest with sha256 sums of every output file."""
 
 from __future__ import annotations
 
@@ -26,9 +27,10 @@ def modelfile_text(gguf_name: str, n_ctx: int) -> str:
 
 def export_outputs(ckpt: Path, out_dir: Path, outtypes: Sequence[str] = ("f16", "q8_0"), rope_layout: str = "freqs",
                    base_gguf: Path | None = None, name: str | None = None, force: bool = True,
-                   progress: bool = True) -> dict:
+                   progress: bool = True, portable: bool = True) -> dict:
     """Write ``out_dir/<name>-<type>.gguf`` for each outtype (and ``<name>-base-quant.gguf`` re-emitted from
-    ``base_gguf`` when given), a Modelfile per GGUF, and ``out_dir/manifest.json``; returns the manifest."""
+    ``base_gguf`` when given), a Modelfile per GGUF, ``out_dir/hf-portable/`` when MLX-lm and ExLlamaV2 would
+    misread the temperature (``portable``), and ``out_dir/manifest.json``; returns the manifest."""
     ckpt, out_dir = Path(ckpt), Path(out_dir)
     bad = [t for t in outtypes if t not in OUTTYPES]
     if bad:
@@ -50,6 +52,11 @@ def export_outputs(ckpt: Path, out_dir: Path, outtypes: Sequence[str] = ("f16", 
         ggufs.append((p, "base-quant"))
     for p, _ in ggufs:
         (out_dir / f"{p.stem}.Modelfile").write_text(modelfile_text(p.name, target))
+    split = None
+    if portable:
+        from .portable import PORTABLE_DIR, write_portable
+
+        split = write_portable(ckpt, out_dir / PORTABLE_DIR, force=force)
     manifest = {
         "checkpoint": {"path": os.path.relpath(ckpt, out_dir),
                        "files": {f.name: {"sha256": sha256(f), "bytes": f.stat().st_size}
@@ -57,9 +64,13 @@ def export_outputs(ckpt: Path, out_dir: Path, outtypes: Sequence[str] = ("f16", 
         "gguf": [{"file": p.name, "type": t, "rope_layout": rope_layout, "context_length": target,
                   "sha256": sha256(p), "bytes": p.stat().st_size, "modelfile": f"{p.stem}.Modelfile"}
                  for p, t in ggufs],
+        "portable": None if split is None else {
+            "path": PORTABLE_DIR, **split,
+            "files": {f.name: {"sha256": sha256(f), "bytes": f.stat().st_size}
+                      for f in sorted((out_dir / PORTABLE_DIR).iterdir()) if f.is_file()}},
     }
     tmp = out_dir / f".{MANIFEST}.partial"
     tmp.write_text(json.dumps(manifest, indent=1) + "\n")
     os.replace(tmp, out_dir / MANIFEST)
-    log.info("export: %s", ", ".join(p.name for p, _ in ggufs))
+    log.info("export: %s", ", ".join([p.name for p, _ in ggufs] + ([PORTABLE_DIR] if split else [])))
     return manifest

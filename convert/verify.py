@@ -7,12 +7,15 @@ Checks, each named so a failure says which:
                   with the HF config;
   gguf-factors    the factor tensor(s): name, F32, shape and values equal the HF long (and short) factors;
   temperature-config  config.json carries the method's attention temperature as attention_factor and as the
-                  short_mscale / long_mscale keys vLLM, SGLang and MLX-lm read;
+                  short_mscale / long_mscale keys vLLM and SGLang read;
   hf-temperature  transformers scales cos/sin by that temperature after reloading;
                   (gguf-metadata also checks rope.scaling.attn_factor against it)
   gguf-context    the context llama.cpp allocates equals the target (no silent cap);
   parity          the same token ids through transformers and llama.cpp, at positions inside and past the original
-                  window: max |dlogit| for f32/f16 and mean KL of next-token distributions for every type.
+                  window: max |dlogit| for f32/f16 and mean KL of next-token distributions for every type;
+  mlx-parity      (when mlx-lm imports) the rotary module MLX-lm builds from the portable copy (or the HF directory
+                  when there is none) against the factors and temperature, then the same token ids through MLX and
+                  transformers (`convert.mlx_runtime`); reported as skipped without mlx-lm.
 A negative control (the same parity numbers against the model with plain RoPE) is reported next to them.
 """
 
@@ -68,7 +71,8 @@ class Report:
     def table(self) -> str:
         lines = ["| check | output | result | detail |", "|---|---|---|---|"]
         for c in self.checks:
-            lines.append(f"| {c.name} | {c.target} | {'pass' if c.ok else 'FAIL'} | {c.detail} |")
+            result = "skip" if c.numbers.get("skipped") else "pass" if c.ok else "FAIL"
+            lines.append(f"| {c.name} | {c.target} | {result} | {c.detail} |")
         return "\n".join(lines)
 
 
@@ -76,6 +80,8 @@ class Report:
 class Outputs:
     checkpoint: Path
     ggufs: list[tuple[Path, str]]  # (file, type)
+    portable: Path | None = None  # the copy for runtimes that apply their own temperature (convert.portable)
+    lone_gguf: bool = False  # one .gguf given: the HF directory is only its reference
 
 
 def find_outputs(path: Path, checkpoint: Path | None = None) -> Outputs:
@@ -89,15 +95,15 @@ def find_outputs(path: Path, checkpoint: Path | None = None) -> Outputs:
             raise ConvertError(f"{path} is not a .gguf file or an output directory")
         if checkpoint is None:
             raise ConvertError(f"verifying {path.name} alone needs --checkpoint, the HF directory it was exported from")
-        return Outputs(Path(checkpoint), [(path, _gguf_type(path))])
+        return Outputs(Path(checkpoint), [(path, _gguf_type(path))], lone_gguf=True)
     if (path / "hf" / "config.json").exists():
         ck = path / "hf"
         exp = path / "export"
-        return Outputs(ck, _ggufs_in(exp) if exp.exists() else [])
+        return Outputs(ck, _ggufs_in(exp) if exp.exists() else [], _portable_in(exp))
     if (path / "manifest.json").exists():
         m = json.loads((path / "manifest.json").read_text())
         ck = Path(checkpoint) if checkpoint else (path / m["checkpoint"]["path"]).resolve()
-        return Outputs(ck, [(path / g["file"], g["type"]) for g in m["gguf"]])
+        return Outputs(ck, [(path / g["file"], g["type"]) for g in m["gguf"]], _portable_in(path))
     if (path / "config.json").exists():
         return Outputs(path, _ggufs_in(path))
     raise ConvertError(f"{path} has no config.json, hf/ or manifest.json: not an output of this tool")
@@ -108,6 +114,12 @@ def _ggufs_in(d: Path) -> list[tuple[Path, str]]:
     if m.exists():
         return [(d / g["file"], g["type"]) for g in json.loads(m.read_text())["gguf"]]
     return [(p, _gguf_type(p)) for p in sorted(d.glob("*.gguf"))]
+
+
+def _portable_in(d: Path) -> Path | None:
+    m = d / "manifest.json"
+    entry = json.loads(m.read_text()).get("portable") if m.exists() else None
+    return d / entry["path"] if entry else None
 
 
 def _gguf_type(p: Path) -> str:
@@ -140,9 +152,11 @@ def _expected(ckpt: Path) -> dict:
     plain = dprope.base_inv_freq(theta, head_dim).numpy()  # torch's float32 pow, as transformers computes it
     orig = int(p.get("original_max_position_embeddings") or cfg.get("original_max_position_embeddings")
                or f.get("original_length", [0])[0])
-    # the temperature the bake decided (method x base), unless it was folded into the q/k weights
+    # the temperature config.json states: the bake's (method x base), or what is left of it after folding some or
+    # all into the q/k weights (dprope.temperature is always the config's part)
     own = cfg.get("dprope") or {}
-    temp = 1.0 if own.get("temperature_folded") else float(own.get("temperature", p.get("attention_factor") or 1.0))
+    temp = float(own["temperature"]) if "temperature" in own else \
+        1.0 if own.get("temperature_folded") else float(p.get("attention_factor") or 1.0)
     return dict(cfg=cfg, head_dim=head_dim, theta=theta, plain=plain, long=f["long_factor"], short=f["short_factor"],
                 target=int(cfg["max_position_embeddings"]), original=orig, temperature=temp, params=p)
 
@@ -362,6 +376,12 @@ def verify(path: Path, checkpoint: Path | None = None, write: bool = True, base:
 
         for where, start, length in _parity_windows(exp, N_TOKENS):
             ref_cache[where] = hf_logits(None, _window_ids(exp, length), model=model, start_pos=start)
+    if not outs.lone_gguf:
+        from .mlx_runtime import check_mlx
+
+        windows = [(w, start, _window_ids(exp, length), ref_cache[w])
+                   for w, start, length in _parity_windows(exp, N_TOKENS)]
+        check_mlx(outs.portable or outs.checkpoint, exp, report, windows, hf_dir=outs.checkpoint)
     control = base_control(base, exp, ref_cache) if base else negative_control(exp, model, ref_cache)
     if write:
         data = {"ok": report.ok, "checkpoint": str(outs.checkpoint), "checks": [asdict(c) for c in report.checks],

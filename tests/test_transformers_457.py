@@ -54,7 +54,9 @@ def test_config_loads_in_transformers_457_with_the_same_inv_freq(tf457, tiny_mod
     assert p.returncode == 0, p.stderr[-2000:]
     got = json.loads(p.stdout.strip().splitlines()[-1])
     assert got["rope_type"] == "longrope" and got["max_pos"] == 256
-    assert got["attention_scaling"] == 1.0
+    # the default method carries YaRN's temperature: 4.57 reads attention_factor as 5.x does
+    cfg = json.loads((out / "config.json").read_text())
+    assert got["attention_scaling"] == pytest.approx(cfg["rope_scaling"]["attention_factor"])
     import dprope
 
     want = dprope.base_inv_freq(10000.0, 16) / factors
