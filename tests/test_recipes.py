@@ -64,6 +64,31 @@ def test_broken_recipe_reports_every_error_at_once(tmp_path):
     assert "error(s)" in msg
 
 
+def test_bad_release_section_is_one_error_listing_every_problem(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({
+        "name": "bad", "source": "x", "target_length": 4096,
+        "validate": {"lengths": [1024], "release": {"tasks": ["nope"], "lengths": [8192, "long"], "limit": 0}}}))
+    with pytest.raises(ConvertError) as e:
+        load_recipe(bad)
+    msg = str(e.value)
+    for piece in ("4 error(s)", "validate.release.tasks: unknown task(s) ['nope']", "validate.release.lengths.1",
+                  "validate.release.limit", "validate.release.lengths [8192, 'long'] go past target_length 4096"):
+        assert piece in msg, piece
+    res = CliRunner().invoke(main, ["run", str(bad), "--release", "--dry-run", "--run-dir", str(tmp_path / "r")])
+    assert res.exit_code == 2 and "validate.release.tasks" in res.output
+    assert res.exception is None or isinstance(res.exception, SystemExit)  # no traceback
+
+    # well-formed: --release takes the section's fields over validate's, the rest stays
+    good = tmp_path / "good.yaml"
+    good.write_text(yaml.safe_dump({
+        "name": "good", "source": "x", "target_length": 4096,
+        "validate": {"lengths": [1024], "limit": 2, "gates": ["passkey@1024 >= 0.5"], "release": {"limit": 5}}}))
+    v = load_recipe(good).validate_
+    assert (v.resolved(False).limit, v.resolved(True).limit, v.resolved(True).lengths) == (2, 5, [1024])
+    assert v.resolved(True).gates == ["passkey@1024 >= 0.5"]
+
+
 def _tiny_recipe(tmp_path, src: Path, **changes) -> Path:
     data = {"name": "tiny", "source": str(src), "target_length": 256,
             "validate": {"tasks": ["ppl"], "lengths": [64, 128], "limit": 1},
