@@ -393,6 +393,7 @@ def run_recipe(recipe_path: Path, run_dir: Path | None = None, start: str | None
             echo(f"  (in use by pid {holder}: a run now would be refused)")
         return _summary(recipe, run, stages)
     with RunLock(run.root):
+        _remove_leftovers(run)
         memo = Memo(run.stages / "digests.json")
         stages = plan(recipe, run, start, stop, release, force_cpu, memo=memo)
         _echo_plan(recipe, recipe_path, run, stages, echo)
@@ -421,6 +422,22 @@ def run_recipe(recipe_path: Path, run_dir: Path | None = None, start: str | None
             memo.save()
         summary["model_dir"] = str(run.model_dir(recipe))
     return summary
+
+
+def _remove_leftovers(run: RunDir) -> None:
+    """Temporary files and folders a killed run left (atomic_dir's .NAME.partial-PID and .NAME.old-PID, partial
+    records): under the lock none of them can belong to a live run.  Trainer checkpoints (.trained.work) stay, so
+    training resumes."""
+    for d in (run.root, run.stages):
+        if not d.is_dir():
+            continue
+        for p in d.iterdir():
+            if p.name.startswith(".") and (".partial" in p.name or ".old-" in p.name):
+                log.info("removing %s, left by an interrupted run", p)
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
 
 
 def _echo_plan(recipe, recipe_path, run: RunDir, stages: list[StagePlan], echo) -> None:
