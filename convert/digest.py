@@ -47,14 +47,17 @@ def combine(entries) -> str:
 class Memo:
     """Digests remembered per real path under a re-checked stat key; optionally kept in a JSON file."""
 
-    def __init__(self, file: Path | None = None):
+    def __init__(self, file: Path | None = None, entries: dict | None = None):
+        """``entries``: share another memo's entries (a run shares the process-wide one, so the manifest and the
+        stage records hash a file once)."""
         self.file = Path(file) if file else None
-        self.entries: dict[str, dict] = {}
+        self.entries: dict[str, dict] = entries if entries is not None else {}
         self.used: set[str] = set()
         if self.file and self.file.exists():
             try:
-                self.entries = json.loads(self.file.read_text())
-            except (OSError, json.JSONDecodeError):
+                for k, v in json.loads(self.file.read_text()).items():
+                    self.entries.setdefault(k, v)
+            except (OSError, json.JSONDecodeError, AttributeError):
                 log.info("ignoring unreadable digest memo %s", self.file)
 
     def file_digest(self, path: Path | str) -> str:
@@ -110,3 +113,8 @@ PROCESS = Memo()  # process-wide, in memory
 
 def file_digest(path: Path | str) -> str:
     return PROCESS.file_digest(path)
+
+
+def run_memo(file: Path) -> Memo:
+    """A memo kept in ``file`` that shares the process-wide entries."""
+    return Memo(file, entries=PROCESS.entries)

@@ -26,7 +26,7 @@ from typing import Callable
 
 import dprope
 
-from .digest import Memo, combine
+from .digest import Memo, combine, run_memo
 from .errors import ConvertError
 from .recipe import STAGES, Recipe, load_recipe, resolve_source
 
@@ -335,7 +335,7 @@ def plan(recipe: Recipe, run: RunDir, start: str | None = None, stop: str | None
     from .train import pick_device
 
     lo, hi = _span(start, stop)
-    memo = memo or Memo(run.stages / "digests.json")
+    memo = memo or run_memo(run.stages / "digests.json")
     ins = Inputs(recipe, run, memo, release)
     model, model_stage = run.hf, "bake"
     actions: dict[str, str] = {}
@@ -386,7 +386,7 @@ def run_recipe(recipe_path: Path, run_dir: Path | None = None, start: str | None
     run = RunDir(run_dir or Path("runs") / recipe.name)
     _span(start, stop)
     if dry_run:
-        stages = plan(recipe, run, start, stop, release, force_cpu, memo=Memo(run.stages / "digests.json"))
+        stages = plan(recipe, run, start, stop, release, force_cpu, memo=run_memo(run.stages / "digests.json"))
         _echo_plan(recipe, recipe_path, run, stages, echo)
         holder = RunLock(run.root).holder()
         if holder:
@@ -394,7 +394,7 @@ def run_recipe(recipe_path: Path, run_dir: Path | None = None, start: str | None
         return _summary(recipe, run, stages)
     with RunLock(run.root):
         _remove_leftovers(run)
-        memo = Memo(run.stages / "digests.json")
+        memo = run_memo(run.stages / "digests.json")
         stages = plan(recipe, run, start, stop, release, force_cpu, memo=memo)
         _echo_plan(recipe, recipe_path, run, stages, echo)
         for st in stages:

@@ -14,6 +14,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
+import convert.run
 from convert.cli import main
 from convert.errors import ConvertError
 from convert.run import run_recipe
@@ -123,10 +124,21 @@ def test_replaced_source_file_reruns_from_source(tiny_copy, tokenizer, tmp_path)
 
 
 @pytest.mark.runtime
-def test_missing_or_altered_output_reruns_that_stage(tiny_copy, tmp_path):
+def test_missing_or_altered_output_reruns_that_stage(tiny_copy, tmp_path, monkeypatch):
     recipe = _recipe(tmp_path, tiny_copy("llama"))
     run_dir = tmp_path / "run"
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(convert.run.STAGE_FUNCS, "bake", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe(recipe, run_dir, stop="bake", **quiet)
+    monkeypatch.undo()
+    assert _line(_dry(recipe, run_dir, "--to", "bake"), "bake") == "bake      run (interrupted last time)"
+    (run_dir / ".hf.partial-999999").mkdir()  # what a killed bake leaves
     run_recipe(recipe, run_dir, stop="bake", **quiet)
+    assert not (run_dir / ".hf.partial-999999").exists()
 
     (run_dir / "hf" / "config.json").unlink()
     out = _dry(recipe, run_dir, "--to", "bake")
