@@ -306,14 +306,15 @@ def validate(checkpoint, base, lengths, tasks, limit, out_dir, corpus, gates):
 @click.option("--to", "stop", type=click.Choice(["source", "factors", "bake", "train", "validate", "export",
                                                   "verify"]), help="Last stage to consider.")
 @click.option("--run-dir", type=click.Path(path_type=Path), help="Run directory (default: runs/<recipe name>).")
-@click.option("--dry-run", is_flag=True, help="Print the plan (which stages run, which are done) and stop.")
+@click.option("--dry-run", is_flag=True, help="Print the plan (which stages run and why, which are done) and stop.")
 @click.option("--release", is_flag=True, help="Full validation (the recipe's validate.release) with its gates; "
               "a failed gate exits non-zero.")
-@click.option("--force-cpu", is_flag=True, help="Run the train stage on the CPU (smoke runs).")
+@click.option("--force-cpu", is_flag=True, help="Run the train stage on the CPU (smoke runs), whatever train.device "
+              "says.")
 @click.option("--source", help="Use this checkpoint instead of the recipe's source (a path or cached hub id).")
 def run(recipe, start, stop, run_dir, dry_run, release, force_cpu, source):
-    """Run a RECIPE end to end: source, factors, bake, [train], validate, export, verify; finished stages are
-    skipped when their inputs are unchanged."""
+    """Run a RECIPE end to end: source, factors, bake, [train], validate, export, verify; a finished stage is
+    skipped while the files it read and wrote are unchanged (by content).  One run per directory at a time."""
     from .run import run_recipe
 
     summary = run_recipe(recipe, run_dir, start, stop, dry_run, release, force_cpu, source, echo=click.echo)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -127,28 +127,46 @@ class Train(_Strict):
     gradient_checkpointing: bool = True
     save_steps: int = Field(100, gt=0)
     eval_fraction: float = Field(0.01, gt=0, lt=0.5)
-    device: Literal["auto", "cuda", "cpu"] = "auto"
+    device: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto: the GPU when there is one, else the "
+                                                   "stage is skipped (--force-cpu runs it); cpu: always the CPU; "
+                                                   "cuda: a GPU, and an error when none is visible")
     pure_bf16: bool = Field(False, description="bf16 weights and optimizer states (one 80 GB GPU for a 7B model)")
+
+
+Length = Annotated[int, Field(gt=0)]
+
+
+def _check_tasks(v):
+    from .validate import supported_tasks
+
+    if v is None:
+        return v
+    bad = [t for t in v if t not in supported_tasks()]
+    if bad:
+        raise ValueError(f"unknown task(s) {bad}; offline tasks: {', '.join(supported_tasks())}")
+    return v
+
+
+class Release(_Strict):
+    """The fuller validation of `dprope run --release` / `make release`: overrides tasks, lengths and limit of the
+    validate section (unset fields keep that section's values; gates and corpus are the section's)."""
+
+    tasks: list[str] | None = None
+    lengths: list[Length] | None = None
+    limit: int | None = Field(None, ge=1)
+
+    _tasks = field_validator("tasks")(_check_tasks)
 
 
 class Validate(_Strict):
     tasks: list[str] = Field(default_factory=lambda: ["passkey", "ppl"])
-    lengths: list[int] = Field(default_factory=lambda: [4096, 8192, 16384])
+    lengths: list[Length] = Field(default_factory=lambda: [4096, 8192, 16384])
     limit: int | None = Field(5, ge=1)
     corpus: str | None = None
     gates: list[str] = Field(default_factory=list)
-    # a fuller run for `make release` / `dprope run --release`; unset fields fall back to the ones above
-    release: dict | None = None
+    release: Release | None = None
 
-    @field_validator("tasks")
-    @classmethod
-    def _tasks(cls, v):
-        from .validate import supported_tasks
-
-        bad = [t for t in v if t not in supported_tasks()]
-        if bad:
-            raise ValueError(f"unknown task(s) {bad}; offline tasks: {', '.join(supported_tasks())}")
-        return v
+    _tasks = field_validator("tasks")(_check_tasks)
 
     @field_validator("gates")
     @classmethod
@@ -162,27 +180,29 @@ class Validate(_Strict):
                 raise ValueError(str(e)) from None
         return v
 
-    @field_validator("release")
-    @classmethod
-    def _release(cls, v):
-        if v is None:
-            return v
-        extra = set(v) - {"tasks", "lengths", "limit"}
-        if extra:
-            raise ValueError(f"release may override tasks, lengths and limit, not {sorted(extra)}")
-        return v
-
     def resolved(self, release: bool) -> "Validate":
-        if not release or not self.release:
+        """The settings a run uses: with ``release``, the release section's fields over this section's."""
+        if not release or self.release is None:
             return self
-        return Validate(**{**self.model_dump(exclude={"release"}), **self.release})
+        return self.model_copy(update={**self.release.model_dump(exclude_unset=True), "release": None})
 
 
 class Export(_Strict):
-    safetensors: bool = True
+    # GGUF files, a Modelfile each and manifest.json go to export/; the HF checkpoint stays where the run wrote it
+    # (hf/ or trained/), so there is no safetensors copy to switch on or off
+    safetensors: bool | None = Field(None, exclude=True, description="removed: it never did anything")
     gguf: list[Literal["f32", "f16", "bf16", "q8_0"]] = Field(default_factory=lambda: ["f16", "q8_0"])
     rope_layout: Literal["freqs", "longrope"] = "freqs"
     base_quant: bool = Field(False, description="also re-emit a GGUF source with its own quantisation")
+
+    @field_validator("safetensors")
+    @classmethod
+    def _removed(cls, v):
+        if v is not None:
+            raise ValueError("removed: it never did anything (the export folder holds GGUF "
+                             "files; the safetensors checkpoint stays in the run's hf/ or trained/ folder); delete "
+                             "the line")
+        return v
 
 
 class Recipe(_Strict):
@@ -219,6 +239,10 @@ def cross_errors(d: dict) -> list[str]:
     lengths = get("validate", "lengths", []) or []
     if isinstance(lengths, list) and any(isinstance(L, int) and L > target for L in lengths):
         errs.append(f"validate.lengths {lengths} go past target_length {target}")
+    release = get("validate", "release")
+    rlengths = release.get("lengths") if isinstance(release, dict) else None
+    if isinstance(rlengths, list) and any(isinstance(L, int) and L > target for L in rlengths):
+        errs.append(f"validate.release.lengths {rlengths} go past target_length {target}")
     seq = get("train", "seq_len")
     if isinstance(seq, int) and seq > target:
         errs.append(f"train.seq_len {seq} is above target_length {target}")

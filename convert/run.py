@@ -1,39 +1,62 @@
 """`dprope run RECIPE`: source -> factors -> bake -> [train] -> validate -> export -> verify in one run directory.
 
-Each stage records a fingerprint of its inputs (its recipe section, the fingerprints of the stages it reads, the
-tool version) in ``<run>/.stages/<stage>.json`` after its outputs are complete.  A stage whose fingerprint is
-unchanged and whose outputs exist is skipped, so a run resumes after a failure or Ctrl-C, and a changed input redoes
-that stage and everything after it.
+Each stage records, in ``<run>/.stages/<stage>.json`` once its outputs are complete, what it read (content digests:
+the source's files, factors.json, the model directory it used, the training data or corpus, and its options) and
+the sha256 of every file it wrote.  On the next run a stage is done only when what it would read now has the same
+digests and its outputs are still there, unaltered; otherwise it runs again, with the reason shown (``--dry-run``
+shows the plan), and so does every later stage whose inputs it rewrites.  A stage that ran is re-checked by content
+before the next one starts, so a re-baked but identical model is not validated twice.
+
+One run at a time per directory: ``<run>/.lock`` is held with flock(2), which the kernel releases when the holder
+exits or is killed, so a crashed run never leaves a stuck lock.
 """
 
 from __future__ import annotations
 
-import hashlib
+import errno
+import fcntl
 import json
 import logging
+import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import dprope
 
+from .digest import Memo, combine, run_memo
 from .errors import ConvertError
 from .recipe import STAGES, Recipe, load_recipe, resolve_source
 
 log = logging.getLogger(__name__)
+
+RECORD_VERSION = 2
+# files later stages rewrite inside a checkpoint (the card's sections, verify's record): not part of the model a
+# stage reads, and only their presence is an output of the stage that created them
+DOC_FILES = ("README.md", "verify.json")
+MANIFEST = "manifest.json"
 
 
 @dataclass
 class StagePlan:
     name: str
     fingerprint: str
-    action: str  # "run" | "skip (done)" | "skip (not selected)" | "skip (no GPU)" | "skip (not in recipe)"
+    action: str  # "run" | "skip (done)" | "skip (not selected)" | "skip (no GPU...)" | "skip (not in recipe)"
+    reason: str = ""  # why it runs: "never ran", "source file changed", "outputs missing: hf/config.json", ...
+    error: str = ""  # it cannot run here (train.device: cuda without a GPU)
+    inputs: dict | None = None  # the content digests of what it reads now
+    model: Path | None = None  # the checkpoint it reads (validate, export, verify)
+
+    @property
+    def line(self) -> str:
+        text = f"{self.action} ({self.reason})" if self.action == "run" and self.reason else self.action
+        return f"{text}; will fail: {self.error}" if self.error else text
 
 
 def _fp(*parts) -> str:
-    return hashlib.sha256(json.dumps([dprope.__version__, *parts], sort_keys=True, default=str).encode()) \
-        .hexdigest()[:16]
+    return combine([dprope.__version__, *parts])[:16]
 
 
 class RunDir:
@@ -44,24 +67,90 @@ class RunDir:
         self.validation = self.root / "validation"
         self.export = self.root / "export"
         self.stages = self.root / ".stages"
+        self.model: Path | None = None  # the checkpoint later stages read, decided by the plan
 
     def done(self, stage: str) -> dict | None:
         f = self.stages / f"{stage}.json"
-        return json.loads(f.read_text()) if f.exists() else None
+        try:
+            return json.loads(f.read_text()) if f.exists() else None
+        except json.JSONDecodeError:
+            return None
 
     def mark(self, stage: str, fingerprint: str, **info) -> None:
         self.stages.mkdir(parents=True, exist_ok=True)
         tmp = self.stages / f".{stage}.json.partial"
         tmp.write_text(json.dumps({"fingerprint": fingerprint, **info}, indent=1, default=str))
         tmp.replace(self.stages / f"{stage}.json")
+        (self.stages / f"{stage}.started").unlink(missing_ok=True)
 
     def unmark(self, stage: str) -> None:
+        """Before a stage runs: its record goes (an interrupted stage is never taken for done) and a marker says it
+        started, so the next plan can say it was interrupted."""
+        self.stages.mkdir(parents=True, exist_ok=True)
         (self.stages / f"{stage}.json").unlink(missing_ok=True)
+        (self.stages / f"{stage}.started").write_text(f"{os.getpid()} {time.time():.0f}\n")
+
+    def interrupted(self, stage: str) -> bool:
+        return (self.stages / f"{stage}.started").exists()
 
     def model_dir(self, recipe: Recipe) -> Path:
-        """The checkpoint the later stages read: the trained one when there is a train stage."""
+        """The checkpoint the later stages read: the trained one when the train stage is done and current."""
+        if self.model is not None:
+            return self.model
         return self.trained if recipe.train and self.done("train") and (self.trained / "config.json").exists() \
             else self.hf
+
+
+class RunLock:
+    """An exclusive flock(2) on ``<run>/.lock`` holding the owner's pid.  The kernel drops the lock when the
+    process exits or is killed, so the file a crashed run leaves behind blocks nobody."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.path = self.root / ".lock"
+        self._f = None
+
+    def holder(self) -> str | None:
+        """The pid of the process holding the lock, or None when it is free (without taking it)."""
+        if not self.path.exists():
+            return None
+        with open(self.path) as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError as e:
+                if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                    raise
+                return f.read().strip() or "unknown"
+            fcntl.flock(f, fcntl.LOCK_UN)
+            return None
+
+    def __enter__(self) -> "RunLock":
+        self.root.mkdir(parents=True, exist_ok=True)
+        f = open(self.path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                f.close()
+                raise
+            f.seek(0)
+            pid = f.read().strip() or "unknown"
+            f.close()
+            raise ConvertError(
+                f"run directory {self.root} is in use by another `dprope run` (pid {pid}); wait for it to finish or "
+                f"stop it (kill {pid}), or pass another --run-dir. A killed run releases the lock by itself") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        self._f = f
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._f is not None:
+            fcntl.flock(self._f, fcntl.LOCK_UN)
+            self._f.close()
+            self._f = None
 
 
 def _gpu_available() -> bool:
@@ -73,42 +162,218 @@ def _gpu_available() -> bool:
         return False
 
 
-def fingerprints(recipe: Recipe, release: bool) -> dict[str, str]:
-    """Each stage's input fingerprint, chained through the stages it reads."""
-    src = _fp("source", recipe.source)
-    factors = _fp("factors", src, recipe.target_length, recipe.method.model_dump())
-    bake = _fp("bake", factors)
-    train = _fp("train", bake, recipe.train.model_dump() if recipe.train else None)
-    model = train if recipe.train else bake
-    val = recipe.validate_.resolved(release)
-    validate = _fp("validate", model, val.model_dump(), release)
-    export = _fp("export", model, recipe.export.model_dump())
-    verify = _fp("verify", export)
-    return dict(source=src, factors=factors, bake=bake, train=train, validate=validate, export=export, verify=verify)
+# ------------------------------------------------------------------------------------------- what stages read
+def _source_path(recipe: Recipe) -> Path | None:
+    """The file or directory the recipe's source names, or None when it is not on this machine."""
+    try:
+        given = resolve_source(recipe.source)
+    except ConvertError:
+        return None
+    p = Path(given)
+    if p.exists():
+        return p
+    if given.count("/") == 1 and not given.startswith((".", "/")):
+        from .source import _hub_snapshot
+
+        try:
+            return _hub_snapshot(given)
+        except ConvertError:
+            return None
+    return None
 
 
-def plan(recipe: Recipe, run: RunDir, start: str | None = None, stop: str | None = None, release: bool = False,
-         force_cpu: bool = False) -> list[StagePlan]:
-    fps = fingerprints(recipe, release)
+class Inputs:
+    """Content digests of what each stage reads, computed once per plan (through a stat-checked memo)."""
+
+    def __init__(self, recipe: Recipe, run: RunDir, memo: Memo, release: bool):
+        self.recipe, self.run, self.memo, self.release = recipe, run, memo, release
+        self._cache: dict = {}
+
+    def _once(self, key, fn):
+        if key not in self._cache:
+            self._cache[key] = fn()
+        return self._cache[key]
+
+    def source(self) -> str | None:
+        def digest():
+            p = _source_path(self.recipe)
+            if p is None:
+                return None
+            if p.is_file():
+                return self.memo.file_digest(p)
+            # transformers reads the top level of a checkpoint directory (subfolders such as original/ are not read)
+            return combine(self.memo.tree(p, recursive=False))
+
+        return self._once("source", digest)
+
+    def model(self, d: Path) -> str | None:
+        def digest():
+            files = self.memo.tree(d, exclude=DOC_FILES)
+            return combine({"dir": d.name, "files": files}) if files else None
+
+        return self._once(("model", str(d)), digest)
+
+    def path(self, given: str | None) -> str | None:
+        """A data or corpus path by content (a folder by all its files); anything else by its text."""
+        if given is None:
+            return None
+        p = Path(given)
+        if p.is_file():
+            return self.memo.file_digest(p)
+        if p.is_dir():
+            return combine(self.memo.tree(p))
+        return f"text:{given}"
+
+    def file(self, p: Path) -> str | None:
+        return self.memo.file_digest(p) if p.is_file() else None
+
+    def of(self, stage: str, model: Path) -> dict:
+        r, run = self.recipe, self.run
+        method = [r.target_length, r.original_length, r.method.model_dump()]
+        if stage == "source":
+            return {"options": _fp(r.source), "source": self.source()}
+        if stage == "factors":
+            return {"options": _fp(method), "source": self.source()}
+        if stage == "bake":
+            return {"options": _fp(method), "source": self.source(), "factors": self.file(run.root / "factors.json")}
+        if stage == "train":
+            return {"options": _fp(r.train.model_dump() if r.train else None), "model": self.model(run.hf),
+                    "data": self.path(r.train.data if r.train else None)}
+        if stage == "validate":
+            v = r.validate_.resolved(self.release)
+            return {"options": _fp(v.model_dump(), self.release, r.name), "model": self.model(model),
+                    "source": self.source(), "corpus": self.path(v.corpus)}
+        if stage == "export":
+            return {"options": _fp(r.export.model_dump(), r.name), "model": self.model(model),
+                    "source": self.source() if r.export.base_quant else None}
+        if stage == "verify":
+            exp = self.memo.tree(run.export, exclude=(MANIFEST,))
+            return {"options": _fp(), "model": self.model(model), "export": combine(exp) if exp else None}
+        raise KeyError(stage)
+
+
+def outputs_of(stage: str, run: RunDir, model: Path, memo: Memo) -> dict[str, str | None]:
+    """{path relative to the run directory: sha256} of what a stage wrote; None marks a file whose presence is
+    recorded but whose content later stages rewrite (the card, the manifest)."""
+    def tree(d: Path, presence: tuple = (), skip: tuple = ()):
+        out = {f"{d.name}/{k}": v for k, v in memo.tree(d, exclude=presence + skip).items()}
+        out.update({f"{d.name}/{k}": None for k in presence if (d / k).is_file()})
+        return out
+
+    if stage == "source":
+        return {}
+    if stage == "factors":
+        return {"factors.json": memo.file_digest(run.root / "factors.json")}
+    if stage == "bake":
+        return tree(run.hf, ("README.md",), ("verify.json",))
+    if stage == "train":
+        return tree(run.trained, ("README.md",), ("verify.json",))
+    if stage == "validate":
+        return tree(run.validation)
+    if stage == "export":
+        return tree(run.export, (MANIFEST,)) if run.export.exists() else {}
+    if stage == "verify":
+        f = model / "verify.json"
+        return {f.relative_to(run.root).as_posix(): memo.file_digest(f)} if f.is_file() else {}
+    raise KeyError(stage)
+
+
+REASONS = {"options": "options changed", "source": "source file changed", "factors": "factors.json changed",
+           "model": "input model changed", "data": "training data changed", "corpus": "corpus changed",
+           "export": "exported files changed"}
+
+
+def _listing(paths: list[str], n: int = 3) -> str:
+    return ", ".join(paths[:n]) + (f" and {len(paths) - n} more" if len(paths) > n else "")
+
+
+def _stale(stage: str, rec: dict | None, inputs: dict, run: RunDir, memo: Memo,
+           first: str | None = None) -> str | None:
+    """Why a stage must run again, or None when it is done: no record, changed inputs, missing or altered outputs.
+    ``first``: a stage whose outputs this one reads runs before it (the inputs are compared once it has)."""
+    if rec is None:
+        return "interrupted last time" if run.interrupted(stage) else "never ran"
+    if rec.get("record") != RECORD_VERSION or "inputs" not in rec:
+        return "recorded by an older dprope"
+    old = rec["inputs"]
+    if old.get("model_dir") != inputs.get("model_dir"):
+        why = [f"input model changed ({old.get('model_dir')}/ -> {inputs.get('model_dir')}/)"]
+    elif first:
+        why = [first]
+    else:
+        why = [REASONS.get(k, f"{k} changed") for k in inputs if k != "model_dir" and old.get(k) != inputs[k]]
+    missing, changed = [], []
+    for rel, digest in rec.get("outputs", {}).items():
+        p = run.root / rel
+        if not p.is_file():
+            missing.append(rel)
+        elif digest is not None and memo.file_digest(p) != digest:
+            changed.append(rel)
+    if missing:
+        why.append(f"outputs missing: {_listing(missing)}")
+    if changed:
+        why.append(f"outputs changed: {_listing(changed)}")
+    return "; ".join(why) or None
+
+
+# the stages whose outputs each stage reads ("model": train when later stages read trained/, else bake)
+READS = {"source": (), "factors": (), "bake": ("factors",), "train": ("bake",), "validate": ("model",),
+         "export": ("model",), "verify": ("model", "export")}
+
+
+def _span(start: str | None, stop: str | None) -> tuple[int, int]:
     lo = STAGES.index(start) if start else 0
     hi = STAGES.index(stop) if stop else len(STAGES) - 1
     if lo > hi:
         raise ConvertError(f"--from {start} comes after --to {stop}; stages run in order: {' -> '.join(STAGES)}")
+    return lo, hi
+
+
+def plan(recipe: Recipe, run: RunDir, start: str | None = None, stop: str | None = None, release: bool = False,
+         force_cpu: bool = False, memo: Memo | None = None) -> list[StagePlan]:
+    """What a run would do now, stage by stage, and why.  Sets ``run.model`` to the checkpoint later stages read."""
+    from .train import pick_device
+
+    lo, hi = _span(start, stop)
+    memo = memo or run_memo(run.stages / "digests.json")
+    ins = Inputs(recipe, run, memo, release)
+    model, model_stage = run.hf, "bake"
+    actions: dict[str, str] = {}
     out = []
     for i, s in enumerate(STAGES):
-        done = run.done(s)
         if s == "train" and recipe.train is None:
-            out.append(StagePlan(s, fps[s], "skip (not in recipe)"))
+            out.append(StagePlan(s, "", "skip (not in recipe)"))
             continue
+        inputs = ins.of(s, model)
+        if "model" in inputs:
+            inputs["model_dir"] = model.name
+        fp = _fp(s, inputs)
+        # what it reads is about to be rewritten: compared by content once that stage has run
+        first = [model_stage if d == "model" else d for d in READS[s]]
+        first = [d for d in first if actions.get(d) == "run"]
+        what = {"factors": "factors.json", "export": "exported files"}
+        first_why = f"input {what.get(first[0], 'model')} may change: {first[0]} runs first" if first else None
+        why = _stale(s, run.done(s), inputs, run, memo, first_why)
+        st = StagePlan(s, fp, "run" if why else "skip (done)", why or "", inputs=inputs, model=model)
         if not lo <= i <= hi:
-            out.append(StagePlan(s, fps[s], "skip (not selected)"))
-            continue
-        if s == "train" and not (_gpu_available() or force_cpu or recipe.train.device == "cpu"):
-            out.append(StagePlan(s, fps[s], "skip (no GPU: pass --force-cpu for a CPU smoke run)"))
-            continue
-        # fingerprints chain through the stages each one reads, so a changed input reaches exactly its dependants
-        fresh = done is not None and done.get("fingerprint") == fps[s]
-        out.append(StagePlan(s, fps[s], "skip (done)" if fresh else "run"))
+            st = StagePlan(s, fp, "skip (not selected)", inputs=inputs, model=model)
+        elif s == "train" and why:
+            try:
+                pick_device(recipe.train.device, force_cpu, _gpu_available())
+            except ConvertError as e:
+                if recipe.train.device == "cuda":
+                    st.error = str(e)
+                else:
+                    st = StagePlan(s, fp, "skip (no GPU: pass --force-cpu for a CPU smoke run)", inputs=inputs,
+                                   model=model)
+        if s == "train":  # later stages read the trained model only when it is current (or about to be)
+            if st.action == "run" or why is None:
+                model, model_stage = run.trained, "train"
+            elif (run.trained / "config.json").exists():  # say so: the stale trained model is not used
+                st.action += f"; {run.trained.name}/ is out of date, later stages read {run.hf.name}/"
+        actions[s] = st.action
+        out.append(st)
+    run.model = model
     return out
 
 
@@ -119,25 +384,71 @@ def run_recipe(recipe_path: Path, run_dir: Path | None = None, start: str | None
     overrides = {"source": source} if source else None
     recipe = load_recipe(recipe_path, overrides)
     run = RunDir(run_dir or Path("runs") / recipe.name)
-    stages = plan(recipe, run, start, stop, release, force_cpu)
+    _span(start, stop)
+    if dry_run:
+        stages = plan(recipe, run, start, stop, release, force_cpu, memo=run_memo(run.stages / "digests.json"))
+        _echo_plan(recipe, recipe_path, run, stages, echo)
+        holder = RunLock(run.root).holder()
+        if holder:
+            echo(f"  (in use by pid {holder}: a run now would be refused)")
+        return _summary(recipe, run, stages)
+    with RunLock(run.root):
+        _remove_leftovers(run)
+        memo = run_memo(run.stages / "digests.json")
+        stages = plan(recipe, run, start, stop, release, force_cpu, memo=memo)
+        _echo_plan(recipe, recipe_path, run, stages, echo)
+        for st in stages:
+            if st.action == "run" and st.error:
+                raise ConvertError(f"{st.name}: {st.error}")
+        summary = _summary(recipe, run, stages)
+        (run.root / "recipe.yaml").write_text(Path(recipe_path).read_text())
+        try:
+            for i, name in enumerate(STAGES):
+                # re-planned with what the stages before it actually wrote
+                st = plan(recipe, run, start, stop, release, force_cpu, memo=memo)[i]
+                if st.action != stages[i].action or st.reason != stages[i].reason:
+                    echo(f"  {name:<9} now: {st.line}")
+                summary["stages"][name], summary["why"][name] = st.action, st.reason
+                if st.action != "run":
+                    continue
+                run.unmark(name)
+                echo(f"== {name} ({st.reason})")
+                info = STAGE_FUNCS[name](recipe, run, release=release, force_cpu=force_cpu, echo=echo) or {}
+                run.mark(name, st.fingerprint, record=RECORD_VERSION, version=dprope.__version__, inputs=st.inputs,
+                         outputs=outputs_of(name, run, st.model, memo), **info)
+                summary[name] = info
+            plan(recipe, run, start, stop, release, force_cpu, memo=memo)  # the model the finished stages used
+        finally:
+            memo.save()
+        summary["model_dir"] = str(run.model_dir(recipe))
+    return summary
+
+
+def _remove_leftovers(run: RunDir) -> None:
+    """Temporary files and folders a killed run left (atomic_dir's .NAME.partial-PID and .NAME.old-PID, partial
+    records): under the lock none of them can belong to a live run.  Trainer checkpoints (.trained.work) stay, so
+    training resumes."""
+    for d in (run.root, run.stages):
+        if not d.is_dir():
+            continue
+        for p in d.iterdir():
+            if p.name.startswith(".") and (".partial" in p.name or ".old-" in p.name):
+                log.info("removing %s, left by an interrupted run", p)
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
+
+
+def _echo_plan(recipe, recipe_path, run: RunDir, stages: list[StagePlan], echo) -> None:
     echo(f"recipe {recipe.name}: {recipe_path} -> {run.root}")
     for st in stages:
-        echo(f"  {st.name:<9} {st.action}")
-    summary = {"recipe": recipe.name, "run_dir": str(run.root), "stages": {s.name: s.action for s in stages}}
-    if dry_run:
-        return summary
-    run.root.mkdir(parents=True, exist_ok=True)
-    (run.root / "recipe.yaml").write_text(Path(recipe_path).read_text())
-    for st in stages:
-        if st.action != "run":
-            continue
-        run.unmark(st.name)  # an interrupted stage is never taken for done
-        echo(f"== {st.name}")
-        info = STAGE_FUNCS[st.name](recipe, run, release=release, force_cpu=force_cpu, echo=echo) or {}
-        run.mark(st.name, st.fingerprint, **info)
-        summary[st.name] = info
-    summary["model_dir"] = str(run.model_dir(recipe))
-    return summary
+        echo(f"  {st.name:<9} {st.line}")
+
+
+def _summary(recipe, run: RunDir, stages: list[StagePlan]) -> dict:
+    return {"recipe": recipe.name, "run_dir": str(run.root), "stages": {s.name: s.action for s in stages},
+            "why": {s.name: s.reason for s in stages}}
 
 
 # ------------------------------------------------------------------------------------------- stages
@@ -204,11 +515,18 @@ def _stage_validate(recipe: Recipe, run: RunDir, release: bool = False, echo=pri
     if release and res.failed:
         raise ConvertError("release gate(s) failed: " + "; ".join(f"{g.text} ({why})" for g, why in res.failed))
     # the card of the checkpoint links the report
-    card = run.model_dir(recipe) / "README.md"
+    model = run.model_dir(recipe)
+    card = model / "README.md"
     if card.exists():
+        from .export import manifest_checkpoint, manifest_problems, update_manifest_entries
         from .validate import _link_card
 
-        _link_card(run.model_dir(recipe), res.markdown)
+        # an export made before this validation hashed the card: refresh its entry if it still matched
+        m = run.export / MANIFEST
+        listed = m.exists() and manifest_checkpoint(m) == model.resolve() and not manifest_problems(m, {card})
+        _link_card(model, res.markdown)
+        if listed:
+            update_manifest_entries(m, [card])
     return {"report": str(run.validation / "validation.md")}
 
 
@@ -227,11 +545,18 @@ def _stage_export(recipe: Recipe, run: RunDir, **_) -> dict:
 def _stage_verify(recipe: Recipe, run: RunDir, echo=print, **_) -> dict:
     from .verify import verify
 
-    report = verify(run.export if run.export.exists() else run.model_dir(recipe), run.model_dir(recipe))
+    from .export import refresh_manifest
+
+    # the stage fingerprints (not the manifest) say whether the export is current; once the checks pass the
+    # manifest is rewritten, so it describes the final files (verify.json and the card included)
+    report = verify(run.export if run.export.exists() else run.model_dir(recipe), run.model_dir(recipe),
+                    manifest=False)
     echo(report.table())
     if not report.ok:
         raise ConvertError("verify failed: " + "; ".join(f"{c.name} [{c.target}]: {c.detail}"
                                                        for c in report.failed()))
+    if (run.export / MANIFEST).exists():
+        refresh_manifest(run.export / MANIFEST)
     return {"ok": True}
 
 

@@ -4,8 +4,6 @@ dequantised once into a cached HF directory)."""
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import json
 import logging
 import os
@@ -104,19 +102,12 @@ def cache_root() -> Path:
     return Path(os.environ.get("DPROPE_CACHE", Path.home() / ".cache" / "dprope"))
 
 
-def file_digest(path: Path, chunk: int = 1 << 22) -> str:
-    """sha256 of a file; remembered per (path, size, mtime), since a run opens its source in several stages."""
-    st = Path(path).stat()
-    return _digest(str(Path(path).resolve()), st.st_size, st.st_mtime_ns, chunk)
+def file_digest(path: Path) -> str:
+    """sha256 of a file's bytes; remembered under a stat key that is re-checked on every call (convert/digest.py),
+    since a run opens its source in several stages."""
+    from .digest import file_digest as digest
 
-
-@functools.lru_cache(maxsize=64)
-def _digest(path: str, size: int, mtime_ns: int, chunk: int) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(chunk):
-            h.update(b)
-    return h.hexdigest()
+    return digest(path)
 
 
 def gguf_to_hf(gguf_path: Path, cache: Path | None = None) -> Path:

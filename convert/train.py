@@ -177,14 +177,29 @@ class TrainArgs:
     pure_bf16: bool = False  # weights (and so AdamW states) in bf16: what fits a 7B model on one 80 GB GPU
 
 
-def _attn_impl() -> str:
+def _attn_impl(cuda: bool) -> str:
     try:
         import flash_attn  # noqa: F401
-        import torch
 
-        return "flash_attention_2" if torch.cuda.is_available() else "sdpa"
+        return "flash_attention_2" if cuda else "sdpa"
     except ImportError:
         return "sdpa"
+
+
+def pick_device(requested: str, force_cpu: bool, gpu: bool) -> str:
+    """The device training runs on: "cpu" or "cuda".  ``requested`` is the recipe's train.device: "cpu" (always the
+    CPU), "cuda" (a GPU or an error) or "auto" (the GPU; without one only --force-cpu trains, on the CPU)."""
+    if requested not in ("auto", "cpu", "cuda"):
+        raise ConvertError(f"train device '{requested}' is not one of auto, cpu, cuda")
+    if force_cpu or requested == "cpu":
+        return "cpu"
+    if gpu:
+        return "cuda"
+    if requested == "cuda":
+        raise ConvertError("train.device is 'cuda' but no GPU is visible (torch.cuda.is_available() is False): run "
+                           "on a machine with a GPU, or set train.device to 'auto' (skip training without a GPU) "
+                           "or 'cpu' (a CPU smoke run)")
+    raise ConvertError("no GPU found: training a real model needs one; pass --force-cpu for a CPU smoke run")
 
 
 def train(ckpt: Path, out: Path, args: TrainArgs, *, force_cpu: bool = False, force: bool = False,
@@ -196,9 +211,7 @@ def train(ckpt: Path, out: Path, args: TrainArgs, *, force_cpu: bool = False, fo
     from .bake import FACTORS_FILE, atomic_dir
 
     ckpt, out = Path(ckpt), Path(out)
-    cuda = torch.cuda.is_available()
-    if not cuda and not force_cpu and args.device != "cpu":
-        raise ConvertError("no GPU found: training a real model needs one; pass --force-cpu for a CPU smoke run")
+    cuda = pick_device(args.device, force_cpu, torch.cuda.is_available()) == "cuda"
     if not (ckpt / FACTORS_FILE).exists():
         raise ConvertError(f"{ckpt} is not a baked checkpoint (no {FACTORS_FILE}); run `dprope extend` first")
     if out.exists() and (out / "config.json").exists() and not force:
@@ -208,7 +221,7 @@ def train(ckpt: Path, out: Path, args: TrainArgs, *, force_cpu: bool = False, fo
     use_bf16 = args.bf16 and cuda and torch.cuda.is_bf16_supported()
     tok = AutoTokenizer.from_pretrained(str(ckpt))
     dtype = torch.bfloat16 if args.pure_bf16 else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=dtype, attn_implementation=_attn_impl())
+    model = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=dtype, attn_implementation=_attn_impl(cuda))
     baked_cfg = (ckpt / "config.json").read_bytes()
     work = out.with_name(f".{out.name}.work")  # trainer checkpoints: kept until the output is complete
     train_ds = as_iterable_dataset(PackedBlocks(args.data, tok, args.seq_len, args.eval_fraction, held_out=False))
@@ -256,8 +269,9 @@ def train(ckpt: Path, out: Path, args: TrainArgs, *, force_cpu: bool = False, fo
             # everywhere, so it is restored byte for byte
             (tmp / "config.json").write_bytes(baked_cfg)
             for f in ckpt.iterdir():
+                # verify.json describes the checkpoint it was written in, not this one
                 if f.is_file() and not f.name.endswith(".safetensors") and f.name not in (
-                        "config.json", "model.safetensors.index.json", "generation_config.json"):
+                        "config.json", "model.safetensors.index.json", "generation_config.json", "verify.json"):
                     shutil.copyfile(f, tmp / f.name)
             shutil.copyfile(ckpt / FACTORS_FILE, tmp / FACTORS_FILE)
             (tmp / "train.json").write_text(json.dumps(summary, indent=1))
@@ -277,7 +291,11 @@ def _card_section(out: Path, s: dict) -> None:
     card = out / "README.md"
     if not card.exists():
         return
-    text = card.read_text().split("\n## Continued training\n")[0].rstrip() + "\n"
+    text = card.read_text()
+    # the baked model's validation and verification sections describe that model, not the trained one
+    for marker in ("\n## Continued training\n", "\n## Validation\n", "\n## Verification\n"):
+        text = text.split(marker)[0]
+    text = text.rstrip() + "\n"
     text += (f"\n## Continued training\n\n{s['steps']} steps at {s['seq_len']} tokens, global batch {s['global_batch']}, "
              f"lr {s['lr']:g}, data `{s['data']}`, {s['world_size']} process(es) on {s['device']}"
              f"{' (bf16)' if s['bf16'] else ''}. Held-out loss {s['eval_loss_before']:.4f} -> "

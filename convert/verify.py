@@ -16,6 +16,9 @@ Checks, each named so a failure says which:
   mlx-parity      (when mlx-lm imports) the rotary module MLX-lm builds from the portable copy (or the HF directory
                   when there is none) against the factors and temperature, then the same token ids through MLX and
                   transformers (`convert.mlx_runtime`); reported as skipped without mlx-lm.
+                    manifest        when the outputs have a manifest.json: every file it lists (checkpoint files incl. README.md
+                  and verify.json, GGUFs, Modelfiles) exists and has the listed sha256.  It is checked before
+                  verify.json and the card are rewritten, and their entries are refreshed after (when it passed).
 A negative control (the same parity numbers against the model with plain RoPE) is reported next to them.
 """
 
@@ -30,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ConvertError
+from .export import MANIFEST, manifest_checkpoint, manifest_entries, manifest_problems, update_manifest_entries
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +86,8 @@ class Outputs:
     ggufs: list[tuple[Path, str]]  # (file, type)
     portable: Path | None = None  # the copy for runtimes that apply their own temperature (convert.portable)
     lone_gguf: bool = False  # one .gguf given: the HF directory is only its reference
+    manifest: Path | None = None  # the manifest.json describing these outputs, when there is one
+    manifest_only: set[Path] | None = None  # check just these of its files (a lone GGUF)
 
 
 def find_outputs(path: Path, checkpoint: Path | None = None) -> Outputs:
@@ -95,15 +101,24 @@ def find_outputs(path: Path, checkpoint: Path | None = None) -> Outputs:
             raise ConvertError(f"{path} is not a .gguf file or an output directory")
         if checkpoint is None:
             raise ConvertError(f"verifying {path.name} alone needs --checkpoint, the HF directory it was exported from")
-        return Outputs(Path(checkpoint), [(path, _gguf_type(path))], lone_gguf=True)
-    if (path / "hf" / "config.json").exists():
-        ck = path / "hf"
+        m = path.parent / MANIFEST
+        listed = m.exists() and path.name in {g["file"] for g in json.loads(m.read_text()).get("gguf", [])}
+        only = {path}
+        if listed and manifest_checkpoint(m) == Path(checkpoint).resolve():  # and the files verify rewrites there
+            only |= {Path(checkpoint) / VERIFY_FILE, Path(checkpoint) / "README.md"}
+        return Outputs(Path(checkpoint), [(path, _gguf_type(path))], lone_gguf=True, manifest=m if listed else None,
+                       manifest_only=only)
+    if (path / "hf" / "config.json").exists():  # a run directory: the checkpoint its export was made from
         exp = path / "export"
-        return Outputs(ck, _ggufs_in(exp) if exp.exists() else [], _portable_in(exp))
-    if (path / "manifest.json").exists():
-        m = json.loads((path / "manifest.json").read_text())
+        m = exp / MANIFEST
+        ck = Path(checkpoint) if checkpoint else manifest_checkpoint(m) if m.exists() else path / "hf"
+        return Outputs(ck, _ggufs_in(exp) if exp.exists() else [], _portable_in(exp),
+                       manifest=m if m.exists() else None)
+    if (path / MANIFEST).exists():
+        m = json.loads((path / MANIFEST).read_text())
         ck = Path(checkpoint) if checkpoint else (path / m["checkpoint"]["path"]).resolve()
-        return Outputs(ck, [(path / g["file"], g["type"]) for g in m["gguf"]], _portable_in(path))
+        return Outputs(ck, [(path / g["file"], g["type"]) for g in m["gguf"]], _portable_in(path),
+                       manifest=path / MANIFEST)
     if (path / "config.json").exists():
         return Outputs(path, _ggufs_in(path))
     raise ConvertError(f"{path} has no config.json, hf/ or manifest.json: not an output of this tool")
@@ -360,10 +375,24 @@ def base_control(base: Path, exp: dict, ref_cache: dict, n: int = N_TOKENS) -> d
     return out
 
 
-def verify(path: Path, checkpoint: Path | None = None, write: bool = True, base: Path | None = None) -> Report:
+def check_manifest(outs: Outputs, report: Report) -> bool:
+    """Every file the manifest lists exists with its sha256 (read in full)."""
+    problems = manifest_problems(outs.manifest, outs.manifest_only)
+    n = len(outs.manifest_only) if outs.manifest_only is not None else len(manifest_entries(outs.manifest))
+    detail = ("; ".join(problems) + ": changed since the manifest was written; re-export, or restore the files"
+              if problems else f"{n} listed file(s) match their sha256")
+    return report.add("manifest", outs.manifest.name, not problems, detail).ok
+
+
+def verify(path: Path, checkpoint: Path | None = None, write: bool = True, base: Path | None = None,
+           manifest: bool = True) -> Report:
+    """Run every check on the outputs at ``path``; with ``write``, record verify.json and the card section in the
+    checkpoint.  ``manifest``: check the outputs' manifest.json when there is one (the run's verify stage, which
+    rewrites the manifest afterwards, passes False)."""
     outs = find_outputs(path, checkpoint)
-    exp = _expected(outs.checkpoint)
     report = Report()
+    manifest_ok = check_manifest(outs, report) if manifest and outs.manifest else False
+    exp = _expected(outs.checkpoint)
     check_temperature_config(outs.checkpoint, exp, report)
     model = check_hf(outs.checkpoint, exp, report)
     ref_cache: dict = {}
@@ -384,13 +413,17 @@ def verify(path: Path, checkpoint: Path | None = None, write: bool = True, base:
         check_mlx(outs.portable or outs.checkpoint, exp, report, windows, hf_dir=outs.checkpoint)
     control = base_control(base, exp, ref_cache) if base else negative_control(exp, model, ref_cache)
     if write:
-        data = {"ok": report.ok, "checkpoint": str(outs.checkpoint), "checks": [asdict(c) for c in report.checks],
+        data = {"ok": report.ok, "checkpoint": str(Path(outs.checkpoint).resolve()), "checks": [asdict(c) for c in report.checks],
                 "negative_control": {"model": str(base) if base else "extended model with plain RoPE",
                                      **control}, "thresholds": {"max_abs": MAX_ABS, "mean_kl": MAX_KL},
                 "tokens_per_window": N_TOKENS}
         target_dir = outs.checkpoint
         (target_dir / VERIFY_FILE).write_text(json.dumps(data, indent=1) + "\n")
         _append_card(target_dir, report, control)
+        # the manifest hashed the card and verify.json before they were rewritten: refresh those entries, unless
+        # it no longer matched (a tampered file must keep failing until it is re-exported)
+        if manifest_ok and manifest_checkpoint(outs.manifest) == Path(outs.checkpoint).resolve():
+            update_manifest_entries(outs.manifest, [target_dir / VERIFY_FILE, target_dir / "README.md"])
     report.control = control  # type: ignore[attr-defined]
     return report
 

@@ -64,6 +64,54 @@ def test_broken_recipe_reports_every_error_at_once(tmp_path):
     assert "error(s)" in msg
 
 
+def test_bad_release_section_is_one_error_listing_every_problem(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({
+        "name": "bad", "source": "x", "target_length": 4096,
+        "validate": {"lengths": [1024], "release": {"tasks": ["nope"], "lengths": [8192, "long"], "limit": 0}}}))
+    with pytest.raises(ConvertError) as e:
+        load_recipe(bad)
+    msg = str(e.value)
+    for piece in ("4 error(s)", "validate.release.tasks: unknown task(s) ['nope']", "validate.release.lengths.1",
+                  "validate.release.limit", "validate.release.lengths [8192, 'long'] go past target_length 4096"):
+        assert piece in msg, piece
+    res = CliRunner().invoke(main, ["run", str(bad), "--release", "--dry-run", "--run-dir", str(tmp_path / "r")])
+    assert res.exit_code == 2 and "validate.release.tasks" in res.output
+    assert res.exception is None or isinstance(res.exception, SystemExit)  # no traceback
+
+    # well-formed: --release takes the section's fields over validate's, the rest stays
+    good = tmp_path / "good.yaml"
+    good.write_text(yaml.safe_dump({
+        "name": "good", "source": "x", "target_length": 4096,
+        "validate": {"lengths": [1024], "limit": 2, "gates": ["passkey@1024 >= 0.5"], "release": {"limit": 5}}}))
+    v = load_recipe(good).validate_
+    assert (v.resolved(False).limit, v.resolved(True).limit, v.resolved(True).lengths) == (2, 5, [1024])
+    assert v.resolved(True).gates == ["passkey@1024 >= 0.5"]
+
+
+def test_options_that_did_nothing_are_gone_or_work(tmp_path, monkeypatch):
+    for value in (True, False):
+        with pytest.raises(ConvertError, match=r"export\.safetensors: removed: it never did anything"):
+            load_recipe(ROOT / "recipes/smollm2/135m_16k.yaml", {"export": {"safetensors": value}})
+    # train.device: cpu forces the CPU even beside a GPU; cuda needs one; auto takes it when there is one
+    from convert.train import pick_device
+
+    assert pick_device("cpu", False, gpu=True) == "cpu"
+    assert pick_device("auto", False, gpu=True) == "cuda" and pick_device("auto", True, gpu=True) == "cpu"
+    with pytest.raises(ConvertError, match="train.device is 'cuda' but no GPU is visible"):
+        pick_device("cuda", False, gpu=False)
+    monkeypatch.setattr("convert.run._gpu_available", lambda: False)
+    train = {"data": "pydoc:", "seq_len": 64, "steps": 1, "global_batch": 1}
+    recipe = _tiny_recipe(tmp_path, tmp_path / "no-model", train={**train, "device": "cuda"})
+    res = CliRunner().invoke(main, ["run", str(recipe), "--dry-run", "--run-dir", str(tmp_path / "r")])
+    assert res.exit_code == 0 and "will fail: train.device is 'cuda'" in res.output
+    with pytest.raises(ConvertError, match="train.device is 'cuda' but no GPU is visible"):
+        run_recipe(recipe, tmp_path / "r", echo=lambda *_: None)
+    assert not (tmp_path / "r" / ".stages").exists()  # refused before any stage ran
+    recipe = _tiny_recipe(tmp_path, tmp_path / "no-model", train={**train, "device": "cpu"})
+    assert run_recipe(recipe, tmp_path / "r", dry_run=True, echo=lambda *_: None)["stages"]["train"] == "run"
+
+
 def _tiny_recipe(tmp_path, src: Path, **changes) -> Path:
     data = {"name": "tiny", "source": str(src), "target_length": 256,
             "validate": {"tasks": ["ppl"], "lengths": [64, 128], "limit": 1},

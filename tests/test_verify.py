@@ -127,3 +127,32 @@ def test_verify_fails_on_a_config_vllm_would_misread(good, tmp_path):
     edit_config(ck, rope_scaling=rs)
     res = _run(ck)
     assert res.exit_code == 1 and "temperature-config" in res.output and "short_mscale missing" in res.output
+
+
+def test_manifest_describes_the_final_files_and_verify_checks_it(good, tmp_path):
+    root = tmp_path / "out"
+    shutil.copytree(good / "hf", root / "hf")
+    export_outputs(root / "hf", root / "export", ("f32", "q8_0"), progress=False)
+    manifest = root / "export" / "manifest.json"
+    res = _run(root)
+    assert res.exit_code == 0, res.output
+    assert "| manifest | manifest.json | pass |" in res.output
+    from convert.export import manifest_entries, manifest_problems
+
+    # verify rewrote the card and verify.json after the export hashed them: their entries follow
+    listed = {p.resolve() for p in manifest_entries(manifest)}
+    for f in ("hf/README.md", "hf/verify.json", "hf/config.json", "export/hf-f32.gguf", "export/hf-f32.Modelfile"):
+        assert (root / f).resolve() in listed, f
+    assert manifest_problems(manifest) == []
+
+    # a file changed after export fails the check, naming it; the manifest is not refreshed over it
+    with open(root / "export" / "hf-q8_0.Modelfile", "a") as f:
+        f.write("PARAMETER temperature 2\n")
+    for _ in range(2):
+        res = _run(root)
+        assert res.exit_code == 1 and "manifest [manifest.json]" in res.output
+        assert "hf-q8_0.Modelfile differs from the manifest" in res.output
+    # a listed file that is gone
+    (root / "hf" / "tokenizer.json").unlink()
+    res = _run(root / "export")
+    assert res.exit_code == 1 and "tokenizer.json is missing" in res.output
