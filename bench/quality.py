@@ -44,7 +44,7 @@ def licenses_corpus(dest: Path) -> Path:
     if not files:
         raise SystemExit(f"{LICENSES} has no licence texts on this machine; pass --corpora pydoc,PATH_TO_TEXT")
     text = "\n\n".join(f.read_text(encoding="utf-8", errors="replace") for f in files)
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.mkdir(parents=True, exist_ok=True)
     path = dest / f"licenses-{hashlib.sha256(text.encode()).hexdigest()[:12]}.txt"
     if not path.exists():
         path.write_text(text, encoding="utf-8")

@@ -295,15 +295,36 @@ def carry_files(src: Source, out: Path, skip: set[str]) -> list[str]:
     return carried
 
 
-def write_factors(out: Path, long: torch.Tensor, short: torch.Tensor, result: DPRoPEResult) -> None:
-    from safetensors.torch import save_file
+def write_safetensors(path: Path, tensors: dict, metadata: dict[str, str]) -> None:
+    """A safetensors file with a byte-reproducible header (keys sorted).  safetensors' own writer keeps the
+    metadata in a hash map, so its order, and the file's digest, changes from process to process; content digests
+    (stage fingerprints, caches, manifests) need the same bytes for the same tensors.  Format:
+    https://github.com/huggingface/safetensors#format (u64 header size, JSON header, data; header padded to 8)."""
+    import numpy as np
 
-    save_file({"long_factor": long.contiguous(), "short_factor": short.contiguous(),
-               "inv_freq": result.inv_freq.float().contiguous(),
-               "base_inv_freq": result.base_inv_freq.float().contiguous()},
-              str(out / FACTORS_FILE), metadata={"method": result.params.get("method", ""),
-                                                  "original_length": str(result.params["original_length"]),
-                                                  "target_length": str(result.params["target_length"])})
+    header: dict = {"__metadata__": {k: str(v) for k, v in sorted(metadata.items())}}
+    blobs, offset = [], 0
+    for name in sorted(tensors):
+        a = np.ascontiguousarray(tensors[name].detach().cpu().float().numpy(), dtype="<f4")
+        header[name] = {"dtype": "F32", "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
+        blobs.append(a.tobytes())
+        offset += a.nbytes
+    raw = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for b in blobs:
+            f.write(b)
+
+
+def write_factors(out: Path, long: torch.Tensor, short: torch.Tensor, result: DPRoPEResult) -> None:
+    write_safetensors(out / FACTORS_FILE,
+                      {"long_factor": long, "short_factor": short, "inv_freq": result.inv_freq,
+                       "base_inv_freq": result.base_inv_freq},
+                      {"method": result.params.get("method", ""),
+                       "original_length": result.params["original_length"],
+                       "target_length": result.params["target_length"]})
 
 
 _QK = re.compile(r"\.self_attn\.[qk]_proj\.(weight|bias)$")

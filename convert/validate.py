@@ -119,6 +119,12 @@ def quiet_lm_eval(log_file: Path | None = None) -> Iterator[Path]:
     log_file = Path(log_file or Path(os.environ.get("DPROPE_CACHE") or Path.home() / ".cache" / "dprope")
                     / "logs" / "lm_eval.log")
     log_file.parent.mkdir(parents=True, exist_ok=True)
+    # the libraries attach their own terminal handlers when first imported: import them before swapping handlers
+    import lm_eval.evaluator as ev
+    import lm_eval.models.huggingface  # noqa: F401
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.get_logger("transformers")
     handler = logging.FileHandler(log_file)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     names = ("lm_eval", "lm-eval", "transformers", "datasets", "py.warnings", "accelerate")
@@ -131,8 +137,6 @@ def quiet_lm_eval(log_file: Path | None = None) -> Iterator[Path]:
     logging.captureWarnings(True)
     # lm-eval records the git commit of the working directory with a bare `git describe`, whose "fatal: not a git
     # repository" reaches the terminal outside a checkout (lm_eval/loggers/utils.py get_git_commit_hash)
-    import lm_eval.evaluator as ev
-
     orig_git = getattr(ev, "get_git_commit_hash", None)
     if orig_git is not None:
         ev.get_git_commit_hash = _quiet_git_hash
@@ -151,15 +155,13 @@ def quiet_lm_eval(log_file: Path | None = None) -> Iterator[Path]:
 
 
 def model_hash(path: Path) -> str:
-    """Config, factors and each weight file's size and first MB: changes whenever the model does."""
-    h = hashlib.sha256()
-    for f in sorted(Path(path).iterdir()):
-        if f.suffix in (".json", ".safetensors") and f.is_file():
-            h.update(f.name.encode())
-            h.update(str(f.stat().st_size).encode())
-            with open(f, "rb") as fh:
-                h.update(fh.read(1 << 20))
-    return h.hexdigest()[:16]
+    """The model by content: sha256 of every config, tokenizer and weight file (.json, .safetensors) of the
+    directory, verify.json excepted (it describes the model, it is not part of it)."""
+    from .digest import combine, file_digest
+
+    files = {f.name: file_digest(f) for f in sorted(Path(path).iterdir())
+             if f.is_file() and f.suffix in (".json", ".safetensors") and f.name != "verify.json"}
+    return combine(files)[:16]
 
 
 @dataclass
@@ -211,8 +213,9 @@ def run_one(model, tokenizer, run: Run, task: str, length: int, limit: int | Non
 
     meta = {"length": length, "max_seq_lengths": [length], "tokenizer": str(run.path), "chunk_tokens": chunk_tokens,
             "corpus": corpus, "seed": seed}
-    lm = chunked_lm_class()(pretrained=model, tokenizer=tokenizer, max_length=length, batch_size=1,
-                            device=str(next(model.parameters()).device), max_batch_size=1)
+    with quiet_lm_eval():
+        lm = chunked_lm_class()(pretrained=model, tokenizer=tokenizer, max_length=length, batch_size=1,
+                                device=str(next(model.parameters()).device), max_batch_size=1)
     # index only the folder the task lives in: the full lm-eval index costs seconds per run
     import lm_eval.tasks as lm_tasks
 
@@ -246,7 +249,8 @@ def _load(path: Path):
 
     from .runtime import load_hf
 
-    return load_hf(path), AutoTokenizer.from_pretrained(str(path))
+    with quiet_lm_eval():  # transformers' notes on config keys it does not use (short_mscale, long_mscale)
+        return load_hf(path), AutoTokenizer.from_pretrained(str(path))
 
 
 # ------------------------------------------------------------------------------------------- gates and report

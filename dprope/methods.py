@@ -245,6 +245,9 @@ register_method("dprope-ramp", "soft DPRoPE: interpolation weight log-linear in 
                 "(1e-4 .. 1e-2 nats, coverage density), monotone in frequency", "dprope", low=1e-4, high=1e-2,
                 bins=DEFAULT_BINS, density="coverage", temperature="none")(_ramp)
 
-# The project default: see the README's method table (chosen on Python's docs, confirmed on a second corpus).
-_variant(DEFAULT_METHOD, "default: dprope-grid + YaRN temperature (the best measured DPRoPE variant; README)",
-         density="coverage", grid=16, select="tolerance:0.002", temperature="yarn")
+# The project default: soft DPRoPE with LongRoPE's temperature, chosen on Python's docs at 8k -> 16k among the
+# variants above and confirmed on a second corpus (README, "Methods").  LongRoPE's temperature is also the one
+# MLX-lm and ExLlamaV2 apply to every longrope config, so the default runs the same there.
+register_method(DEFAULT_METHOD, "default: soft DPRoPE (dprope-ramp, 1e-4 .. 3e-2 nats) with LongRoPE's temperature "
+                "sqrt(1 + ln s / ln L); the best measured variant (README)", "dprope", low=1e-4, high=3e-2,
+                bins=DEFAULT_BINS, density="coverage", temperature="longrope")(_ramp)
