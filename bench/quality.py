@@ -165,6 +165,9 @@ def run(args) -> dict:
         evals = Path(args.evals)
         cached = cache_file(evals, run, task, L, limit, corpora.get(corpus) if corpus else None,
                             L if task == "ppl" else 0).exists()
+        if not cached and args.cached_only:
+            log.warning("not yet measured (skipped with --cached-only): %s %s@%d %s", m, task, L, corpus or "")
+            continue
         if not cached and (loaded is None or loaded[0] != path):
             loaded = (path, *_load(path))
         model, tok = (loaded[1], loaded[2]) if loaded and loaded[0] == path else (None, None)
@@ -273,6 +276,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(HERE / "results"), help="folder for quality.json / .md / .png")
     ap.add_argument("--cache", help="baked checkpoints and corpora (default: $DPROPE_CACHE/quality or "
                     "~/.cache/dprope/quality)")
+    ap.add_argument("--cached-only", action="store_true",
+                    help="report what is already measured (stored evaluations) and compute nothing")
     ap.add_argument("--evals", default=str(HERE / "results" / "evals"),
                     help="lm-eval results, one small JSON per (model content, task, length, samples, corpus); the "
                          "repository keeps the ones behind the README's tables, so re-running those is instant")

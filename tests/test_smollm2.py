@@ -44,7 +44,14 @@ def test_extended_smollm2_loads_and_runs_past_its_window(extended):
     long = torch.tensor(cfg["rope_scaling"]["long_factor"])
     plain = 1.0 / (100000.0 ** (torch.arange(0, 64, 2).float() / 64))
     assert torch.allclose(model.model.rotary_emb.inv_freq, plain / long, rtol=1e-6)
-    assert sorted(set(long.tolist())) == [1.0, 2.0]
+    import math
+
+    import dprope
+    from dprope.methods import DEFAULT_METHOD, run_method
+
+    default = run_method(DEFAULT_METHOD, dprope.RopeContext(plain, 100000.0, 8192, 16384))
+    assert torch.equal(long, default.factors)  # the default method's factors, as baked
+    assert cfg["rope_scaling"]["attention_factor"] == pytest.approx(math.sqrt(1 + math.log(2) / math.log(8192)))
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=4, do_sample=False)
     assert out.shape[1] == n + 4
@@ -53,7 +60,8 @@ def test_extended_smollm2_loads_and_runs_past_its_window(extended):
 def test_inspect_shows_the_factors(extended):
     res = CliRunner().invoke(main, ["inspect", str(extended)])
     assert res.exit_code == 0
-    assert "long_factor: 32 values (1 x8, 2 x24)" in res.output
+    assert "long_factor: 32 values (min 1, max 2, mean 1.474)" in res.output
+    assert "attention_factor: 1.0377" in res.output
     res = CliRunner().invoke(main, ["inspect", str(smollm2_gguf())])
     assert res.exit_code == 0 and "context_length: 8192" in res.output
 
@@ -95,7 +103,8 @@ def test_smollm2_gguf_runs_in_llama_cpp_at_the_target_context(extended, smol_ggu
         text = out["choices"][0]["text"]
     assert len(text.strip()) > 0
     res = CliRunner().invoke(main, ["inspect", str(gg)])
-    assert "rope_freqs.weight: 32 values (1 x8, 2 x24)" in res.output and "context_length: 16384" in res.output
+    assert "rope_freqs.weight: 32 values (min 1, max 2, mean 1.474)" in res.output
+    assert "context_length: 16384" in res.output and "rope.scaling.attn_factor: 1.0377" in res.output
 
 
 @pytest.mark.runtime
