@@ -53,7 +53,12 @@ class SearchConfig:
         if isinstance(self.init_methods, str):
             self.init_methods = tuple(m.strip() for m in self.init_methods.split(",") if m.strip())
         self.init_methods = tuple(self.init_methods)
-        self.temperature_range = (float(self.temperature_range[0]), float(self.temperature_range[1]))
+        tr = self.temperature_range
+        if isinstance(tr, str):
+            tr = [x for x in tr.replace("..", ",").split(",") if x.strip()]
+        if len(tr) != 2:
+            raise DPRoPEError(f"temperature_range needs (low, high), got {self.temperature_range!r}")
+        self.temperature_range = (float(tr[0]), float(tr[1]))
         for name in ("population", "parents", "iterations", "max_tries", "save_every"):
             v = getattr(self, name)
             if isinstance(v, bool) or int(v) != v or v < (0 if name == "iterations" else 1):
