@@ -17,7 +17,9 @@ float``, lower is better (LongRoPE: perplexity on long documents).  This module 
 
 A run is deterministic under ``seed`` (a numpy Generator; never the global RNG) and resumable: its state (the
 generator, the population, the individuals waiting for evaluation, every evaluated individual with its fitness,
-the trace) is written atomically to ``state_path`` after evaluations and after every iteration; the same call with
+the trace) is written atomically as JSON (individuals as comma-joined grid units; "cache": every evaluated one
+with its fitness, null for a non-finite one; "population": the current one, best first; "pending": the ones made
+but not all evaluated yet) to ``state_path`` after evaluations and after every iteration; the same call with
 that file continues where it stopped and ends exactly as an uninterrupted run.  The file I/O is only in
 :func:`save_state` / :func:`load_state`.
 """
@@ -69,6 +71,13 @@ class SearchResult:
     critical_pair: int | None = None
     elapsed: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: factors as a list, the trace as is."""
+        return {"factors": [float(x) for x in self.factors.tolist()], "temperature": self.temperature,
+                "fitness": self.fitness, "trace": [dict(e) for e in self.trace], "evals": self.evals,
+                "stopped": self.stopped, "config": dict(self.config), "critical_pair": self.critical_pair,
+                "elapsed": self.elapsed, **({"extra": self.extra} if self.extra else {})}
 
 
 # ----------------------------------------------------------------------------------------------- the space
@@ -299,11 +308,15 @@ def save_state(path: str | os.PathLike, state: dict[str, Any]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w") as fh:
-        json.dump(state, fh, separators=(",", ":"))
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as fh:
+            json.dump(state, fh, separators=(",", ":"))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 def load_state(path: str | os.PathLike) -> dict[str, Any] | None:

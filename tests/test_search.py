@@ -79,16 +79,17 @@ def test_deterministic_under_a_seed():
     assert c.trace != a.trace
 
 
-@pytest.mark.parametrize("stop_at", [5, 40])  # inside the initial population; inside a later iteration
-def test_resume_after_interrupt_equals_an_uninterrupted_run(tmp_path, stop_at):
-    cfg = SearchConfig(**SMALL, search_temperature=True)
+@pytest.mark.parametrize("stop_at,save_every", [(5, 1), (40, 1), (40, 7)])  # initial population; later iteration
+def test_resume_after_interrupt_equals_an_uninterrupted_run(tmp_path, stop_at, save_every):
+    cfg = SearchConfig(**SMALL, search_temperature=True, save_every=save_every)
     whole = search(CTX, Recorder(), cfg)
     state = tmp_path / "search.json"
     first = Recorder(fail_after=stop_at)
     with pytest.raises(KeyboardInterrupt):
         search(CTX, first, cfg, state_path=state)
     saved = json.loads(state.read_text())
-    assert saved["evals"] == stop_at and len(saved["cache"]) == stop_at and "rng" in saved
+    assert saved["evals"] == stop_at and len(saved["cache"]) == stop_at and "rng" in saved  # saved on the way out
+    assert list(tmp_path.iterdir()) == [state]  # no temporary file left
     second = Recorder()
     resumed = search(CTX, second, cfg, state_path=state)
     _same(resumed, whole)
@@ -109,6 +110,17 @@ def test_evaluation_budget_stops_and_a_larger_budget_continues(tmp_path):
     assert part.stopped == "budget_evals" and part.evals == 30
     done = search(CTX, Recorder(), cfg, state_path=state)
     _same(done, whole)
+    json.dumps(done.to_dict())
+
+
+def test_time_budget():
+    with pytest.raises(DPRoPEError, match="budget"):
+        search(CTX, Recorder(), SearchConfig(**SMALL, budget_seconds=0))
+    import time
+
+    slow = lambda f, t: time.sleep(0.03) or 1.0  # noqa: E731
+    r = search(CTX, slow, SearchConfig(**SMALL, budget_seconds=0.3, init_methods=("yarn",)))
+    assert r.stopped == "budget_seconds" and 1 <= r.evals < 16 and r.trace == []
 
 
 def test_finds_a_known_optimum():
