@@ -4,13 +4,17 @@ An individual is one factor lambda_i per rotary pair on a grid (0.01), monotone 
 to the slow ones, within [1, 1 + s]; optionally an attention temperature (cos/sin multiplier) as one more gene.
 Internally genes are whole grid units (factor = units * grid), so equality, duplicates and the grid are exact.
 
-One run (LongRoPE's defaults, ``evolution/search.py``): an initial population of ``population`` individuals
+One run (LongRoPE's defaults, ``evolution/default_hyper_params/dim_mono_llama.json``; the loop,
+``evolution/algorithms/genetic_base.py``; the operators, ``evolution/algorithms/dim_mono.py``): an initial population of ``population`` individuals
 (YaRN's shape lambda_i = s (1 - m_i) + m_i with YaRN's ramp m, the DPRoPE default's factors, and mutants of these),
 then ``iterations`` times: keep the best ``parents``, add ``mutations`` mutants and ``crossovers`` children of
 random parents.  Every individual is evaluated once (a cache keyed by its genes; duplicates are rejected).
 
-LongRoPE2 mode (microsoft/LongRoPE, LongRoPE2 paper, Shang et al. 2025): only the pairs from the critical pair
-cd = ceil(log_b(L / 2 pi) d / 2) - 1 on are genes; the pairs below follow lambda_i = lambda_cd ** (i / cd).
+LongRoPE2 mode (Shang et al. 2025; microsoft/LongRoPE ``dim_mono.py``, ``critical_dim`` and ``ntk_left``): only
+the pairs from the critical pair cd = ceil(log_b(L / 2 pi) d / 2) - 1 on are genes; the pairs below follow
+lambda_i = lambda_cd ** (i / cd).  Differences from that code, on purpose: factors need only be non-decreasing
+(its LongRoPE2 version asks strictly increasing, which the YaRN shape's plateaus are not), the last pair's bound is
+1 + s (not the previous pair + 4), and a mutation that finds nothing new gives up after ``max_tries`` passes.
 
 The fitness is a callable the caller supplies, ``fitness(factors: float32 [n_pairs], temperature: float) ->
 float``, lower is better (LongRoPE: perplexity on long documents).  This module never runs a model.
@@ -177,9 +181,10 @@ def is_valid(factors: torch.Tensor | Sequence[float], scale: float, grid: float 
 
 # ----------------------------------------------------------------------------------------------- operators
 def mutate(key: Sequence[int], space: Space, rng: np.random.Generator, prob: float) -> Key:
-    """LongRoPE's mutation: each gene with probability ``prob`` is resampled uniformly on the grid between its
-    neighbours' values (the bounds at the ends), so the child stays monotone (microsoft/LongRoPE,
-    ``evolution/``).  The temperature gene, when searched, is resampled in its whole range."""
+    """One pass of LongRoPE's mutation: each gene with probability ``prob`` is resampled uniformly on the grid
+    between its neighbours' current values (the bounds at the ends), so the child stays monotone
+    (microsoft/LongRoPE, ``evolution/algorithms/dim_mono.py``, ``mutate``).  The temperature gene, when searched,
+    is resampled in its whole range with the same probability."""
     g = list(key)
     n = space.n_genes
     for i in range(n):
@@ -192,28 +197,47 @@ def mutate(key: Sequence[int], space: Space, rng: np.random.Generator, prob: flo
     return tuple(int(x) for x in g)
 
 
-def crossover(a: Sequence[int], b: Sequence[int], space: Space, rng: np.random.Generator, prob: float) -> Key:
-    """LongRoPE's crossover: parent ``a`` with each gene taken from parent ``b`` with probability ``prob``.
-    The child may be non-monotone; :func:`breed` retries and rejects those (microsoft/LongRoPE, ``evolution/``)."""
-    return tuple(int(y) if rng.random() < prob else int(x) for x, y in zip(a, b))
-
-
-def _new_mutant(parent: Key, space: Space, rng: np.random.Generator, cfg: SearchConfig, seen: set) -> Key | None:
+def new_mutant(parent: Sequence[int], space: Space, rng: np.random.Generator, cfg: SearchConfig,
+               seen: set) -> Key | None:
+    """LongRoPE's mutation as a whole: passes of :func:`mutate` on the same child until it is new (not in
+    ``seen``) and valid; None after ``max_tries`` passes (LongRoPE loops until it succeeds)."""
+    child = tuple(parent)
     for _ in range(cfg.max_tries):
-        child = mutate(parent, space, rng, cfg.mutation_prob)
+        child = mutate(child, space, rng, cfg.mutation_prob)
         if child not in seen and space.valid(child):
             return child
     return None
 
 
+def crossover(a: Sequence[int], b: Sequence[int], space: Space, rng: np.random.Generator, prob: float,
+              seen: set, tries: int = 20) -> Key | None:
+    """LongRoPE's crossover: start from parent ``a`` and copy parent ``b``'s genes one at a time, each with
+    probability ``prob`` per pass over the genes (LongRoPE: 0.3 x 0.5), returning the first state that is new and
+    valid (monotone); None when the parents are equal or ``tries`` passes find none (microsoft/LongRoPE,
+    ``evolution/algorithms/dim_mono.py``, ``crossover``).  The caller falls back to a mutation of ``a``."""
+    if tuple(a) == tuple(b):
+        return None
+    child = list(a)
+    for _ in range(tries):
+        for i in range(len(child)):
+            if rng.random() < prob:
+                child[i] = int(b[i])
+                k = tuple(int(x) for x in child)
+                if k in seen or not space.valid(k):
+                    continue
+                return k
+    return None
+
+
 def breed(parents: Sequence[Key], space: Space, rng: np.random.Generator, cfg: SearchConfig,
           seen: set) -> list[Key]:
-    """One iteration's children: ``mutations`` mutants and ``crossovers`` crossover children of random parents,
-    each new (not in ``seen``, which grows) and valid.  A crossover that finds no new monotone child in
-    ``max_tries`` falls back to a mutant of its first parent; a child that cannot be made new is dropped."""
+    """One iteration's children (microsoft/LongRoPE, ``evolution/algorithms/genetic_base.py``): ``mutations``
+    mutants of random parents, then ``crossovers`` children of two distinct random parents (the better one
+    first), each new (not in ``seen``, which grows) and valid.  A crossover that finds no child falls back to a
+    mutant of its first parent; a child that cannot be made new is dropped."""
     children: list[Key] = []
     for _ in range(cfg.mutations):
-        child = _new_mutant(parents[int(rng.integers(len(parents)))], space, rng, cfg, seen)
+        child = new_mutant(parents[int(rng.integers(len(parents)))], space, rng, cfg, seen)
         if child is None:
             log.debug("no new mutant in %d tries", cfg.max_tries)
             continue
@@ -221,17 +245,12 @@ def breed(parents: Sequence[Key], space: Space, rng: np.random.Generator, cfg: S
         children.append(child)
     for _ in range(cfg.crossovers):
         if len(parents) >= 2:
-            i, j = (int(x) for x in rng.choice(len(parents), size=2, replace=False))
+            i, j = sorted(int(x) for x in rng.choice(len(parents), size=2, replace=False))
         else:
             i = j = 0
-        child = None
-        for _ in range(cfg.max_tries):
-            c = crossover(parents[i], parents[j], space, rng, cfg.crossover_prob)
-            if c not in seen and space.valid(c):
-                child = c
-                break
+        child = crossover(parents[i], parents[j], space, rng, cfg.crossover_prob, seen, cfg.max_crossover_try)
         if child is None:
-            child = _new_mutant(parents[i], space, rng, cfg, seen)
+            child = new_mutant(parents[i], space, rng, cfg, seen)
         if child is None:
             continue
         seen.add(child)
@@ -293,7 +312,7 @@ def initial_population(ctx: RopeContext, config: SearchConfig, rng: np.random.Ge
     seeds = list(pop)
     misses = 0
     while len(pop) < config.population and misses < len(seeds):
-        child = _new_mutant(seeds[(len(pop) + misses) % len(seeds)], space, rng, config, seen)
+        child = new_mutant(seeds[(len(pop) + misses) % len(seeds)], space, rng, config, seen)
         if child is None:
             misses += 1
             continue

@@ -17,7 +17,8 @@ class SearchConfig:
     population, parents, mutations, crossovers, iterations: sizes per iteration (64, 32, 16, 16, 40)
     mutation_prob: per-gene resampling probability of a mutation (0.3)
     crossover_prob: per-gene probability of taking the second parent's gene (0.15)
-    max_tries: attempts to make a new valid child before giving up (crossover: then a mutation)
+    max_crossover_try: passes of a crossover over the genes before it falls back to a mutation (20)
+    max_tries: mutation passes before giving up on a new individual (LongRoPE retries forever)
     grid: factor step (0.01); longrope2: search only from the critical pair on (LongRoPE2)
     search_temperature: the temperature is a gene in ``temperature_range`` (on ``grid``); else ``temperature``
     temperature: the fixed temperature: a spec of :func:`dprope.methods.temperature` (LongRoPE's by default)
@@ -34,7 +35,8 @@ class SearchConfig:
     iterations: int = 40
     mutation_prob: float = 0.3
     crossover_prob: float = 0.15
-    max_tries: int = 100
+    max_crossover_try: int = 20
+    max_tries: int = 1000
     seed: int = 0
     grid: float = 0.01
     longrope2: bool = False
@@ -59,7 +61,7 @@ class SearchConfig:
         if len(tr) != 2:
             raise DPRoPEError(f"temperature_range needs (low, high), got {self.temperature_range!r}")
         self.temperature_range = (float(tr[0]), float(tr[1]))
-        for name in ("population", "parents", "iterations", "max_tries", "save_every"):
+        for name in ("population", "parents", "iterations", "max_crossover_try", "max_tries", "save_every"):
             v = getattr(self, name)
             if isinstance(v, bool) or int(v) != v or v < (0 if name == "iterations" else 1):
                 raise DPRoPEError(f"search option {name} must be a whole number >= 1, got {v!r}")

@@ -13,7 +13,7 @@ from dprope import DPRoPEError
 from dprope.freqs import RopeContext
 from dprope.methods import available_methods, get_method, run_method
 from dprope.search import (SearchConfig, critical_pair, crossover, initial_population, is_valid,
-                           longrope_yarn_shape, make_space, mutate, search)
+                           longrope_yarn_shape, make_space, mutate, new_mutant, search)
 
 CTX = RopeContext(dprope.base_inv_freq(1e4, 32), 1e4, 4096, 16384)  # 16 pairs, s = 4
 SMALL = dict(population=16, parents=8, mutations=6, crossovers=6, iterations=8, seed=3)
@@ -64,8 +64,12 @@ def test_operators_keep_monotone_grid_and_bounds():
         child = mutate(key, space, rng, 0.3)
         assert space.valid(child) and is_valid(space.expand(child)[0], CTX.scale)
     other = tuple(sorted(int(x) for x in rng.integers(space.lo, space.hi + 1, size=16)))
-    kids = [crossover(key, other, space, rng, 0.15) for _ in range(200)]
-    assert all(all(c in (x, y) for c, x, y in zip(k, key, other)) for k in kids)
+    kids = [crossover(key, other, space, rng, 0.15, {key, other}) for _ in range(200)]
+    made = [k for k in kids if k is not None]  # None: no new monotone mix in 20 passes (then a mutation)
+    assert len(made) > 50 and all(k not in (key, other) and space.valid(k) for k in made)
+    assert all(all(c in (x, y) for c, x, y in zip(k, key, other)) for k in made)
+    assert crossover(key, key, space, rng, 0.15, set()) is None  # equal parents: the caller mutates instead
+    assert new_mutant(key, space, rng, SearchConfig(), {key}) not in (None, key)
     assert not is_valid(torch.tensor([1.0, 1.2, 1.1]), 4)  # not monotone
     assert not is_valid(torch.tensor([1.0, 1.005]), 4)  # off the grid
     assert not is_valid(torch.tensor([1.0, 5.01]), 4) and not is_valid(torch.tensor([0.99, 2.0]), 4)
