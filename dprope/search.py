@@ -5,9 +5,9 @@ to the slow ones, within [1, 1 + s]; optionally an attention temperature (cos/si
 Internally genes are whole grid units (factor = units * grid), so equality, duplicates and the grid are exact.
 
 One run (LongRoPE's defaults, ``evolution/default_hyper_params/dim_mono_llama.json``; the loop,
-``evolution/algorithms/genetic_base.py``; the operators, ``evolution/algorithms/dim_mono.py``): an initial population of ``population`` individuals
-(YaRN's shape lambda_i = s (1 - m_i) + m_i with YaRN's ramp m, the DPRoPE default's factors, and mutants of these),
-then ``iterations`` times: keep the best ``parents``, add ``mutations`` mutants and ``crossovers`` children of
+``evolution/algorithms/genetic_base.py``; the operators, ``evolution/algorithms/dim_mono.py``): an initial
+population of ``population`` individuals (YaRN's shape lambda_i = s (1 - m_i) + m_i with YaRN's ramp m, the
+DPRoPE default's factors, and mutants of these), then ``iterations`` times: keep the best ``parents``, add ``mutations`` mutants and ``crossovers`` children of
 random parents.  Every individual is evaluated once (a cache keyed by its genes; duplicates are rejected).
 
 LongRoPE2 mode (Shang et al. 2025; microsoft/LongRoPE ``dim_mono.py``, ``critical_dim`` and ``ntk_left``): only
@@ -391,8 +391,9 @@ def search(ctx: RopeContext, fitness: Fitness, config: SearchConfig | None = Non
                  len(st["trace"]) - 1, st["evals"])
     else:
         rng = np.random.default_rng(cfg.seed)
-        st = {"version": STATE_VERSION, "rng": rng.bit_generator.state, "config": cfg.search_fields(), "ctx": _ctx_dict(ctx), "evals": 0,
-              "elapsed": 0.0, "cache": {}, "population": [], "survivors": [], "pending": None, "trace": []}
+        st = {"version": STATE_VERSION, "rng": rng.bit_generator.state, "config": cfg.search_fields(),
+              "ctx": _ctx_dict(ctx), "evals": 0, "elapsed": 0.0, "cache": {}, "population": [], "survivors": [],
+              "pending": None, "trace": []}
     cache: dict[str, float | None] = st["cache"]
     started = time.monotonic() - float(st["elapsed"])
     since_save = 0
@@ -400,9 +401,9 @@ def search(ctx: RopeContext, fitness: Fitness, config: SearchConfig | None = Non
     def snapshot() -> None:
         # st["rng"] is the generator as of the last finished generation step: the only consistent point (the
         # generator is used only to make individuals, never while evaluating them)
+        st["elapsed"] = time.monotonic() - started
         if state_path is None:
             return
-        st["elapsed"] = time.monotonic() - started
         save_state(state_path, st)
 
     def fit_of(k: str) -> float:
