@@ -94,6 +94,8 @@ def test_resume_after_interrupt_equals_an_uninterrupted_run(tmp_path, stop_at, s
     saved = json.loads(state.read_text())
     assert saved["evals"] == stop_at and len(saved["cache"]) == stop_at and "rng" in saved  # saved on the way out
     assert list(tmp_path.iterdir()) == [state]  # no temporary file left
+    assert all(set(e) >= {"iteration", "best", "median", "evals"} for e in saved["trace"])
+    assert dprope.SearchConfig is SearchConfig
     second = Recorder()
     resumed = search(CTX, second, cfg, state_path=state)
     _same(resumed, whole)
