@@ -135,7 +135,7 @@ def run(args) -> dict:
     src = open_source(resolve_source(args.source))
     src_hash = model_hash(src.path)
     original = src.spec.original_length
-    methods = ["none", *M.available_methods()] if args.methods == "all" else args.methods.split(",")
+    methods = ["none", *M.available_methods(standalone=True)] if args.methods == "all" else args.methods.split(",")
     for m in methods:
         if m != "none":
             M.get_method(parse_spec(m)[0])

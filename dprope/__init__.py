@@ -28,6 +28,8 @@ _LAZY = {
     "angle_distribution": "histogram",
     "angle_histogram": "histogram",
     "kl_divergence": "histogram",
+    "SearchConfig": "search_config",
+    "SearchResult": "search",
     "Selection": "select",
     "choose": "select",
 }

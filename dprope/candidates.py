@@ -105,10 +105,11 @@ def ntk(ctx: RopeContext) -> torch.Tensor:
     return (ctx.scale ** (2.0 * i / (d - 2))).float() if d > 2 else torch.ones(1)
 
 
-def yarn_factors(ctx: RopeContext, beta_fast: float = 32.0, beta_slow: float = 1.0) -> torch.Tensor:
-    """YaRN's per-pair factors with the official ramp (truncated correction range)."""
+def yarn_ramp(ctx: RopeContext, beta_fast: float = 32.0, beta_slow: float = 1.0) -> torch.Tensor:
+    """YaRN's extrapolation weight gamma per pair, float32 [n_pairs]: 1 keeps the frequency (fast pairs), 0 is PI
+    (slow pairs), linear between the official truncated correction range (jquesnelle/yarn, scaled_rope)."""
     b = _need_theta(ctx, "yarn")
-    d, L, s = ctx.head_dim, ctx.original_length, ctx.scale
+    d, L = ctx.head_dim, ctx.original_length
 
     def corr(r: float) -> float:
         return (d * math.log(L / (r * 2 * math.pi))) / (2 * math.log(b))
@@ -118,8 +119,13 @@ def yarn_factors(ctx: RopeContext, beta_fast: float = 32.0, beta_slow: float = 1
     if low == high:
         high += 0.001  # the official code's guard against a zero-width ramp
     ramp = ((torch.arange(ctx.n_pairs, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
-    gamma = 1 - ramp  # 1: extrapolate (high frequency), 0: interpolate
-    return 1.0 / (gamma + (1 - gamma) / s)
+    return 1 - ramp  # 1: extrapolate (high frequency), 0: interpolate
+
+
+def yarn_factors(ctx: RopeContext, beta_fast: float = 32.0, beta_slow: float = 1.0) -> torch.Tensor:
+    """YaRN's per-pair factors with the official ramp (truncated correction range)."""
+    gamma = yarn_ramp(ctx, beta_fast, beta_slow)
+    return 1.0 / (gamma + (1 - gamma) / ctx.scale)
 
 
 @register_candidate("yarn", "YaRN ramp between extrapolation and PI (beta_fast 32, beta_slow 1)")

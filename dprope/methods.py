@@ -10,6 +10,8 @@ Families:
   dprope   the paper's method exactly (``dprope-paper``) and documented variants of it, each a change to one step
            of the paper's recipe: the temperature, a high-frequency guard, the angle density, the candidate set,
            the selection rule.  ``dprope`` is the project default: the variant that measured best (README).
+  search   LongRoPE's evolutionary search (``longrope-search``, :mod:`dprope.search`): needs a ``fitness`` callable
+           that runs the model, so it is not standalone (``available_methods(standalone=True)`` leaves it out).
 """
 
 from __future__ import annotations
@@ -34,6 +36,11 @@ class Method:
     summary: str
     family: str
     defaults: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def standalone(self) -> bool:
+        """Runs from a RopeContext alone (a search needs a fitness callable from the pipeline)."""
+        return self.family != "search"
 
     def options(self, given: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """The method's defaults updated with ``given``; unknown names are refused, naming the known ones."""
@@ -73,8 +80,9 @@ def get_method(name: str) -> Method:
                           "(`dprope methods` describes each)") from None
 
 
-def available_methods() -> list[str]:
-    return list(_METHODS)
+def available_methods(standalone: bool = False) -> list[str]:
+    """Registered method names; ``standalone``: only those that run without a pipeline-supplied callable."""
+    return [n for n, m in _METHODS.items() if not standalone or m.standalone]
 
 
 def run_method(name: str, ctx, **options):
@@ -84,7 +92,8 @@ def run_method(name: str, ctx, **options):
     result = m.fn(ctx, **opts)
     result.method = m.name
     result.params["method"] = m.name
-    result.params["options"] = {k: v for k, v in opts.items()}
+    result.params["options"] = {k: (f"<callable {getattr(v, '__qualname__', type(v).__name__)}>"
+                                    if callable(v) else v) for k, v in opts.items()}
     result.params["temperature"] = result.temperature
     log.info("method %s: temperature %.4f, factors %s..%s", m.name, result.temperature,
              f"{float(result.factors.min()):.3g}", f"{float(result.factors.max()):.3g}")
@@ -251,3 +260,40 @@ register_method("dprope-ramp", "soft DPRoPE: interpolation weight log-linear in 
 register_method(DEFAULT_METHOD, "default: soft DPRoPE (dprope-ramp, 1e-4 .. 3e-2 nats) with LongRoPE's temperature "
                 "sqrt(1 + ln s / ln L); the best measured variant (README)", "dprope", low=1e-4, high=3e-2,
                 bins=DEFAULT_BINS, density="coverage", temperature="longrope")(_ramp)
+
+
+# ----------------------------------------------------------------------------------------------- search family
+def _longrope_search(ctx, *, fitness=None, state_path=None, progress=None, bins=DEFAULT_BINS, **config):
+    """LongRoPE's evolutionary search (:func:`dprope.search.search`); the result's factors are the best individual,
+    scored by the angle-distribution disturbance like every method; params["search"] holds the trace."""
+    if fitness is None:
+        raise DPRoPEError(
+            "longrope-search needs a fitness: a callable fitness(factors, temperature) -> float (lower is better; "
+            "LongRoPE uses the perplexity of the model with those factors on long documents) that runs the model. "
+            "Pass it as an option, run_method('longrope-search', ctx, fitness=my_fitness), or use "
+            "dprope.search.search(ctx, fitness, SearchConfig(...)); the command line does not supply one yet")
+    if not callable(fitness):
+        raise DPRoPEError(f"fitness must be callable(factors, temperature) -> float, got {type(fitness).__name__}")
+    from .search import search
+    from .search_config import SearchConfig
+
+    res = search(ctx, fitness, SearchConfig(**config), state_path=state_path, progress=progress)
+    r = _compute(ctx, candidates=[], extra_candidates={"longrope-search": res.factors}, bins=int(bins))
+    r.temperature = float(res.temperature)
+    r.params["search"] = {"fitness": res.fitness, "evals": res.evals, "stopped": res.stopped, "trace": res.trace,
+                          "config": res.config, "critical_pair": res.critical_pair, "elapsed": res.elapsed}
+    return r
+
+
+def _search_defaults() -> dict[str, Any]:
+    from dataclasses import fields
+
+    from .search_config import SearchConfig
+
+    return {f.name: f.default for f in fields(SearchConfig)}
+
+
+register_method("longrope-search", "LongRoPE's evolutionary search of per-pair factors (0.01 grid, monotone, "
+                "1..1+s; from YaRN's shape and the DPRoPE default); needs a fitness callable that runs the model "
+                "(Ding et al. 2024, microsoft/LongRoPE)", "search", fitness=None, state_path=None, progress=None,
+                bins=DEFAULT_BINS, **_search_defaults())(_longrope_search)
