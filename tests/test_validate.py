@@ -156,3 +156,24 @@ def test_ruler_tasks_offline_including_an_essay_task(tmp_path):
     for t in ("niah_single_1", "niah_single_2"):
         assert got[t]["metrics"]["score"] is not None and got[t]["lm_eval"]["n-samples"]
     assert "ruler average @4096" in [r["name"] for r in data["rows"]]
+
+
+def test_validation_cache_is_keyed_by_content(tiny_copy, tmp_path):
+    """A weight byte changed at the end of a file (the old key read only the first MB) or an edited corpus file
+    is a cache miss."""
+    from convert.validate import Run, cache_file, model_hash
+
+    d = tiny_copy("llama")
+    w = next(d.glob("*.safetensors"))
+    before = model_hash(d)
+    data = bytearray(w.read_bytes())
+    data[-3] ^= 0xFF  # the last tensor's bytes
+    w.write_bytes(bytes(data))
+    after = model_hash(d)
+    assert before != after
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("one text")
+    a = cache_file(tmp_path, Run("x", d, after), "ppl", 128, 1, str(corpus), 128)
+    corpus.write_text("another text")
+    b = cache_file(tmp_path, Run("x", d, after), "ppl", 128, 1, str(corpus), 128)
+    assert a != b

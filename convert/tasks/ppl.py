@@ -24,9 +24,15 @@ def default_corpus_text() -> str:
     return "\n\n".join(topics[k] for k in sorted(topics))
 
 
-@lru_cache(maxsize=4)
+@lru_cache(maxsize=1)
+def _pydoc_text() -> str:
+    return default_corpus_text()
+
+
 def corpus_text(path: str | None) -> str:
-    return Path(path).read_text(encoding="utf-8", errors="replace") if path else default_corpus_text()
+    """The corpus as it is now: a file is read on every call (a cache by path would serve an edited file's old
+    text); Python's docs, which cannot change while the process runs, are read once."""
+    return Path(path).read_text(encoding="utf-8", errors="replace") if path else _pydoc_text()
 
 
 def make_dataset(length: int, tokenizer: str, chunk_tokens: int | None = None, corpus: str | None = None,
