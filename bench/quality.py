@@ -222,8 +222,9 @@ def tables(data: dict) -> str:
                 lines.append(f"| {m} | " + " | ".join(cells) + f" | {ry} | {rn} |")
             n_docs = len((by.get((T, "none", "ppl", T, c)) or {}).get("block_ll") or [])
             pk_n = data.get("passkey_samples")
-            lines += ["", f"{n_docs} document(s) of {T} tokens; passkey: {pk_n} prompt(s) per length "
-                          "(depths 0.1 / 0.5 / 0.9 in turn).", ""]
+            pk_text = (f"; passkey: {pk_n} prompt(s) per length (depths 0.1 / 0.5 / 0.9 in turn)" if plens
+                       else "; passkey not run")
+            lines += ["", f"{n_docs} document(s) of {T} tokens per method, the same for every method{pk_text}.", ""]
     return "\n".join(lines)
 
 
