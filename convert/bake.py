@@ -130,7 +130,8 @@ def hf_factors(spec: RopeSpec, result: DPRoPEResult, short: str) -> tuple[torch.
 
 def longrope_config(cfg: dict, spec: RopeSpec, plan: BakePlan, long: torch.Tensor, short: torch.Tensor,
                     attn: float) -> dict:
-    """config.json in the portable longrope form (FACTS 3): 4.x `rope_scaling` + top-level rope_theta."""
+    """config.json in the portable longrope form: 4.x `rope_scaling` + top-level rope_theta, which transformers 4.57
+    and 5.x both read (5.x converts it in transformers/modeling_rope_utils.py; 4.57 ignores `rope_parameters`)."""
     out = {k: v for k, v in cfg.items() if k not in ("rope_parameters", "rope_scaling", "dprope")}
     out["rope_theta"] = spec.rope_theta
     out["rope_scaling"] = {
