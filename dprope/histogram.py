@@ -1,4 +1,4 @@
-"""Rotary-angle histograms and the divergence between them (Wu et al., EMNLP 2024, eqs. 5-8, as its reference code computes them).
+"""Rotary-angle histograms and the divergence between them (Wu et al., EMNLP 2024, as its reference code computes them).
 
 Angles are computed in float32 exactly like a real RoPE, ``(m * theta_i) mod 2*pi`` with torch's own
 operators, so the bin of every (pair, position) is the same as the reference implementation's.  The

@@ -1,4 +1,4 @@
-"""Per-pair choice among candidates from their disturbances (Wu et al., EMNLP 2024, section 3: argmin, threshold t, top-n)."""
+"""Per-pair choice among candidates from their disturbances (Wu et al., EMNLP 2024: argmin, threshold t, top-n)."""
 
 from __future__ import annotations
 
