@@ -170,17 +170,7 @@ def test_transformers_457_and_5_load_both_directories_identically(outputs, tf457
         assert np.abs(np.array(old["logits"]) - np.array(new["logits"])).max() < 1e-4
 
 
-@pytest.fixture(scope="module")
-def tf457():
-    from test_transformers_457 import TF457
-
-    if not (TF457 / "transformers").exists():
-        TF457.parent.mkdir(parents=True, exist_ok=True)
-        tmp = TF457.with_name(TF457.name + ".partial")
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--target", str(tmp),
-                        "transformers>=4.57,<4.58"], check=True)
-        tmp.rename(TF457)
-    return TF457
+from test_transformers_457 import tf457  # noqa: E402,F401  (the one fixture that installs transformers 4.57)
 
 
 # ------------------------------------------------------------------------------------------ MLX-lm, run here
