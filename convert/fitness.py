@@ -172,6 +172,9 @@ class Sample:
 
     input_ids: Any
     targets: list[int]
+    # sparse positions come with an explicit all-ones mask: without one, transformers takes a jump in the position
+    # ids for the start of another packed sequence and masks the chunks from each other
+    # (transformers/masking_utils.py, find_packed_sequence_indices)
     forward: dict
     n_tokens: int
 
@@ -211,7 +214,8 @@ class ModelFitness:
         for s in self.samples:
             dev = next(model.parameters()).device
             fw = {k: v.to(dev) for k, v in s.forward.items()}
-            lp = chunked_token_logprobs(model, s.input_ids.to(dev), s.targets, **fw)
+            # no KV cache: nothing is generated, and at 16k it would hold hundreds of MB
+            lp = chunked_token_logprobs(model, s.input_ids.to(dev), s.targets, use_cache=False, **fw)
             ll += float(lp.astype("float64").sum())
             n += s.n_tokens
         return math.exp(-ll / n) if math.isfinite(ll) else math.inf
