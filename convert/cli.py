@@ -175,8 +175,10 @@ def factors(model_path, rope_theta, head_dim, original_length, target_length, me
 @_search_options
 def extend(source, out, target_length, method, method_opts, bins, candidates, selection, short_factor,
            original_length, plot, force, link, allow_pickle, fold_temperature, budget, time_budget, fitness, seed):
-    """Extend SOURCE (HF dir, .gguf, or cached hub id) to --target-length and write the checkpoint to OUT."""
+    """Extend SOURCE (HF dir, .gguf, pkg://PACKAGE/FILE or cached hub id) to --target-length and write the
+    checkpoint to OUT."""
     from .bake import bake, make_plan
+    from .recipe import resolve_source
     from .search import is_search, run_search, work_dir_for
     from .source import open_source
 
@@ -188,7 +190,7 @@ def extend(source, out, target_length, method, method_opts, bins, candidates, se
                            f"(--method longrope-search), not to '{method}'")
     plan = make_plan(method, target_length, _candidates(candidates) if candidates else None, selection, bins,
                      short_factor, original_length, options={**options, **given})
-    src = open_source(source, allow_pickle=allow_pickle)
+    src = open_source(resolve_source(source), allow_pickle=allow_pickle)
     result = None
     if is_search(plan.method):
         if Path(out).exists() and not force:  # before hours of search, not after

@@ -267,7 +267,8 @@ class ProxyFitness(ModelFitness):
     (``task=text``, those k scored) or a pass key in the first chunk and its question + answer at the far end
     (``task=key``, the answer scored)."""
 
-    DEFAULTS = {"task": "text", "samples": 4, "chunk": 1024, "corpus": None, "seed": 0, "dtype": "float32",
+    # chunk: None = min(1024, half the original window), so the first chunk's own context stays inside it
+    DEFAULTS = {"task": "text", "samples": 4, "chunk": None, "corpus": None, "seed": 0, "dtype": "float32",
                 "device": "auto"}
 
     def prepare(self) -> list[Sample]:
@@ -277,6 +278,8 @@ class ProxyFitness(ModelFitness):
         task = o["task"]
         if task not in ("text", "key"):
             raise ConvertError(f"fitness 'proxy' option task must be text or key, got {task!r}")
+        if o["chunk"] is None:
+            o["chunk"] = min(1024, max(1, self.spec.original_length // 2))
         n, k = _positive_int(o, "samples", "proxy"), _positive_int(o, "chunk", "proxy")
         L = self.target_length
         if 2 * k > L:
