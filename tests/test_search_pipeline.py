@@ -158,8 +158,8 @@ def test_cli_extend_with_longrope_search(tiny_models, tmp_path):
     assert (out / "search_trace.png").read_bytes()[:4] == b"\x89PNG"
     states = list((tmp_path / "out.search").glob("state-*.json"))
     assert len(states) == 1 and json.loads(states[0].read_text())["evals"] == 14
-    # the search's seed individuals: YaRN's shape and the dprope default are evaluated first
     assert "--method longrope-search" in (out / "dprope_recipe.yaml").read_text()
+    assert f"- Search: `{PROXY}` fitness, 14 evaluations (stopped: budget_evals)" in (out / "README.md").read_text()
 
 
 def test_interrupted_search_resumes_to_the_uninterrupted_result(tiny_models, tmp_path, monkeypatch):
