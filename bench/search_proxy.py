@@ -205,7 +205,10 @@ def measure(args) -> dict:
             row.setdefault("proxy", {})[name] = rec["value"]
             row.setdefault("proxy_seconds", {})[name] = rec["seconds"]
 
+    import os
+
     report = {"source": args.source, "original": original, "target": T, "corpus": args.corpus,
+              "cpus": os.cpu_count(), "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
               "samples": args.samples, "proxies": [p.text() for p in proxies], "sets": rows, "correlation": {},
               "seconds": {}}
     for p in report["proxies"]:
@@ -260,7 +263,9 @@ def markdown(rep: dict, command: str) -> str:
         lines.append(f"- `{p}`: best set by the proxy `{c['best by proxy']}`, by full-length perplexity "
                      f"`{c['best by ppl']}`.")
     s = rep["seconds"]
-    lines += ["", "Wall time of one evaluation (median over the evaluations made on this machine):", ""]
+    lines += ["", f"Wall time of one evaluation (median over the evaluations made on this machine, {rep.get('cpus')} "
+              f"CPUs, load average {rep.get('load_average_at_end', ['?'])[0]} at the end; other work on the "
+              "machine inflates them):", ""]
     lines.append(f"- full-length perplexity, one {T}-token document through lm-eval: "
                  f"{_f(s.get('ppl'), '{:.1f} s')}")
     for p in rep["proxies"]:
