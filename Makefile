@@ -15,13 +15,14 @@ RECIPES := $(sort $(wildcard recipes/*/*.yaml))
 recipe_target = $(subst _,-,$(subst /,-,$(patsubst recipes/%.yaml,%,$(1))))
 RECIPE_TARGETS := $(foreach r,$(RECIPES),$(call recipe_target,$(r)))
 
-.PHONY: setup test test-all extend bench bench-quick bench-quality clean help release recipes $(RECIPE_TARGETS)
+.PHONY: setup test test-all extend bench bench-quick bench-quality bench-search-proxy clean help release recipes $(RECIPE_TARGETS)
 
 help:
 	@echo "make extend   extend the embedded SmolLM2-135M (8k) to 16k tokens into $(OUT)/ (sets itself up)"
 	@echo "make test     install into $(VENV) and run the tests"
 	@echo "make bench    run the benchmarks (minutes)"
 	@echo "make bench-quality   every method through extend -> lm-eval on SmolLM2 (hours on a 2-core CPU; QUALITY_ARGS=...)"
+	@echo "make bench-search-proxy   the search's CPU proxy against full-length perplexity (~1 hour; SEARCH_PROXY_ARGS=...)"
 	@echo "make release RECIPE=recipes/<family>/<size>_<target>.yaml   full validation with gates"
 	@echo "recipes:      $(RECIPE_TARGETS)"
 
@@ -72,6 +73,12 @@ bench: setup
 QUALITY_ARGS ?= --targets 16384 --corpora pydoc,licenses --tasks ppl --methods none,yarn,dprope,dprope-paper,yarn:temperature=longrope,pi,dprope-ramp,dprope-temp,dprope-guard,dprope-coverage,dprope-grid,dprope-topn,ntk,llama3
 bench-quality: setup
 	$(PY) bench/quality.py $(QUALITY_ARGS)
+
+# LongRoPE search's CPU proxy against full-length perplexity on >= 20 factor sets (SmolLM2 8k -> 16k, pydoc); the
+# sets bench-quality measured are stored, the random ones cost ~2.5 min each here; cached and resumable
+SEARCH_PROXY_ARGS ?= --target 16384 --corpus pydoc --random 8
+bench-search-proxy: setup
+	$(PY) bench/search_proxy.py $(SEARCH_PROXY_ARGS)
 
 bench-quick: setup
 	$(PY) bench/factors.py --quick

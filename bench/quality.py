@@ -9,6 +9,7 @@ computes what is new.  Writes quality.json, quality.md and one perplexity-vs-pos
     python bench/quality.py                                   # SmolLM2-135M, 16k, every method, pydoc + licenses
     python bench/quality.py --targets 32768 --methods none,pi,yarn,dprope-paper,dprope
     python bench/quality.py --source /models/Llama-2-7b-hf --targets 8192,16384 --samples 5 --passkey 10  # a GPU
+    python bench/quality.py --methods none,yarn,dprope,longrope-search --search-budget 96   # the search, reduced
 
 Corpora: `pydoc` (Python's documentation, the corpus methods are chosen on), `licenses` (the licence texts in
 /usr/share/common-licenses, a second corpus used only to confirm), or a path to any text file.
@@ -73,19 +74,54 @@ def parse_spec(spec: str) -> tuple[str, dict]:
     return name, out
 
 
-def checkpoint(src, method: str, target: int, cache: Path, src_hash: str) -> Path:
-    """The baked checkpoint of ``method`` at ``target`` (weights hard-linked to the cached source), made once."""
-    from convert.bake import bake, make_plan
+SEARCH_FITNESS = "proxy"  # a search row's fitness on this CPU, unless its spec names one
+FULL_SEARCH_EVALS = 64 + 40 * 32  # LongRoPE's population + iterations x (mutations + crossovers)
+
+
+def search_options(name: str, opts: dict, budget: int | None) -> dict:
+    """A search row's options: the proxy fitness and the reduced budget unless the spec gives its own."""
+    from convert.search import is_search
+
+    if not is_search(name):
+        return opts
+    return {"fitness": SEARCH_FITNESS, **({"budget_evals": budget} if budget else {}), **opts}
+
+
+def gpu_command(source: str, name: str, target: int, opts: dict) -> str:
+    """The full-budget run of a search row: full-length perplexity as the fitness, LongRoPE's whole search."""
+    keep = {k: v for k, v in opts.items() if k not in ("fitness", "budget_evals", "budget_seconds")}
+    extra = "".join(f" --opt {k}={v}" for k, v in keep.items())
+    return (f"dprope extend {source} out/{name}-{target} --target-length {target} --method {name} "
+            f"--fitness ppl --budget {FULL_SEARCH_EVALS}{extra}")
+
+
+def checkpoint(src, method: str, target: int, cache: Path, src_hash: str, search_budget: int | None = None,
+               original_length: int | None = None) -> Path:
+    """The baked checkpoint of ``method`` at ``target`` (weights hard-linked to the cached source), made once.
+    A search method runs first (resumable: its state stays under ``cache``/search)."""
+    from convert.bake import bake
+    from convert.search import is_search, run_search
 
     if method == "none":
         return src.path
-    name, opts = parse_spec(method)
-    plan = make_plan(name, target, options=opts)
-    key = hashlib.sha256(json.dumps([src_hash, plan.as_dict()], sort_keys=True, default=str).encode()).hexdigest()
-    out = cache / "models" / f"{name}-{target}-{key[:12]}"
+    plan, out = checkpoint_plan(method, target, cache, src_hash, search_budget, original_length)
     if not (out / "config.json").exists():
-        bake(src, out, plan, force=True, link=True, progress=False)
+        result = run_search(src, plan, cache / "search" / out.name) if is_search(plan.method) else None
+        bake(src, out, plan, force=True, link=True, progress=False, result=result)
     return out
+
+
+def checkpoint_plan(method: str, target: int, cache: Path, src_hash: str, search_budget: int | None = None,
+                    original_length: int | None = None):
+    """(plan, folder) of ``method``'s baked checkpoint at ``target``: the folder is named by the source's content
+    and the plan."""
+    from convert.bake import make_plan
+
+    name, opts = parse_spec(method)
+    plan = make_plan(name, target, options=search_options(name, opts, search_budget),
+                     original_length=original_length)
+    key = hashlib.sha256(json.dumps([src_hash, plan.as_dict()], sort_keys=True, default=str).encode()).hexdigest()
+    return plan, cache / "models" / f"{name}-{target}-{key[:12]}"
 
 
 def buckets(original: int, target: int) -> list[tuple[int, int]]:
@@ -128,6 +164,7 @@ def run(args) -> dict:
 
     import dprope.methods as M
     from convert.recipe import resolve_source
+    from convert.search import is_search
     from convert.source import open_source
     from convert.validate import Run, _load, model_hash, run_one
 
@@ -156,7 +193,11 @@ def run(args) -> dict:
     bar = tqdm(jobs, desc="quality", unit="eval")
     for T, m, task, L, corpus in bar:
         bar.set_postfix_str(f"{m} {task}@{L} {corpus or ''}".strip())
-        path = checkpoint(src, m, T, cache, src_hash)
+        if args.cached_only and m != "none" and is_search(parse_spec(m)[0]) and not (
+                checkpoint_plan(m, T, cache, src_hash, args.search_budget)[1] / "config.json").exists():
+            log.warning("not yet searched (skipped with --cached-only): %s at %d", m, T)
+            continue
+        path = checkpoint(src, m, T, cache, src_hash, args.search_budget)
         run = Run(m, path, model_hash(path))
         limit = args.samples if task == "ppl" else args.passkey
         t0 = time.time()
@@ -176,8 +217,12 @@ def run(args) -> dict:
         results.append({"target": T, "method": m, "task": task, "length": L, "corpus": corpus,
                         "seconds": None if cached else round(time.time() - t0, 1), "metrics": r["metrics"],
                         "lm_eval_samples": (r.get("lm_eval") or {}).get("n-samples")})
+    searches = [{"method": m, "target": T, "options": search_options(*parse_spec(m), args.search_budget),
+                 "full_budget_command": gpu_command(args.source, parse_spec(m)[0], T, parse_spec(m)[1])}
+                for T in targets for m in methods if m != "none" and is_search(parse_spec(m)[0])]
     return {"source": args.source, "original": original, "targets": targets, "methods": methods,
             "corpora": list(corpora), "samples": args.samples, "passkey_samples": args.passkey, "results": results,
+            "searches": searches,
             "method_info": {m: (M.get_method(parse_spec(m)[0]).summary if m != "none" else
                                 "the base model, plain RoPE") for m in methods}}
 
@@ -225,6 +270,13 @@ def tables(data: dict) -> str:
             pk_text = (f"; passkey: {pk_n} prompt(s) per length (depths 0.1 / 0.5 / 0.9 in turn)" if plens
                        else "; passkey not run")
             lines += ["", f"{n_docs} document(s) of {T} tokens per method, the same for every method{pk_text}.", ""]
+    for s in data.get("searches") or []:
+        o = s["options"]
+        budget = " and ".join(x for x in (f"{o['budget_evals']} evaluations" if o.get("budget_evals") else "",
+                                          f"{o['budget_seconds']} s" if o.get("budget_seconds") else "") if x)
+        lines += [f"`{s['method']}` at {s['target']}: searched here with the `{o.get('fitness')}` fitness, a budget "
+                  f"of {budget or 'none'}; LongRoPE's full search with full-length perplexity as the fitness (a "
+                  f"GPU's work): `{s['full_budget_command']}`", ""]
     return "\n".join(lines)
 
 
@@ -277,6 +329,10 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(HERE / "results"), help="folder for quality.json / .md / .png")
     ap.add_argument("--cache", help="baked checkpoints and corpora (default: $DPROPE_CACHE/quality or "
                     "~/.cache/dprope/quality)")
+    ap.add_argument("--search-budget", type=int, default=96,
+                    help="fitness evaluations of a search row (longrope-search) on this machine, with the proxy "
+                         "fitness unless its spec names another (e.g. longrope-search:fitness=ppl:budget_evals=8); "
+                         "the report prints the full-budget GPU command")
     ap.add_argument("--cached-only", action="store_true",
                     help="report what is already measured (stored evaluations) and compute nothing")
     ap.add_argument("--evals", default=str(HERE / "results" / "evals"),

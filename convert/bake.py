@@ -42,7 +42,7 @@ RECIPE_FILE = "dprope_recipe.yaml"
 CARD_FILE = "README.md"
 # files of the source that the bake writes itself, or that describe the source rather than the output
 _NOT_CARRIED = {"config.json", CARD_FILE, FACTORS_FILE, REPORT_FILE, PLOT_FILE, RECIPE_FILE, "verify.json",
-                "manifest.json"}
+                "manifest.json", "search_trace.json", "search_trace.png"}
 
 @dataclass
 class BakePlan:
@@ -89,6 +89,10 @@ def make_plan(method: str = DEFAULT_METHOD, target_length: int = 0, candidates: 
         opts = m.options(given)
     except dprope.DPRoPEError as e:
         raise ConvertError(str(e)) from None
+    from .search import check_options, is_search
+
+    if is_search(m.name):
+        check_options(m.name, opts)
     return BakePlan(m.name, int(target_length), opts, short_factor, int(original_length) if original_length else None)
 
 
@@ -102,6 +106,12 @@ def compute(spec: RopeSpec, plan: BakePlan) -> DPRoPEResult:
     from dprope.freqs import RopeContext
     from dprope.methods import run_method
 
+    from .search import is_search
+
+    if is_search(plan.method):
+        raise ConvertError(f"{plan.method} measures the model: its factors come from convert.search.run_search("
+                           "source, plan, work_dir), handed to bake(..., result=...), as `dprope extend` and "
+                           "`dprope run` do")
     ctx = RopeContext(spec.inv_freq, spec.rope_theta, spec.original_length, plan.target_length)
     try:
         return run_method(plan.method, ctx, **plan.options)
@@ -402,6 +412,9 @@ def bake(src: Source, out: Path, plan: BakePlan, *, force: bool = False, plot: b
             (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
             write_factors(tmp, long, short, result)
             (tmp / REPORT_FILE).write_text(json.dumps(result.to_dict(), indent=1) + "\n")
+            from .search import write_trace
+
+            write_trace(tmp, result)  # a searched result: its trace beside the report
             if plot:
                 from .report import plot_result
 

@@ -42,6 +42,11 @@ def write_card(out: Path, src, plan, result: DPRoPEResult, long: torch.Tensor, a
                      "the q/k projection weights instead.")
     else:
         temp_text = "- Attention temperature: none (1.0)"
+    search = result.params.get("search")
+    if search:
+        temp_text += (f"\n- Search: `{search.get('fitness_spec')}` fitness, {search.get('evals')} evaluations "
+                      f"(stopped: {search.get('stopped')}), best fitness {search.get('fitness'):.6g}; trace of the "
+                      "best and median fitness per iteration: `search_trace.json`, `search_trace.png`")
     lines = [
         "---",
         f"base_model: {src.given}",

@@ -41,6 +41,23 @@ def _factor_options(fn):
     return fn
 
 
+def _search_options(fn):
+    """Options of search methods (longrope-search): the budget, the fitness and the seed."""
+    opts = [
+        click.option("--budget", type=click.IntRange(min=1), help="Search methods: stop after N fitness evaluations "
+                     "(LongRoPE's full search is about 1,300). A search needs --budget and/or --time-budget."),
+        click.option("--time-budget", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
+                     help="Search methods: stop after this many seconds of searching (summed over resumed runs)."),
+        click.option("--fitness", metavar="KIND[:KEY=VALUE...]",
+                     help="Search methods: what scores a factor set: proxy (default; sparse positions, cheap on a "
+                          "CPU) or ppl (perplexity at the target length, a GPU's work), e.g. proxy:samples=8."),
+        click.option("--seed", type=int, help="Search methods: random seed (the same seed gives the same result)."),
+    ]
+    for o in reversed(opts):
+        fn = o(fn)
+    return fn
+
+
 def _method_options(pairs) -> dict:
     """KEY=VALUE strings -> options; values are read as YAML scalars or lists (numbers, none, [a, b])."""
     import yaml
@@ -111,6 +128,11 @@ def factors(model_path, rope_theta, head_dim, original_length, target_length, me
 
     from .bake import make_plan
 
+    from .search import is_search
+
+    if is_search(method):
+        raise ConvertError(f"{method} measures the model, which `dprope factors` does not load: run `dprope extend "
+                           f"MODEL OUT --target-length {target_length} --method {method} --budget N`")
     plan = make_plan(method, target_length, _candidates(candidates) if candidates else None, selection, bins,
                      options=_method_options(method_opts))
     if target_length <= original_length:
@@ -150,16 +172,38 @@ def factors(model_path, rope_theta, head_dim, original_length, target_length, me
 @click.option("--fold-temperature", is_flag=True, help="Write the method's attention temperature into the q/k "
               "projection weights (for runtimes that read no temperature key, e.g. ollama's Go engine) instead of "
               "the config; the weight files are then rewritten, not copied.")
+@_search_options
 def extend(source, out, target_length, method, method_opts, bins, candidates, selection, short_factor,
-           original_length, plot, force, link, allow_pickle, fold_temperature):
-    """Extend SOURCE (HF dir, .gguf, or cached hub id) to --target-length and write the checkpoint to OUT."""
+           original_length, plot, force, link, allow_pickle, fold_temperature, budget, time_budget, fitness, seed):
+    """Extend SOURCE (HF dir, .gguf, pkg://PACKAGE/FILE or cached hub id) to --target-length and write the
+    checkpoint to OUT."""
     from .bake import bake, make_plan
+    from .recipe import resolve_source
+    from .search import is_search, run_search, work_dir_for
     from .source import open_source
 
+    options = _method_options(method_opts)
+    search_flags = {"budget_evals": budget, "budget_seconds": time_budget, "fitness": fitness, "seed": seed}
+    given = {k: v for k, v in search_flags.items() if v is not None}
+    if given and not is_search(method):
+        raise ConvertError(f"--budget, --time-budget, --fitness and --seed apply to search methods "
+                           f"(--method longrope-search), not to '{method}'")
     plan = make_plan(method, target_length, _candidates(candidates) if candidates else None, selection, bins,
-                     short_factor, original_length, options=_method_options(method_opts))
-    src = open_source(source, allow_pickle=allow_pickle)
-    bake(src, out, plan, force=force, plot=plot, link=link, fold_temperature=fold_temperature)
+                     short_factor, original_length, options={**options, **given})
+    src = open_source(resolve_source(source), allow_pickle=allow_pickle)
+    result = None
+    if is_search(plan.method):
+        if Path(out).exists() and not force:  # before hours of search, not after
+            raise ConvertError(f"{out} already exists; pass --force to replace it or choose another output directory")
+        work = work_dir_for(out)
+        click.echo(f"search state: {work}/ (Ctrl-C stops; the same command resumes)", err=True)
+        try:
+            result = run_search(src, plan, work, progress=True)
+        except KeyboardInterrupt:
+            click.secho(f"interrupted: the search state is saved in {work}/; run the same command again to resume",
+                        fg="yellow", err=True)
+            sys.exit(130)
+    bake(src, out, plan, force=force, plot=plot, link=link, fold_temperature=fold_temperature, result=result)
     from .inspect import describe
 
     click.echo(describe(out))

@@ -20,16 +20,17 @@ log = logging.getLogger(__name__)
 DEFAULT_LOGIT_CHUNK = 1024
 
 
-def chunked_token_logprobs(model, input_ids, targets, chunk: int = DEFAULT_LOGIT_CHUNK) -> np.ndarray:
+def chunked_token_logprobs(model, input_ids, targets, chunk: int = DEFAULT_LOGIT_CHUNK, **forward) -> np.ndarray:
     """log p(targets[j] | input_ids[:j+1]) for a causal LM, float32 [n]; ``targets`` align with the LAST len(targets)
-    positions of ``input_ids`` ([1, T] int64).  Logits exist for ``chunk`` positions at a time."""
+    positions of ``input_ids`` ([1, T] int64).  Logits exist for ``chunk`` positions at a time.  ``forward``: more
+    arguments of the decoder's forward (``position_ids`` and ``attention_mask`` for sparse positions)."""
     import torch
 
     n = len(targets)
     base = getattr(model, model.base_model_prefix)
     head = model.get_output_embeddings()
     with torch.no_grad():
-        hidden = base(input_ids=input_ids).last_hidden_state[0, -n:]  # [n, hidden]
+        hidden = base(input_ids=input_ids, **forward).last_hidden_state[0, -n:]  # [n, hidden]
         tgt = torch.as_tensor(targets, dtype=torch.long, device=hidden.device)
         out = torch.empty(n, dtype=torch.float32)
         for i in range(0, n, chunk):

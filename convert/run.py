@@ -482,8 +482,14 @@ def _plan_of(recipe: Recipe):
 def _stage_factors(recipe: Recipe, run: RunDir, **_) -> dict:
     from .bake import compute
 
+    from .search import is_search, run_search
+
     src = _source(recipe, run)
-    result = compute(src.spec, _plan_of(recipe))
+    plan = _plan_of(recipe)
+    if is_search(plan.method):  # measures the model; its state in <run>/search/ lets an interrupted run resume
+        result = run_search(src, plan, run.root / "search")
+    else:
+        result = compute(src.spec, plan)
     run.root.mkdir(parents=True, exist_ok=True)
     (run.root / "factors.json").write_text(json.dumps(result.to_dict(), indent=1))
     return {"counts": result.counts(), "disturbance": result.disturbance}

@@ -271,7 +271,8 @@ def _longrope_search(ctx, *, fitness=None, state_path=None, progress=None, bins=
             "longrope-search needs a fitness: a callable fitness(factors, temperature) -> float (lower is better; "
             "LongRoPE uses the perplexity of the model with those factors on long documents) that runs the model. "
             "Pass it as an option, run_method('longrope-search', ctx, fitness=my_fitness), or use "
-            "dprope.search.search(ctx, fitness, SearchConfig(...)); the command line does not supply one yet")
+            "dprope.search.search(ctx, fitness, SearchConfig(...)); on the command line, `dprope extend MODEL OUT "
+            "--method longrope-search --budget N --fitness proxy|ppl` builds one that runs the model")
     if not callable(fitness):
         raise DPRoPEError(f"fitness must be callable(factors, temperature) -> float, got {type(fitness).__name__}")
     from .search import search

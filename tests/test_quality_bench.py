@@ -65,3 +65,22 @@ def test_bucket_and_curve_arithmetic(bench):
                                           (8192, 32768)]
     assert bench.parse_spec("dprope-ramp:temperature=yarn:low=0.001") == ("dprope-ramp",
                                                                           {"temperature": "yarn", "low": 0.001})
+
+
+def test_a_search_row_runs_at_a_reduced_budget_and_prints_the_gpu_command(bench, tiny_models, tmp_path):
+    spec = "longrope-search:population=6:parents=3:mutations=2:crossovers=2"
+    args = ["--source", str(tiny_models[("llama", False)]), "--targets", "256", "--corpora", "pydoc", "--tasks",
+            "ppl", "--methods", f"none,{spec}", "--search-budget", "9", "--out", str(tmp_path / "out"),
+            "--cache", str(tmp_path / "cache"), "--evals", str(tmp_path / "evals")]
+    assert bench.main(args) == 0
+    data = json.loads((tmp_path / "out" / "quality-256.json").read_text())
+    (s,) = data["searches"]
+    assert s["options"]["fitness"] == "proxy" and s["options"]["budget_evals"] == 9
+    assert "--method longrope-search --fitness ppl --budget 1344 --opt population=6" in s["full_budget_command"]
+    md = (tmp_path / "out" / "quality-256.md").read_text()
+    assert f"| {spec} |" in md and s["full_budget_command"] in md
+    (model,) = (tmp_path / "cache" / "models").glob("longrope-search-256-*")
+    trace = json.loads((model / "search_trace.json").read_text())
+    assert trace["evals"] == 9 and trace["fitness"] == "proxy"
+    ppl = {r["method"]: r["metrics"]["token_perplexity"] for r in data["results"]}
+    assert ppl[spec] != pytest.approx(ppl["none"], rel=1e-3)

@@ -182,8 +182,11 @@ def test_missing_source_says_how_to_provide_it(tmp_path):
 def test_recipes_accept_every_registered_method_and_plugin_candidates(tmp_path):
     from dprope.methods import available_methods
 
+    from convert.search import is_search
+
     for name in available_methods():
-        r = load_recipe(ROOT / "recipes/smollm2/135m_16k.yaml", {"method": {"name": name}})
+        method = {"name": name, **({"options": {"budget_evals": 8}} if is_search(name) else {})}  # a search: a budget
+        r = load_recipe(ROOT / "recipes/smollm2/135m_16k.yaml", {"method": method})
         assert r.method.name == name
     plugin = tmp_path / "my_candidates.py"
     plugin.write_text("import torch, dprope\n"
