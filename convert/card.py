@@ -14,7 +14,7 @@ from .report import summary_lines
 
 def versions() -> dict[str, str]:
     out = {}
-    for pkg in ("dprope", "torch", "transformers", "safetensors", "gguf", "lm-eval"):
+    for pkg in ("dprope", "torch", "transformers", "safetensors", "gguf", "lm-eval", "llama_cpp_python"):
         try:
             out[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
