@@ -8,8 +8,9 @@ Once (cached under bench/.data/validate-memory/): the SmolLM2-135M GGUF of the l
 runs validate's own ``ppl`` task at ``--length`` (the first document of the corpus, one lm-eval run, no result
 cache) in a fresh process: ``hf`` is transformers with ``ChunkedHFLM`` (logits 1024 positions at a time), a GGUF
 type is llama.cpp through ``dprope-gguf`` (at most ``n_batch`` rows of logits at a time, context = the file's
-target length).  Prints wall time, peak RSS (the child's ru_maxrss) and the perplexity each path measured, with
-its difference from the hf path.  Nothing else should run beside it if the times are to be compared.
+target length).  Prints wall time, CPU time (user + system, all threads; on a shared machine the better measure of
+cost), peak RSS (the child's ru_maxrss) and the perplexity each path measured, with its difference from the hf
+path.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
+import resource
 import sys
 import tempfile
 from pathlib import Path
@@ -68,8 +69,9 @@ def child(kind: str, model: Path, length: int, kv_cache: str, result: Path) -> N
     with tempfile.TemporaryDirectory() as cache:
         r = run_one(loaded, tok, run, "ppl", length, 1, None, length, Path(cache))
     m = r["metrics"]
+    use = resource.getrusage(resource.RUSAGE_SELF)
     result.write_text(json.dumps({"token_perplexity": m["token_perplexity"], "token_count": m["token_count"],
-                                  "loglik_sum": m["loglik_sum"]}))
+                                  "loglik_sum": m["loglik_sum"], "cpu_s": use.ru_utime + use.ru_stime}))
 
 
 def main() -> int:
@@ -100,12 +102,12 @@ def main() -> int:
     ref = next((r for r in rows if r["path"] == "hf"), None)
     print(f"SmolLM2-135M extended to {target}, validate ppl at {args.length} tokens (one document), "
           f"llama.cpp KV cache {args.kv_cache}")
-    print("| path | wall s | peak RSS MB | tokens | perplexity | vs hf |")
-    print("|---|---|---|---|---|---|")
+    print("| path | wall s | CPU s | peak RSS MB | tokens | perplexity | vs hf |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         rel = "" if ref is None or r is ref else f"{r['token_perplexity'] / ref['token_perplexity'] - 1:+.2e}"
         name = "hf (transformers)" if r["path"] == "hf" else f"{r['path']} GGUF (llama.cpp)"
-        print(f"| {name} | {r['wall_s']:.0f} | {r['peak_rss_mb']:.0f} | {r['token_count']:.0f} | "
+        print(f"| {name} | {r['wall_s']:.0f} | {r['cpu_s']:.0f} | {r['peak_rss_mb']:.0f} | {r['token_count']:.0f} | "
               f"{r['token_perplexity']:.5g} | {rel} |")
     return 0
 
