@@ -149,15 +149,39 @@ def _check_tasks(v):
     return v
 
 
-class Release(_Strict):
-    """The fuller validation of `dprope run --release` / `make release`: overrides tasks, lengths and limit of the
-    validate section (unset fields keep that section's values; gates and corpus are the section's)."""
+def _check_outputs(v):
+    if v is None:
+        return v
+    known = ("hf", *GGUF_TYPES, "base-quant")
+    bad = [x for x in v if x not in known]
+    if bad:
+        raise ValueError(f"unknown output(s) {bad}; validate.outputs takes {', '.join(known)}")
+    if not v:
+        raise ValueError("validate.outputs needs at least one output (hf)")
+    if len(set(v)) != len(v):
+        raise ValueError(f"validate.outputs lists an output twice: {v}")
+    return v
 
+
+def _yaml_on(cls, data):
+    if isinstance(data, dict) and True in data:  # YAML 1.1 reads a bare `on:` key as the boolean true
+        raise ValueError("a key `on:` (or yes/true) is read by YAML as the boolean true; the outputs to validate are "
+                         "listed as `outputs: [hf, q8_0]`")
+    return data
+
+
+class Release(_Strict):
+    """The fuller validation of `dprope run --release` / `make release`: overrides outputs, tasks, lengths and limit
+    of the validate section (unset fields keep that section's values; gates and corpus are the section's)."""
+
+    outputs: list[str] | None = None
     tasks: list[str] | None = None
     lengths: list[Length] | None = None
     limit: int | None = Field(None, ge=1)
 
     _tasks = field_validator("tasks")(_check_tasks)
+    _outputs = field_validator("outputs")(_check_outputs)
+    _on = model_validator(mode="before")(_yaml_on)
 
 
 class Validate(_Strict):
@@ -173,26 +197,9 @@ class Validate(_Strict):
 
     _tasks = field_validator("tasks")(_check_tasks)
 
-    @model_validator(mode="before")
-    @classmethod
-    def _yaml_on(cls, data):
-        if isinstance(data, dict) and True in data:  # YAML 1.1 reads a bare `on:` key as the boolean true
-            raise ValueError("a key `on:` (or yes/true) is read by YAML as the boolean true; the outputs to validate "
-                             "are listed as `outputs: [hf, q8_0]`")
-        return data
+    _on = model_validator(mode="before")(_yaml_on)
 
-    @field_validator("outputs")
-    @classmethod
-    def _outputs(cls, v):
-        known = ("hf", *GGUF_TYPES, "base-quant")
-        bad = [x for x in v if x not in known]
-        if bad:
-            raise ValueError(f"unknown output(s) {bad}; validate.outputs takes {', '.join(known)}")
-        if not v:
-            raise ValueError("validate.outputs needs at least one output (hf)")
-        if len(set(v)) != len(v):
-            raise ValueError(f"validate.outputs lists an output twice: {v}")
-        return v
+    _outputs = field_validator("outputs")(_check_outputs)
 
     @field_validator("gates")
     @classmethod
@@ -275,15 +282,18 @@ def cross_errors(d: dict) -> list[str]:
     gb, mb = get("train", "global_batch", 64), get("train", "micro_batch", 1)
     if d.get("train") and isinstance(gb, int) and isinstance(mb, int) and mb > 0 and gb % mb:
         errs.append("train.global_batch must be a multiple of train.micro_batch")
-    on = get("validate", "outputs", ["hf"])
     gguf = get("export", "gguf", ["f16", "q8_0"])
-    if isinstance(on, list) and isinstance(gguf, list):
+    for where, on in (("validate.outputs", get("validate", "outputs", ["hf"])),
+                      ("validate.release.outputs", release.get("outputs") if isinstance(release, dict) else None)):
+        if not isinstance(on, list) or not isinstance(gguf, list):
+            continue
         missing = [x for x in on if isinstance(x, str) and x in GGUF_TYPES and x not in gguf]
+        it = "it" if len(missing) == 1 else "them"
         if missing:
-            errs.append(f"validate.outputs lists {missing} but export.gguf does not write {'it' if len(missing) == 1 else 'them'}"
-                        f" ({gguf}); add {'it' if len(missing) == 1 else 'them'} to export.gguf")
+            errs.append(f"{where} lists {missing} but export.gguf does not write {it} ({gguf}); add {it} to "
+                        "export.gguf")
         if "base-quant" in on and not get("export", "base_quant", False):
-            errs.append("validate.outputs lists base-quant but export.base_quant is off")
+            errs.append(f"{where} lists base-quant but export.base_quant is off")
     orig = d.get("original_length")
     if isinstance(orig, int) and orig >= target:
         errs.append(f"original_length {orig} is not below target_length {target}")

@@ -243,7 +243,7 @@ class Inputs:
                     "data": self.path(r.train.data if r.train else None)}
         if stage == "validate":
             v = r.validate_.resolved(self.release)
-            ggufs = {form: self.file(p) for form, p in validated_ggufs(r, run)}
+            ggufs = {form: self.file(p) for form, p in validated_ggufs(r, run, self.release)}
             return {"options": _fp(v.model_dump(), self.release, r.name), "model": self.model(model),
                     "source": self.source(), "corpus": self.path(v.corpus),
                     "export": combine(ggufs) if ggufs else None}
@@ -326,17 +326,18 @@ READS = {"source": (), "factors": (), "bake": ("factors",), "train": ("bake",), 
          "validate": ("model",), "verify": ("model", "export")}
 
 
-def reads(stage: str, recipe: Recipe) -> tuple[str, ...]:
-    if stage == "validate" and any(form != "hf" for form in recipe.validate_.outputs):
+def reads(stage: str, recipe: Recipe, release: bool) -> tuple[str, ...]:
+    if stage == "validate" and any(form != "hf" for form in recipe.validate_.resolved(release).outputs):
         return READS[stage] + ("export",)
     return READS[stage]
 
 
-def validated_ggufs(recipe: Recipe, run: RunDir) -> list[tuple[str, Path]]:
-    """(form, GGUF path) for every exported GGUF the recipe validates (validate.outputs other than hf)."""
+def validated_ggufs(recipe: Recipe, run: RunDir, release: bool) -> list[tuple[str, Path]]:
+    """(form, GGUF path) for every exported GGUF the run validates (validate.outputs other than hf)."""
     from .export import gguf_file_name
 
-    return [(form, run.export / gguf_file_name(recipe.name, form)) for form in recipe.validate_.outputs if form != "hf"]
+    return [(form, run.export / gguf_file_name(recipe.name, form))
+            for form in recipe.validate_.resolved(release).outputs if form != "hf"]
 
 
 def _span(start: str | None, stop: str | None) -> tuple[int, int]:
@@ -367,7 +368,7 @@ def plan(recipe: Recipe, run: RunDir, start: str | None = None, stop: str | None
             inputs["model_dir"] = model.name
         fp = _fp(s, inputs)
         # what it reads is about to be rewritten: compared by content once that stage has run
-        first = [model_stage if d == "model" else d for d in reads(s, recipe)]
+        first = [model_stage if d == "model" else d for d in reads(s, recipe, release)]
         first = [d for d in first if actions.get(d) == "run"]
         what = {"factors": "factors.json", "export": "exported files"}
         first_why = f"input {what.get(first[0], 'model')} may change: {first[0]} runs first" if first else None
@@ -533,7 +534,7 @@ def _stage_validate(recipe: Recipe, run: RunDir, release: bool = False, echo=pri
     src = _source(recipe, run)
     base = src.gguf_path or src.path
     model = run.model_dir(recipe)
-    ggufs = dict(validated_ggufs(recipe, run))
+    ggufs = dict(validated_ggufs(recipe, run, release))
     if run.validation.is_dir():  # reports of outputs no longer validated
         for d in run.validation.iterdir():
             if d.is_dir() and d.name not in ggufs:

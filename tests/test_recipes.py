@@ -130,6 +130,11 @@ def test_validate_outputs_name_exported_ggufs(tmp_path):
         load_recipe(path, {"validate": {"outputs": ["hf", "f32"]}})
     with pytest.raises(ConvertError, match="validate.outputs lists base-quant but export.base_quant is off"):
         load_recipe(path, {"validate": {"outputs": ["base-quant"]}, "export": {"base_quant": False}})
+    # the shipped recipe validates the q8_0 GGUF in release runs only
+    v = load_recipe(path).validate_
+    assert v.outputs == ["hf"] and v.resolved(True).outputs == ["hf", "q8_0"]
+    with pytest.raises(ConvertError, match=r"validate.release.outputs lists \['bf16'\] but export.gguf"):
+        load_recipe(path, {"validate": {"release": {"outputs": ["bf16"]}}})
 
 
 def _tiny_recipe(tmp_path, src: Path, **changes) -> Path:
