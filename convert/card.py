@@ -14,7 +14,7 @@ from .report import summary_lines
 
 def versions() -> dict[str, str]:
     out = {}
-    for pkg in ("dprope", "torch", "transformers", "safetensors", "gguf", "lm-eval"):
+    for pkg in ("dprope", "torch", "transformers", "safetensors", "gguf", "lm-eval", "llama_cpp_python"):
         try:
             out[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
@@ -105,3 +105,11 @@ def write_card(out: Path, src, plan, result: DPRoPEResult, long: torch.Tensor, a
     path = out / "README.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def validation_section(sections: list[tuple[str, str]]) -> str:
+    """The card's validation text from (title, report markdown) per validated output: one report as it is, several
+    under a heading each (the checkpoint in transformers, each GGUF in llama.cpp)."""
+    if len(sections) == 1:
+        return sections[0][1]
+    return "\n".join(f"### {title}\n\n{md}" for title, md in sections)

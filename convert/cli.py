@@ -323,18 +323,23 @@ def verify(path, checkpoint, base):
                    "ruler_cwe, ruler_fwe; essay ones with a local haystack: niah_single_2, niah_single_3, "
                    "niah_multikey_1, niah_multivalue, niah_multiquery).")
 @click.option("--limit", type=int, default=5, show_default=True, help="Samples per task and length.")
-@click.option("--out", "out_dir", type=click.Path(path_type=Path), help="Report folder (default: the checkpoint).")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), help="Report folder (default: the checkpoint; for "
+              "a .gguf, NAME-validation/ beside it).")
 @click.option("--corpus", type=click.Path(exists=True), help="Text file for perplexity and the RULER essay haystack "
               "(default: Python's own documentation, pydoc_data).")
 @click.option("--gate", "gates", multiple=True, help="Release gate, e.g. 'passkey@16384 >= 0.9' or "
               "'ppl@0-8192 <= 1.05x base'; repeatable.  A failed gate exits 1.")
-def validate(checkpoint, base, lengths, tasks, limit, out_dir, corpus, gates):
-    """lm-eval long-context tasks on CHECKPOINT (and --base), side by side: validation.json/.md/.png."""
+@click.option("--kv-cache", type=click.Choice(["f16", "f32"]), default="f16", show_default=True,
+              help="GGUF checkpoints: llama.cpp's KV cache type (f16 is llama-cpp-python's default; f32 is exact).")
+def validate(checkpoint, base, lengths, tasks, limit, out_dir, corpus, gates, kv_cache):
+    """lm-eval long-context tasks on CHECKPOINT (and --base), side by side: validation.json/.md/.png.  A .gguf
+    CHECKPOINT runs in llama.cpp (llama-cpp-python, in process), and so does a .gguf --base beside it."""
+    from .llamacpp import LlamaCppOptions
     from .validate import validate as run_validate
 
     cmd = "dprope " + shlex.join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("dprope") else ""
     v = run_validate(checkpoint, base, [int(x) for x in lengths.split(",") if x.strip()], _candidates(tasks), limit,
-                     out_dir, corpus, gates, command=cmd)
+                     out_dir, corpus, gates, command=cmd, gguf_options=LlamaCppOptions(kv_cache=kv_cache))
     click.echo(v.markdown)
     click.echo(f"reports: {v.out_dir / 'validation.md'}, validation.json, validation.png")
     if v.failed:

@@ -32,6 +32,11 @@ def modelfile_text(gguf_name: str, n_ctx: int) -> str:
     return f"FROM ./{gguf_name}\nPARAMETER num_ctx {n_ctx}\n"
 
 
+def gguf_file_name(name: str, kind: str) -> str:
+    """The file ``export_outputs`` writes for a GGUF type, or for ``base-quant``."""
+    return f"{name}-{kind}.gguf"
+
+
 def export_outputs(ckpt: Path, out_dir: Path, outtypes: Sequence[str] = ("f16", "q8_0"), rope_layout: str = "freqs",
                    base_gguf: Path | None = None, name: str | None = None, force: bool = True,
                    progress: bool = True, portable: bool = True) -> dict:
@@ -48,11 +53,11 @@ def export_outputs(ckpt: Path, out_dir: Path, outtypes: Sequence[str] = ("f16", 
     out_dir.mkdir(parents=True, exist_ok=True)
     ggufs = []
     for t in outtypes:
-        p = out_dir / f"{name}-{t}.gguf"
+        p = out_dir / gguf_file_name(name, t)
         export_gguf(ckpt, p, t, rope_layout, force=force, progress=progress, name=name)
         ggufs.append((p, t))
     if base_gguf is not None:
-        p = out_dir / f"{name}-base-quant.gguf"
+        p = out_dir / gguf_file_name(name, "base-quant")
         if p.exists() and force:
             p.unlink()
         reemit_gguf(Path(base_gguf), ckpt, p, rope_layout)

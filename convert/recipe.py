@@ -11,7 +11,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .errors import ConvertError
 
-STAGES = ("source", "factors", "bake", "train", "validate", "export", "verify")
+# validate comes after export: it can measure the exported GGUFs (validate.outputs) as well as the HF checkpoint
+STAGES = ("source", "factors", "bake", "train", "export", "validate", "verify")
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
 
 
 class _Strict(BaseModel):
@@ -147,18 +149,45 @@ def _check_tasks(v):
     return v
 
 
-class Release(_Strict):
-    """The fuller validation of `dprope run --release` / `make release`: overrides tasks, lengths and limit of the
-    validate section (unset fields keep that section's values; gates and corpus are the section's)."""
+def _check_outputs(v):
+    if v is None:
+        return v
+    known = ("hf", *GGUF_TYPES, "base-quant")
+    bad = [x for x in v if x not in known]
+    if bad:
+        raise ValueError(f"unknown output(s) {bad}; validate.outputs takes {', '.join(known)}")
+    if not v:
+        raise ValueError("validate.outputs needs at least one output (hf)")
+    if len(set(v)) != len(v):
+        raise ValueError(f"validate.outputs lists an output twice: {v}")
+    return v
 
+
+def _yaml_on(cls, data):
+    if isinstance(data, dict) and True in data:  # YAML 1.1 reads a bare `on:` key as the boolean true
+        raise ValueError("a key `on:` (or yes/true) is read by YAML as the boolean true; the outputs to validate are "
+                         "listed as `outputs: [hf, q8_0]`")
+    return data
+
+
+class Release(_Strict):
+    """The fuller validation of `dprope run --release` / `make release`: overrides outputs, tasks, lengths and limit
+    of the validate section (unset fields keep that section's values; gates and corpus are the section's)."""
+
+    outputs: list[str] | None = None
     tasks: list[str] | None = None
     lengths: list[Length] | None = None
     limit: int | None = Field(None, ge=1)
 
     _tasks = field_validator("tasks")(_check_tasks)
+    _outputs = field_validator("outputs")(_check_outputs)
+    _on = model_validator(mode="before")(_yaml_on)
 
 
 class Validate(_Strict):
+    outputs: list[str] = Field(default_factory=lambda: ["hf"], description="what is measured: hf (the checkpoint, in "
+                          "transformers) and exported GGUF types (f32, f16, bf16, q8_0, base-quant), each run in "
+                          "llama.cpp beside the base model in the same runtime where it can be")
     tasks: list[str] = Field(default_factory=lambda: ["passkey", "ppl"])
     lengths: list[Length] = Field(default_factory=lambda: [4096, 8192, 16384])
     limit: int | None = Field(5, ge=1)
@@ -167,6 +196,10 @@ class Validate(_Strict):
     release: Release | None = None
 
     _tasks = field_validator("tasks")(_check_tasks)
+
+    _on = model_validator(mode="before")(_yaml_on)
+
+    _outputs = field_validator("outputs")(_check_outputs)
 
     @field_validator("gates")
     @classmethod
@@ -191,7 +224,7 @@ class Export(_Strict):
     # GGUF files, a Modelfile each and manifest.json go to export/; the HF checkpoint stays where the run wrote it
     # (hf/ or trained/), so there is no safetensors copy to switch on or off
     safetensors: bool | None = Field(None, exclude=True, description="removed: it never did anything")
-    gguf: list[Literal["f32", "f16", "bf16", "q8_0"]] = Field(default_factory=lambda: ["f16", "q8_0"])
+    gguf: list[Literal[GGUF_TYPES]] = Field(default_factory=lambda: ["f16", "q8_0"])
     rope_layout: Literal["freqs", "longrope"] = "freqs"
     base_quant: bool = Field(False, description="also re-emit a GGUF source with its own quantisation")
 
@@ -249,6 +282,18 @@ def cross_errors(d: dict) -> list[str]:
     gb, mb = get("train", "global_batch", 64), get("train", "micro_batch", 1)
     if d.get("train") and isinstance(gb, int) and isinstance(mb, int) and mb > 0 and gb % mb:
         errs.append("train.global_batch must be a multiple of train.micro_batch")
+    gguf = get("export", "gguf", ["f16", "q8_0"])
+    for where, on in (("validate.outputs", get("validate", "outputs", ["hf"])),
+                      ("validate.release.outputs", release.get("outputs") if isinstance(release, dict) else None)):
+        if not isinstance(on, list) or not isinstance(gguf, list):
+            continue
+        missing = [x for x in on if isinstance(x, str) and x in GGUF_TYPES and x not in gguf]
+        it = "it" if len(missing) == 1 else "them"
+        if missing:
+            errs.append(f"{where} lists {missing} but export.gguf does not write {it} ({gguf}); add {it} to "
+                        "export.gguf")
+        if "base-quant" in on and not get("export", "base_quant", False):
+            errs.append(f"{where} lists base-quant but export.base_quant is off")
     orig = d.get("original_length")
     if isinstance(orig, int) and orig >= target:
         errs.append(f"original_length {orig} is not below target_length {target}")

@@ -1,4 +1,6 @@
-"""`dprope run RECIPE`: source -> factors -> bake -> [train] -> validate -> export -> verify in one run directory.
+"""`dprope run RECIPE`: source -> factors -> bake -> [train] -> export -> validate -> verify in one run directory.
+
+Validation follows the export so that it can measure the exported GGUFs (``validate.outputs``) beside the checkpoint.
 
 Each stage records, in ``<run>/.stages/<stage>.json`` once its outputs are complete, what it read (content digests:
 the source's files, factors.json, the model directory it used, the training data or corpus, and its options) and
@@ -241,8 +243,10 @@ class Inputs:
                     "data": self.path(r.train.data if r.train else None)}
         if stage == "validate":
             v = r.validate_.resolved(self.release)
+            ggufs = {form: self.file(p) for form, p in validated_ggufs(r, run, self.release)}
             return {"options": _fp(v.model_dump(), self.release, r.name), "model": self.model(model),
-                    "source": self.source(), "corpus": self.path(v.corpus)}
+                    "source": self.source(), "corpus": self.path(v.corpus),
+                    "export": combine(ggufs) if ggufs else None}
         if stage == "export":
             return {"options": _fp(r.export.model_dump(), r.name), "model": self.model(model),
                     "source": self.source() if r.export.base_quant else None}
@@ -316,9 +320,24 @@ def _stale(stage: str, rec: dict | None, inputs: dict, run: RunDir, memo: Memo,
     return "; ".join(why) or None
 
 
-# the stages whose outputs each stage reads ("model": train when later stages read trained/, else bake)
-READS = {"source": (), "factors": (), "bake": ("factors",), "train": ("bake",), "validate": ("model",),
-         "export": ("model",), "verify": ("model", "export")}
+# the stages whose outputs each stage reads ("model": train when later stages read trained/, else bake); validate
+# also reads the export when it measures GGUFs (reads())
+READS = {"source": (), "factors": (), "bake": ("factors",), "train": ("bake",), "export": ("model",),
+         "validate": ("model",), "verify": ("model", "export")}
+
+
+def reads(stage: str, recipe: Recipe, release: bool) -> tuple[str, ...]:
+    if stage == "validate" and any(form != "hf" for form in recipe.validate_.resolved(release).outputs):
+        return READS[stage] + ("export",)
+    return READS[stage]
+
+
+def validated_ggufs(recipe: Recipe, run: RunDir, release: bool) -> list[tuple[str, Path]]:
+    """(form, GGUF path) for every exported GGUF the run validates (validate.outputs other than hf)."""
+    from .export import gguf_file_name
+
+    return [(form, run.export / gguf_file_name(recipe.name, form))
+            for form in recipe.validate_.resolved(release).outputs if form != "hf"]
 
 
 def _span(start: str | None, stop: str | None) -> tuple[int, int]:
@@ -349,7 +368,7 @@ def plan(recipe: Recipe, run: RunDir, start: str | None = None, stop: str | None
             inputs["model_dir"] = model.name
         fp = _fp(s, inputs)
         # what it reads is about to be rewritten: compared by content once that stage has run
-        first = [model_stage if d == "model" else d for d in READS[s]]
+        first = [model_stage if d == "model" else d for d in reads(s, recipe, release)]
         first = [d for d in first if actions.get(d) == "run"]
         what = {"factors": "factors.json", "export": "exported files"}
         first_why = f"input {what.get(first[0], 'model')} may change: {first[0]} runs first" if first else None
@@ -510,30 +529,56 @@ def _stage_train(recipe: Recipe, run: RunDir, force_cpu: bool = False, **_) -> d
 
 
 def _stage_validate(recipe: Recipe, run: RunDir, release: bool = False, echo=print, **_) -> dict:
+    """Validate each output of ``validate.outputs``: hf/ (or trained/) in transformers into validation/, each exported
+    GGUF in llama.cpp into validation/<type>/, every one beside the base model.  The base runs in the output's
+    runtime where it can: a GGUF source in llama.cpp next to a GGUF, dequantised into transformers next to the
+    checkpoint; a HF source in transformers."""
+    from .card import validation_section
     from .validate import validate
 
     v = recipe.validate_.resolved(release)
     src = _source(recipe, run)
     base = src.gguf_path or src.path
-    res = validate(run.model_dir(recipe), base, v.lengths, v.tasks, v.limit, run.validation, v.corpus,
-                   v.gates if release else (), command=f"dprope run {recipe.name}{' --release' if release else ''}")
-    echo(res.markdown)
-    if release and res.failed:
-        raise ConvertError("release gate(s) failed: " + "; ".join(f"{g.text} ({why})" for g, why in res.failed))
-    # the card of the checkpoint links the report
     model = run.model_dir(recipe)
+    ggufs = dict(validated_ggufs(recipe, run, release))
+    if run.validation.is_dir():  # reports of outputs no longer validated
+        for d in run.validation.iterdir():
+            if d.is_dir() and d.name not in ggufs:
+                shutil.rmtree(d)
+    command = f"dprope run {recipe.name}{' --release' if release else ''}"
+    sections, failed, reports = [], [], {}
+    for form in v.outputs:
+        if form == "hf":
+            ckpt, out = model, run.validation
+        else:
+            ckpt, out = ggufs[form], run.validation / form
+            if not ckpt.is_file():
+                raise ConvertError(f"validate.outputs lists {form} but {ckpt} is missing; the export stage writes it "
+                                   "(dprope run --from export)")
+        res = validate(ckpt, base, v.lengths, v.tasks, v.limit, out, v.corpus, v.gates if release else (),
+                       command=command)
+        where = f"{model.name}/ in transformers" if form == "hf" else f"`{ckpt.name}` in llama.cpp"
+        report = out.relative_to(run.root) / "validation.md"
+        sections.append((f"{form}: {where} (`{report.parent.as_posix()}/validation.json`)", res.markdown))
+        echo(f"-- validation of {form}: {where}\n{res.markdown}")
+        failed += [(form, g, why) for g, why in res.failed]
+        reports[form] = str(run.root / report)
+    if release and failed:
+        raise ConvertError("release gate(s) failed: " + "; ".join(f"[{form}] {g.text} ({why})"
+                                                                   for form, g, why in failed))
+    # the card of the checkpoint shows every report
     card = model / "README.md"
     if card.exists():
         from .export import manifest_checkpoint, manifest_problems, update_manifest_entries
         from .validate import _link_card
 
-        # an export made before this validation hashed the card: refresh its entry if it still matched
+        # the export hashed the card before this validation: refresh its entry if it still matched
         m = run.export / MANIFEST
         listed = m.exists() and manifest_checkpoint(m) == model.resolve() and not manifest_problems(m, {card})
-        _link_card(model, res.markdown)
+        _link_card(model, validation_section(sections))
         if listed:
             update_manifest_entries(m, [card])
-    return {"report": str(run.validation / "validation.md")}
+    return {"report": reports.get("hf") or next(iter(reports.values())), "reports": reports}
 
 
 def _stage_export(recipe: Recipe, run: RunDir, **_) -> dict:

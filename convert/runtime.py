@@ -21,14 +21,9 @@ GGML_TYPE_F32 = 0
 
 
 def _llama_cpp():
-    try:
-        import llama_cpp
-    except ImportError:
-        raise ConvertError(
-            "llama-cpp-python is not installed: `pip install 'dprope[llama]'` (it compiles llama.cpp; "
-            "CMAKE_ARGS='-DLLAVA_BUILD=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_EXAMPLES=OFF' keeps it short)"
-        ) from None
-    return llama_cpp
+    from .llamacpp import import_llama_cpp
+
+    return import_llama_cpp()
 
 
 @contextlib.contextmanager
@@ -61,21 +56,15 @@ def llama_cpp_logits(path: Path, token_ids: Sequence[int], n_ctx: int, start_pos
     """Logits [n_tokens, vocab] (float32) for one sequence placed at positions start_pos.., and the context
     llama.cpp actually allocated.  A start past the original window checks rotations at large positions without
     paying for a prefix (llama.cpp accepts any first position on an empty cache)."""
+    from .llamacpp import Decoder
+
     ids = list(map(int, token_ids))
-    with open_gguf(path, n_ctx) as llm:
-        llm.reset()
-        if start_pos == 0:
-            llm.eval(ids)
-            return np.array(llm.scores[: len(ids)], dtype=np.float32), int(llm.n_ctx())
-        if start_pos + len(ids) > n_ctx:
-            raise ConvertError(f"positions up to {start_pos + len(ids)} do not fit a context of {n_ctx}")
-        rows = []
-        for i in range(0, len(ids), llm.n_batch):
-            chunk = ids[i : i + llm.n_batch]
-            llm._batch.set_batch(batch=chunk, n_past=start_pos + i, logits_all=True)
-            llm._ctx.decode(llm._batch)
-            rows.append(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(len(chunk) * llm.n_vocab(),))
-                        .reshape(len(chunk), -1).copy())
+    with open_gguf(path, n_ctx, logits_all=False) as llm:
+        d = Decoder(llm)
+        try:
+            rows = [r.copy() for _, r in d.decode(ids, start_pos)]
+        finally:
+            d.close()
         return np.concatenate(rows).astype(np.float32), int(llm.n_ctx())
 
 

@@ -152,6 +152,34 @@ def gguf_to_hf(gguf_path: Path, cache: Path | None = None) -> Path:
     return dest
 
 
+def gguf_tokenizer_dir(gguf_path: Path, cache: Path | None = None) -> Path:
+    """The GGUF's own tokenizer as a transformers tokenizer directory, made once per file content (the evaluation
+    tasks size their prompts with a transformers tokenizer given by path)."""
+    gguf_path = Path(gguf_path)
+    digest = file_digest(gguf_path)[:16]
+    dest = (cache or cache_root()) / "gguf-tokenizer" / f"{gguf_path.stem}-{digest}"
+    if (dest / "tokenizer_config.json").exists():
+        return dest
+    from transformers import AutoTokenizer
+
+    tmp = dest.with_name(dest.name + f".partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        try:
+            tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        except Exception as e:  # transformers' GGUF tokenizer reader: unknown model or tokenizer type
+            raise ConvertError(f"transformers cannot read the tokenizer of {gguf_path} ({type(e).__name__}: {e}); "
+                               "the evaluation tasks need it to size their prompts") from None
+        tok.save_pretrained(str(tmp))
+        _match_pre_tokenizer(gguf_path, tmp / "tokenizer.json")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(dest, ignore_errors=True)
+        os.replace(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
 def _match_pre_tokenizer(gguf_path: Path, tokenizer_json: Path) -> None:
     """transformers rebuilds a GGUF's BPE tokenizer with the plain GPT-2 pre-tokenizer whatever the file's
     `tokenizer.ggml.pre` says (SmolLM2's `smollm` also splits digits one by one); restore the real one so the HF

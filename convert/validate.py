@@ -3,6 +3,11 @@
 One lm-eval run per (model, task, length): ``max_length`` is the tested length (never the model's own maximum),
 batch size 1 on CPU, and the result is cached per (model hash, task, length, limit, corpus) so re-runs are instant.
 
+A HF directory runs in transformers (``convert.lmeval.ChunkedHFLM``); a .gguf checkpoint runs in llama.cpp
+through llama-cpp-python (``convert.lmeval_gguf.GGUFLM``), loaded once at a context of the file's
+``context_length`` (at least the longest tested length), and a .gguf base runs there too.  A .gguf base next to a
+HF checkpoint is dequantised into transformers, so both columns of a report come from one runtime where they can.
+
 Tasks:
   passkey          project task (convert/tasks): key retrieval at several depths, exact match;
   ppl              project task: token perplexity per length bucket on a local corpus;
@@ -21,9 +26,10 @@ import json
 import logging
 import math
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -127,7 +133,7 @@ def quiet_lm_eval(log_file: Path | None = None) -> Iterator[Path]:
     hf_logging.get_logger("transformers")
     handler = logging.FileHandler(log_file)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    names = ("lm_eval", "lm-eval", "transformers", "datasets", "py.warnings", "accelerate")
+    names = ("lm_eval", "lm-eval", "transformers", "datasets", "py.warnings", "accelerate", "llama.cpp")
     saved = {}
     for n in names:
         lg = logging.getLogger(n)
@@ -141,8 +147,12 @@ def quiet_lm_eval(log_file: Path | None = None) -> Iterator[Path]:
     if orig_git is not None:
         ev.get_git_commit_hash = _quiet_git_hash
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), contextlib.ExitStack() as stack:
             warnings.simplefilter("default")
+            if "llama_cpp" in sys.modules:  # llama.cpp's own log lines, when it is in use
+                from .llamacpp import native_logs
+
+                stack.enter_context(native_logs())
             yield log_file
     finally:
         if orig_git is not None:
@@ -167,8 +177,35 @@ def model_hash(path: Path) -> str:
 @dataclass
 class Run:
     label: str  # "extended" | "base"
-    path: Path  # HF directory
+    path: Path  # HF directory (transformers) or .gguf file (llama.cpp)
     hash: str
+    runtime: str = "transformers"  # | "llama.cpp"
+    tokenizer: Path | None = None  # the transformers tokenizer the tasks size prompts with (default: path)
+    n_ctx: int | None = None  # llama.cpp: the context the model is loaded with
+    options: Any = None  # llama.cpp: LlamaCppOptions
+
+    def describe(self) -> str:
+        if self.runtime == "llama.cpp":
+            return (f"{self.label} `{self.path.name}` (llama.cpp, n_ctx {self.n_ctx}, KV cache "
+                    f"{self.options.kv_cache}{', flash attention' if self.options.flash_attn else ''})")
+        return f"{self.label} `{self.path.name}` (transformers)"
+
+
+def gguf_run(label: str, path: Path, lengths: Sequence[int], options) -> Run:
+    """A GGUF measured in llama.cpp.  Its cache identity is the file's content plus what changes llama.cpp's
+    numbers: the context it is loaded at, the runtime options and the llama-cpp-python version."""
+    from .digest import combine, file_digest
+    from .llamacpp import gguf_context_length, import_llama_cpp
+    from .source import gguf_tokenizer_dir
+
+    path = Path(path)
+    n_ctx = max(gguf_context_length(path), max(lengths))  # reads the whole header: a bad file stops here
+    version = import_llama_cpp().__version__
+    digest = combine({"gguf": file_digest(path), "n_ctx": n_ctx, "llama.cpp": options.key(),
+                      "llama_cpp_python": version})[:16]
+    with quiet_lm_eval():
+        tok = gguf_tokenizer_dir(path)
+    return Run(label, path, digest, "llama.cpp", tok, n_ctx, options)
 
 
 def _metric(task: str, length: int, results: dict) -> dict:
@@ -207,15 +244,20 @@ def run_one(model, tokenizer, run: Run, task: str, length: int, limit: int | Non
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    from .lmeval import chunked_lm_class
-
     from .tasks.ppl import corpus_text
 
-    meta = {"length": length, "max_seq_lengths": [length], "tokenizer": str(run.path), "chunk_tokens": chunk_tokens,
-            "corpus": corpus, "seed": seed}
+    meta = {"length": length, "max_seq_lengths": [length], "tokenizer": str(run.tokenizer or run.path),
+            "chunk_tokens": chunk_tokens, "corpus": corpus, "seed": seed}
     with quiet_lm_eval():
-        lm = chunked_lm_class()(pretrained=model, tokenizer=tokenizer, max_length=length, batch_size=1,
-                                device=str(next(model.parameters()).device), max_batch_size=1)
+        if run.runtime == "llama.cpp":
+            from .lmeval_gguf import GGUFLM
+
+            lm = GGUFLM(pretrained=model, max_length=length)  # model: an open GGUFModel
+        else:
+            from .lmeval import chunked_lm_class
+
+            lm = chunked_lm_class()(pretrained=model, tokenizer=tokenizer, max_length=length, batch_size=1,
+                                    device=str(next(model.parameters()).device), max_batch_size=1)
     # index only the folder the task lives in: the full lm-eval index costs seconds per run
     import lm_eval.tasks as lm_tasks
 
@@ -228,6 +270,8 @@ def run_one(model, tokenizer, run: Run, task: str, length: int, limit: int | Non
                                       random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
                                       fewshot_random_seed=seed)
     metrics = _metric(task, length, res)
+    if task == "ppl" and run.runtime == "llama.cpp":
+        _check_token_count(run, lm.token_logprobs, metrics)
     if task == "ppl" and lm.token_logprobs:
         # per-document log-likelihood sums over BLOCK-token blocks: perplexity by position at any bucket edges
         block = max(1, min(BLOCK, length // 64))
@@ -236,12 +280,35 @@ def run_one(model, tokenizer, run: Run, task: str, length: int, limit: int | Non
                                                                     range(block, len(lp), block))]
                                for _, lp in sorted(lm.token_logprobs.items())]
     out = {"task": task, "length": length, "limit": limit, "model": run.label, "model_hash": run.hash,
+           "runtime": run.runtime,
            "corpus_digest": corpus_digest(corpus), "chunk_tokens": chunk_tokens, "seed": seed, "metrics": metrics,
            "lm_eval": {"results": res["results"], "n-samples": res.get("n-samples"),
                        "versions": res.get("versions"), "config": {k: str(v) for k, v in res.get("config", {}).items()}}}
     cache_dir.mkdir(parents=True, exist_ok=True)
     cfile.write_text(json.dumps(out, indent=1, default=str))
     return out
+
+
+def _check_token_count(run: Run, token_logprobs: dict, metrics: dict) -> None:
+    """Perplexity divides llama.cpp's log-likelihood by the token count of the tokenizer the documents were made
+    with; the two must split the text alike, or the number is wrong."""
+    scored = sum(len(v) for v in token_logprobs.values())
+    counted = metrics.get("token_count")
+    if counted is not None and scored != int(counted):
+        raise ConvertError(f"llama.cpp split the perplexity documents into {scored} tokens where the tokenizer made "
+                           f"from {run.path.name} ({run.tokenizer}) counts {int(counted)}: the two tokenise "
+                           "differently, so the perplexity would be wrong. Check the GGUF's tokenizer.ggml.pre "
+                           "(dprope inspect) and re-export it with dprope export-gguf")
+
+
+def _load_run(run: Run):
+    """(model, tokenizer) of a run: a transformers model and tokenizer, or an open GGUFModel and None."""
+    if run.runtime == "llama.cpp":
+        from .lmeval_gguf import open_model
+
+        with quiet_lm_eval():
+            return open_model(run.path, run.n_ctx, run.options), None
+    return _load(run.path)
 
 
 def _load(path: Path):
@@ -351,8 +418,11 @@ def _fmt(v) -> str:
     return "-" if v is None else f"{v:.4g}"
 
 
-def markdown(rows: list[dict], command: str, gates_failed=None, gates=()) -> str:
-    lines = [f"Command: `{command}`", "", "| task | base | extended | delta |", "|---|---|---|---|"]
+def markdown(rows: list[dict], command: str, gates_failed=None, gates=(), models: Sequence[str] = ()) -> str:
+    lines = [f"Command: `{command}`", ""]
+    if models:
+        lines += ["Models: " + "; ".join(models), ""]
+    lines += ["| task | base | extended | delta |", "|---|---|---|---|"]
     for r in rows:
         d = None if r["base"] is None or r["extended"] is None else r["extended"] - r["base"]
         lines.append(f"| {r['name']} | {_fmt(r['base'])} | {_fmt(r['extended'])} | "
@@ -404,7 +474,11 @@ class Validation:
 def validate(checkpoint: Path, base: Path | None = None, lengths: Sequence[int] = (4096, 8192, 16384),
              tasks: Sequence[str] = ("passkey", "ppl"), limit: int | None = 5, out_dir: Path | None = None,
              corpus: str | None = None, gates: Sequence[str] = (), cache_dir: Path | None = None,
-             command: str = "", progress: bool = True) -> Validation:
+             command: str = "", progress: bool = True, gguf_options=None) -> Validation:
+    """Run the tasks on ``checkpoint`` (a HF directory, or a .gguf run in llama.cpp) and on ``base``; write
+    validation.json/.md/.png to ``out_dir`` (default: the checkpoint directory, or ``<name>-validation/`` beside a
+    GGUF).  ``gguf_options``: how llama.cpp runs GGUFs (``convert.llamacpp.LlamaCppOptions``)."""
+    from .llamacpp import LlamaCppOptions
     from .source import cache_root, open_source
 
     lengths = sorted(int(x) for x in lengths)
@@ -414,12 +488,22 @@ def validate(checkpoint: Path, base: Path | None = None, lengths: Sequence[int] 
         raise ConvertError("relative gates ('x base') need --base")
     if corpus and not Path(corpus).exists():
         raise ConvertError(f"corpus {corpus} does not exist")
-    runs = [Run("extended", open_source(checkpoint).path, "")]
+    checkpoint = Path(checkpoint)
+    in_llama_cpp = checkpoint.suffix == ".gguf" and checkpoint.is_file()
+    options = gguf_options or LlamaCppOptions()
+
+    def open_run(label: str, given: Path) -> Run:
+        given = Path(given)
+        if in_llama_cpp and given.suffix == ".gguf" and given.is_file():
+            return gguf_run(label, given, lengths, options)
+        path = open_source(given).path
+        return Run(label, path, model_hash(path))
+
+    runs = [open_run("extended", checkpoint)]
     if base is not None:
-        runs.append(Run("base", open_source(base).path, ""))
-    for r in runs:
-        r.hash = model_hash(r.path)
-    out_dir = Path(out_dir or checkpoint)
+        runs.append(open_run("base", base))
+    default_out = checkpoint.with_name(checkpoint.stem + "-validation") if in_llama_cpp else checkpoint
+    out_dir = Path(out_dir or default_out)
     cache_dir = cache_dir or cache_root() / "validate"
     plan = [(r, t, L) for r in runs for t in tasks for L in lengths]
     from rich.progress import Progress
@@ -434,14 +518,17 @@ def validate(checkpoint: Path, base: Path | None = None, lengths: Sequence[int] 
                 try:
                     cached = cache_file(cache_dir, run, task, L, limit, corpus, lengths[-1]).exists()
                     if model is None and not cached:
-                        model, tok = _load(run.path)  # loaded once per model, only when something must run
+                        model, tok = _load_run(run)  # loaded once per model, only when something must run
                     results.append(run_one(model, tok, run, task, L, limit, corpus, lengths[-1], cache_dir))
                 finally:
                     bar.advance(job)
+            if hasattr(model, "close"):  # llama.cpp frees its context now, not at garbage collection
+                model.close()
             del model
     rows = table_rows(results, lengths)
     failed = check_gates(rows, parsed_gates)
-    md = markdown(rows, command or f"dprope validate {checkpoint}", failed, parsed_gates)
+    md = markdown(rows, command or f"dprope validate {checkpoint}", failed, parsed_gates,
+                  models=[r.describe() for r in runs])
     out_dir.mkdir(parents=True, exist_ok=True)
     from .card import versions
 
@@ -450,7 +537,9 @@ def validate(checkpoint: Path, base: Path | None = None, lengths: Sequence[int] 
                   for r in rows],
          "gates": [{"gate": g.text, "passed": g.text not in {f.text for f, _ in failed},
                     "reason": next((w for f, w in failed if f.text == g.text), None)} for g in parsed_gates],
-         "runs": results, "versions": versions(), "lengths": lengths, "tasks": list(tasks), "limit": limit},
+         "runs": results, "versions": versions(), "lengths": lengths, "tasks": list(tasks), "limit": limit,
+         "models": [{"label": r.label, "path": str(r.path), "runtime": r.runtime, "hash": r.hash, "n_ctx": r.n_ctx,
+                     "llama_cpp": r.options.key() if r.options else None} for r in runs]},
         indent=1, default=str) + "\n")
     (out_dir / "validation.md").write_text(md)
     plot(rows, out_dir / "validation.png")

@@ -8,6 +8,7 @@ import yaml
 from click.testing import CliRunner
 
 import convert.export
+import convert.verify
 from convert.cli import main
 from convert.errors import ConvertError
 from convert.recipe import load_recipe
@@ -112,6 +113,30 @@ def test_options_that_did_nothing_are_gone_or_work(tmp_path, monkeypatch):
     assert run_recipe(recipe, tmp_path / "r", dry_run=True, echo=lambda *_: None)["stages"]["train"] == "run"
 
 
+def test_validate_outputs_name_exported_ggufs(tmp_path):
+    """validate.outputs lists what is measured; a GGUF type the export does not write, or YAML's boolean `on:`
+    key, is refused with the reason."""
+    path = ROOT / "recipes/smollm2/135m_16k.yaml"
+    r = load_recipe(path, {"validate": {"outputs": ["hf", "q8_0"]}})
+    assert r.validate_.outputs == ["hf", "q8_0"]
+    with pytest.raises(ConvertError) as e:
+        load_recipe(path, {"validate": {"outputs": ["hf", "f32", "q4"]}, "export": {"gguf": ["f16"]}})
+    assert "validate.outputs: unknown output(s) ['q4']" in str(e.value)
+    bad = tmp_path / "on.yaml"
+    bad.write_text(path.read_text().replace("validate:\n", "validate:\n  on: [hf, q8_0]\n"))
+    with pytest.raises(ConvertError, match="`on:` .* is read by YAML as the boolean true.*outputs: \\[hf, q8_0\\]"):
+        load_recipe(bad)
+    with pytest.raises(ConvertError, match=r"validate.outputs lists \['f32'\] but export.gguf does not write it"):
+        load_recipe(path, {"validate": {"outputs": ["hf", "f32"]}})
+    with pytest.raises(ConvertError, match="validate.outputs lists base-quant but export.base_quant is off"):
+        load_recipe(path, {"validate": {"outputs": ["base-quant"]}, "export": {"base_quant": False}})
+    # the shipped recipe validates the q8_0 GGUF in release runs only
+    v = load_recipe(path).validate_
+    assert v.outputs == ["hf"] and v.resolved(True).outputs == ["hf", "q8_0"]
+    with pytest.raises(ConvertError, match=r"validate.release.outputs lists \['bf16'\] but export.gguf"):
+        load_recipe(path, {"validate": {"release": {"outputs": ["bf16"]}}})
+
+
 def _tiny_recipe(tmp_path, src: Path, **changes) -> Path:
     data = {"name": "tiny", "source": str(src), "target_length": 256,
             "validate": {"tasks": ["ppl"], "lengths": [64, 128], "limit": 1},
@@ -130,21 +155,21 @@ def test_run_resumes_and_redoes_what_changed(tiny_models, tmp_path, monkeypatch)
     recipe = _tiny_recipe(tmp_path, src)
     quiet = dict(echo=lambda *_: None)
 
-    # the export stage fails (an interrupted run): the stages before it are kept, nothing after it is marked
+    # the verify stage fails (an interrupted run): the stages before it are kept, nothing after it is marked
     def boom(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(convert.export, "export_outputs", boom)
+    monkeypatch.setattr(convert.verify, "verify", boom)
     with pytest.raises(KeyboardInterrupt):
         run_recipe(recipe, run_dir, **quiet)
     rd = RunDir(run_dir)
-    assert [s for s in ("source", "factors", "bake", "validate", "export", "verify") if rd.done(s)] == \
-        ["source", "factors", "bake", "validate"]
+    assert [s for s in ("source", "factors", "bake", "export", "validate", "verify") if rd.done(s)] == \
+        ["source", "factors", "bake", "export", "validate"]
     monkeypatch.undo()
 
     s = run_recipe(recipe, run_dir, **quiet)
     assert s["stages"] == {"source": "skip (done)", "factors": "skip (done)", "bake": "skip (done)",
-                           "train": "skip (not in recipe)", "validate": "skip (done)", "export": "run",
+                           "train": "skip (not in recipe)", "export": "skip (done)", "validate": "skip (done)",
                            "verify": "run"}
     assert (run_dir / "export" / "manifest.json").exists() and (run_dir / "hf" / "verify.json").exists()
     assert (run_dir / "validation" / "validation.md").exists()
@@ -160,7 +185,7 @@ def test_run_resumes_and_redoes_what_changed(tiny_models, tmp_path, monkeypatch)
                           validate={"tasks": ["ppl"], "lengths": [64, 128], "limit": 2})
     r = load_recipe(recipe)
     todo = [p.name for p in plan(r, RunDir(run_dir)) if p.action == "run"]
-    assert todo == ["factors", "bake", "validate", "export", "verify"]
+    assert todo == ["factors", "bake", "export", "validate", "verify"]
 
 
 def test_from_to_select_stages(tiny_models, tmp_path):

@@ -51,27 +51,27 @@ TRAIN = {"data": "pydoc:", "seq_len": 64, "steps": 1, "global_batch": 1, "save_s
 
 
 @pytest.mark.runtime
-def test_force_cpu_rerun_redoes_validate_export_verify(tiny_copy, tmp_path, monkeypatch):
+def test_force_cpu_rerun_redoes_export_validate_verify(tiny_copy, tmp_path, monkeypatch):
     monkeypatch.setattr("convert.run._gpu_available", lambda: False)
     recipe = _recipe(tmp_path, tiny_copy("llama"), train=TRAIN)
     run_dir = tmp_path / "run"
     s = run_recipe(recipe, run_dir, **quiet)
     assert s["stages"]["train"].startswith("skip (no GPU")
-    assert [k for k, v in s["stages"].items() if v == "run"] == ["source", "factors", "bake", "validate", "export",
+    assert [k for k, v in s["stages"].items() if v == "run"] == ["source", "factors", "bake", "export", "validate",
                                                                  "verify"]
     manifest = run_dir / "export" / "manifest.json"
     assert json.loads(manifest.read_text())["checkpoint"]["path"] == "../hf"
 
     s = run_recipe(recipe, run_dir, dry_run=True, force_cpu=True, **quiet)
-    assert [s["stages"][k] for k in ("train", "validate", "export", "verify")] == ["run"] * 4
+    assert [s["stages"][k] for k in ("train", "export", "validate", "verify")] == ["run"] * 4
     out = _dry(recipe, run_dir, "--force-cpu")
     assert _line(out, "train") == "train     run (never ran)"
-    for stage in ("validate", "export", "verify"):
+    for stage in ("export", "validate", "verify"):
         assert "run (input model changed (hf/ -> trained/))" in _line(out, stage)
 
     s = run_recipe(recipe, run_dir, force_cpu=True, **quiet)
     assert {k: v for k, v in s["stages"].items() if v == "run"} == dict.fromkeys(
-        ["train", "validate", "export", "verify"], "run")
+        ["train", "export", "validate", "verify"], "run")
     assert s["model_dir"] == str(run_dir / "trained")
     # what the run reports now describes the trained model, and the manifest the final files
     assert json.loads(manifest.read_text())["checkpoint"]["path"] == "../trained"

