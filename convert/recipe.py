@@ -10,8 +10,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConvertError
-
-STAGES = ("source", "factors", "bake", "train", "validate", "export", "verify")
+from .gguf_export import OUTTYPES, ROPE_LAYOUTS
+from .stages import STAGES  # noqa: F401  (imported from here too)
 
 
 class _Strict(BaseModel):
@@ -191,8 +191,8 @@ class Export(_Strict):
     # GGUF files, a Modelfile each and manifest.json go to export/; the HF checkpoint stays where the run wrote it
     # (hf/ or trained/), so there is no safetensors copy to switch on or off
     safetensors: bool | None = Field(None, exclude=True, description="removed: it never did anything")
-    gguf: list[Literal["f32", "f16", "bf16", "q8_0"]] = Field(default_factory=lambda: ["f16", "q8_0"])
-    rope_layout: Literal["freqs", "longrope"] = "freqs"
+    gguf: list[Literal[OUTTYPES]] = Field(default_factory=lambda: ["f16", "q8_0"])
+    rope_layout: Literal[ROPE_LAYOUTS] = "freqs"
     base_quant: bool = Field(False, description="also re-emit a GGUF source with its own quantisation")
 
     @field_validator("safetensors")

@@ -26,7 +26,7 @@ from typing import Callable
 
 import dprope
 
-from .digest import Memo, combine, run_memo
+from .files import Memo, combine, run_memo, write_atomic
 from .errors import ConvertError
 from .recipe import STAGES, Recipe, load_recipe, resolve_source
 
@@ -78,9 +78,8 @@ class RunDir:
 
     def mark(self, stage: str, fingerprint: str, **info) -> None:
         self.stages.mkdir(parents=True, exist_ok=True)
-        tmp = self.stages / f".{stage}.json.partial"
-        tmp.write_text(json.dumps({"fingerprint": fingerprint, **info}, indent=1, default=str))
-        tmp.replace(self.stages / f"{stage}.json")
+        write_atomic(self.stages / f"{stage}.json",
+                     json.dumps({"fingerprint": fingerprint, **info}, indent=1, default=str))
         (self.stages / f"{stage}.started").unlink(missing_ok=True)
 
     def unmark(self, stage: str) -> None:

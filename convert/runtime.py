@@ -13,6 +13,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from .compat import llama_decode_logits
 from .errors import ConvertError
 
 log = logging.getLogger(__name__)
@@ -69,14 +70,9 @@ def llama_cpp_logits(path: Path, token_ids: Sequence[int], n_ctx: int, start_pos
             return np.array(llm.scores[: len(ids)], dtype=np.float32), int(llm.n_ctx())
         if start_pos + len(ids) > n_ctx:
             raise ConvertError(f"positions up to {start_pos + len(ids)} do not fit a context of {n_ctx}")
-        rows = []
-        for i in range(0, len(ids), llm.n_batch):
-            chunk = ids[i : i + llm.n_batch]
-            llm._batch.set_batch(batch=chunk, n_past=start_pos + i, logits_all=True)
-            llm._ctx.decode(llm._batch)
-            rows.append(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(len(chunk) * llm.n_vocab(),))
-                        .reshape(len(chunk), -1).copy())
-        return np.concatenate(rows).astype(np.float32), int(llm.n_ctx())
+        rows = [llama_decode_logits(llm, ids[i : i + llm.n_batch], start_pos + i)
+                for i in range(0, len(ids), llm.n_batch)]
+        return np.concatenate(rows), int(llm.n_ctx())
 
 
 def load_hf(ckpt: Path):

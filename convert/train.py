@@ -211,7 +211,8 @@ def train(ckpt: Path, out: Path, args: TrainArgs, *, force_cpu: bool = False, fo
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
-    from .bake import FACTORS_FILE, atomic_dir
+    from .bake import FACTORS_FILE
+    from .files import atomic_dir
 
     ckpt, out = Path(ckpt), Path(out)
     cuda = pick_device(args.device, force_cpu, torch.cuda.is_available()) == "cuda"
