@@ -28,11 +28,10 @@ from .compat import gguf_write_tensor_blocks as _write_raw
 from .errors import ConvertError
 from .files import atomic_file
 from .modelinfo import lookup_arch, read_config
+from .names import OUTTYPES, ROPE_LAYOUTS
 
 log = logging.getLogger(__name__)
 
-OUTTYPES = ("f32", "f16", "bf16", "q8_0")
-ROPE_LAYOUTS = ("freqs", "longrope")
 _BLOCK_BYTES = 16 << 20  # rows per conversion block: ~16 MB of float32
 
 

@@ -10,8 +10,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConvertError
-from .gguf_export import OUTTYPES, ROPE_LAYOUTS
-from .stages import STAGES  # noqa: F401  (imported from here too)
+from .names import OUTTYPES, ROPE_LAYOUTS, STAGES  # noqa: F401  (STAGES: imported from here too)
 
 
 class _Strict(BaseModel):

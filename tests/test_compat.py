@@ -134,8 +134,8 @@ def test_stage_and_gguf_type_lists_are_the_canonical_ones():
     import typing
 
     from convert.cli import main
-    from convert.gguf_export import OUTTYPES, ROPE_LAYOUTS
-    from convert.recipe import STAGES, Export
+    from convert.names import OUTTYPES, ROPE_LAYOUTS, STAGES
+    from convert.recipe import Export
 
     run = main.commands["run"]
     for opt in ("start", "stop"):

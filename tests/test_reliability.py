@@ -1,4 +1,5 @@
-"""Faults a user meets: a full disk during bake and export, a cache whose content changed under the same path."""
+"""Faults a user meets (a full disk during bake and export, `kill -9` in each stage, a cache whose content changed
+under the same path) and what the README says about the outputs."""
 
 import contextlib
 import errno
@@ -6,6 +7,7 @@ import os
 import resource
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -99,3 +101,108 @@ def test_tokenizer_cache_follows_the_content_at_a_path(tmp_path):
     second = common.tokenizer(str(d))
     assert second is not first and len(second) != len(first)
     assert len(second) == len(tiny_tokenizer("gpt-2", vocab_size=600))
+
+
+# ------------------------------------------------------------------------------------------- kill -9 per stage
+STAGES_RUN = ("source", "factors", "bake", "validate", "export", "verify")  # a recipe without train:
+# files whose content holds measured times (verify's MLX load time) and the files that list their digests
+TIMED = {"hf/verify.json", "hf/README.md", "export/manifest.json"}
+
+
+def _outputs(run_dir: Path) -> dict[str, str]:
+    import hashlib
+
+    out = {}
+    for p in sorted(run_dir.rglob("*")):
+        rel = p.relative_to(run_dir).as_posix()
+        if p.is_file() and not any(part.startswith(".") for part in rel.split("/")) and rel not in TIMED:
+            out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def _manifest_without_timed(run_dir: Path) -> dict:
+    import json
+
+    m = json.loads((run_dir / "export" / "manifest.json").read_text())
+    m["checkpoint"]["files"] = {k: v for k, v in m["checkpoint"]["files"].items()
+                                if k not in ("verify.json", "README.md")}
+    return m
+
+
+def _kill_when_started(cmd: list[str], run_dir: Path, stage: str, env: dict) -> bool:
+    """Start ``cmd``; SIGKILL it just after ``stage`` starts (its .started marker appears).  False when the run
+    ended first."""
+    import signal
+    import subprocess
+    import time
+
+    marker = run_dir / ".stages" / f"{stage}.started"
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 600
+        while proc.poll() is None and time.monotonic() < deadline:
+            if marker.exists():
+                time.sleep(0.2)  # into the stage's work
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait()
+                return True
+            time.sleep(0.02)
+        return False
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.slow
+def test_kill_9_in_each_stage_then_a_rerun_gives_the_uninterrupted_outputs(tiny_copy, tmp_path):
+    import shutil
+    import sys
+
+    import yaml
+
+    from convert.run import RunDir, run_recipe
+
+    src = tiny_copy("llama")
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text("# dprope run tiny.yaml\n" + yaml.safe_dump(
+        {"name": "tiny", "source": str(src), "target_length": 256,
+         "validate": {"tasks": ["ppl"], "lengths": [64], "limit": 1}, "export": {"gguf": ["f32"]}}))
+    run_dir = tmp_path / "run"
+    run_recipe(recipe, run_dir, echo=lambda *_: None)  # uninterrupted
+    reference, ref_manifest = _outputs(run_dir), _manifest_without_timed(run_dir)
+    shutil.rmtree(run_dir)  # the same path again: paths written inside the outputs stay the same
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "convert.cli", "run", str(recipe), "--run-dir", str(run_dir)]
+    killed = [stage for stage in STAGES_RUN if _kill_when_started(cmd, run_dir, stage, env)]
+    assert len(killed) >= 4, killed  # the short stages may end within the delay; most are cut in their work
+    run_recipe(recipe, run_dir, echo=lambda *_: None)
+    rd = RunDir(run_dir)
+    assert all(rd.done(s) for s in STAGES_RUN)
+    assert _outputs(run_dir) == reference and _manifest_without_timed(run_dir) == ref_manifest
+    assert [p.name for p in run_dir.iterdir() if ".partial" in p.name or ".old-" in p.name] == []
+
+
+# ------------------------------------------------------------------------------------------- what the README says
+@pytest.mark.runtime
+def test_a_gguf_source_gives_its_dequantised_float32_weights(tiny_models, tmp_path):
+    """A .gguf source is dequantised once (transformers' GGUF loader): the extended checkpoint holds float32
+    tensors equal to the GGUF's dequantised values, not the bytes of any file of the base."""
+    import gguf
+    from safetensors import safe_open
+
+    from convert.gguf_export import export_gguf
+
+    src = tiny_models[("llama", False)]
+    base = export_gguf(src, tmp_path / "base-q8_0.gguf", "q8_0", progress=False)
+    out = bake(open_source(base), tmp_path / "ext", make_plan(target_length=4 * ORIGINAL), progress=False)
+    reader = gguf.GGUFReader(str(base))
+    down = next(t for t in reader.tensors if t.name == "blk.0.ffn_down.weight")
+    assert down.tensor_type == gguf.GGMLQuantizationType.Q8_0
+    want = gguf.quants.dequantize(down.data, down.tensor_type)
+    with safe_open(str(out / "model.safetensors"), "np") as f, safe_open(str(src / "model.safetensors"), "np") as g:
+        got = f.get_tensor("model.layers.0.mlp.down_proj.weight")
+        assert got.dtype == np.float32 and np.array_equal(got, want.reshape(got.shape))
+        assert not np.array_equal(got, g.get_tensor("model.layers.0.mlp.down_proj.weight"))  # q8_0 rounding

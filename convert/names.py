@@ -1,0 +1,9 @@
+"""The names the command line, the recipe schema and the pipeline share, one list per concept (no heavy imports, so
+the command line reads them at start-up)."""
+
+# the pipeline's stages in the order they run
+STAGES = ("source", "factors", "bake", "train", "validate", "export", "verify")
+# GGUF weight types `dprope export` / `export-gguf` write
+OUTTYPES = ("f32", "f16", "bf16", "q8_0")
+# where a GGUF carries the factors: rope_freqs.weight, or rope_factors_long/short.weight with rope.scaling.type
+ROPE_LAYOUTS = ("freqs", "longrope")
