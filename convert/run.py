@@ -425,9 +425,9 @@ def run_recipe(recipe_path: Path, run_dir: Path | None = None, start: str | None
 
 def _remove_leftovers(run: RunDir) -> None:
     """Temporary files and folders a killed run left (atomic_dir's .NAME.partial-PID and .NAME.old-PID, partial
-    records): under the lock none of them can belong to a live run.  Trainer checkpoints (.trained.work) stay, so
-    training resumes."""
-    for d in (run.root, run.stages):
+    records, GGUFs and Modelfiles half-written in export/): under the lock none of them can belong to a live run.
+    Trainer checkpoints (.trained.work) stay, so training resumes."""
+    for d in (run.root, run.stages, run.export):
         if not d.is_dir():
             continue
         for p in d.iterdir():

@@ -182,7 +182,9 @@ def test_kill_9_in_each_stage_then_a_rerun_gives_the_uninterrupted_outputs(tiny_
     rd = RunDir(run_dir)
     assert all(rd.done(s) for s in STAGES_RUN)
     assert _outputs(run_dir) == reference and _manifest_without_timed(run_dir) == ref_manifest
-    assert [p.name for p in run_dir.iterdir() if ".partial" in p.name or ".old-" in p.name] == []
+    left = [p.relative_to(run_dir).as_posix() for p in run_dir.rglob(".*")
+            if ".partial" in p.name or ".old-" in p.name]
+    assert left == []
 
 
 # ------------------------------------------------------------------------------------------- what the README says
