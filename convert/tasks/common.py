@@ -13,7 +13,7 @@ def tokenizer_digest(path: str) -> str:
     """A digest of the files a tokenizer is loaded from: every small file of the folder (tokenizer.json, its config,
     vocab/merges, config.json), so a new tokenizer written at the same path has a new digest.  A name that is not a
     folder (a hub id) is its own key."""
-    from convert.digest import combine, file_digest
+    from convert.files import combine, file_digest
 
     d = Path(path)
     if not d.is_dir():
