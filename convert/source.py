@@ -18,7 +18,6 @@ from .safetensors_io import INDEX_NAME, SINGLE_NAME, safetensors_header  # noqa:
 log = logging.getLogger(__name__)
 
 
-
 @dataclass
 class Source:
     """An opened base checkpoint, ready for the bake stage."""
