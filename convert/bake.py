@@ -8,7 +8,6 @@ complete, so an interrupted run never leaves a directory that looks finished.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -17,7 +16,7 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 import yaml
 
@@ -25,6 +24,7 @@ import dprope
 from dprope.methods import DEFAULT_METHOD
 
 from .errors import ConvertError
+from .files import atomic_dir, is_no_space
 from .modelinfo import RopeSpec
 from .source import INDEX_NAME, SINGLE_NAME, Source
 
@@ -165,31 +165,6 @@ def longrope_config(cfg: dict, spec: RopeSpec, plan: BakePlan, long: torch.Tenso
     return out
 
 
-@contextlib.contextmanager
-def atomic_dir(dest: Path, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory beside ``dest``; on success it replaces ``dest``, on failure it is removed."""
-    dest = Path(dest)
-    if dest.exists() and not force:
-        raise ConvertError(f"{dest} already exists; pass --force to replace it or choose another output directory")
-    if dest.exists() and not dest.is_dir():
-        raise ConvertError(f"{dest} exists and is not a directory")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-        if dest.exists():
-            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-            os.replace(dest, old)
-            os.replace(tmp, dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def _copy_file(src: Path, dst: Path, on_bytes=lambda n: None, piece: int = 1 << 28) -> None:
     """Byte-for-byte copy inside the kernel (copy_file_range: reflinks where the filesystem can), reporting
     progress every ``piece`` bytes; falls back to a buffered copy where the call is unsupported."""
@@ -204,6 +179,8 @@ def _copy_file(src: Path, dst: Path, on_bytes=lambda n: None, piece: int = 1 << 
                 done += n
                 on_bytes(n)
         except (OSError, AttributeError) as e:
+            if is_no_space(e):
+                raise
             log.debug("copy_file_range unavailable for %s (%s); buffered copy", src, e)
             fi.seek(done)
             fo.seek(done)
@@ -394,7 +371,10 @@ def bake(src: Source, out: Path, plan: BakePlan, *, force: bool = False, plot: b
     fold = fold_temperature
     if fold and (link or src.kind == "pickle"):
         link = False  # the copies are patched in place: never the source's own files
-    with atomic_dir(out, force) as tmp:
+    # weights plus small files (config, factors, card, tokenizer): what a full disk reports as needed
+    need = sum(f.stat().st_size for f in src.weight_files) + (1 << 20) + sum(
+        f.stat().st_size for f in src.path.iterdir() if f.is_file() and f.suffix == ".json")
+    with atomic_dir(out, force, need_bytes=need) as tmp:
         copier = _Copier(src, tmp, link, progress)
         try:
             result = result or compute(spec, plan)

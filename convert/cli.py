@@ -14,6 +14,7 @@ import dprope
 from dprope.errors import DPRoPEError
 
 from .errors import ConvertError
+from .names import OUTTYPES, ROPE_LAYOUTS, STAGES
 
 log = logging.getLogger("convert")
 
@@ -242,9 +243,9 @@ def inspect(path):
 @main.command("export-gguf")
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.argument("out", type=click.Path(path_type=Path))
-@click.option("--outtype", type=click.Choice(["f32", "f16", "bf16", "q8_0"]), default="f16", show_default=True,
+@click.option("--outtype", type=click.Choice(OUTTYPES), default="f16", show_default=True,
               help="Weight type of 2-D tensors (norms and biases stay F32; q8_0 rows not a multiple of 32 use F16).")
-@click.option("--rope-layout", type=click.Choice(["freqs", "longrope"]), default="freqs", show_default=True,
+@click.option("--rope-layout", type=click.Choice(ROPE_LAYOUTS), default="freqs", show_default=True,
               help="freqs: factors as rope_freqs.weight, read by every llama.cpp since mid-2024 (default). "
                    "longrope: rope_factors_long/short.weight + rope.scaling.type=longrope + attn_factor; only "
                    "llama.cpp from April 2026 (llama-cpp-python >= 0.3.21) loads it, older runtimes refuse the file.")
@@ -270,7 +271,7 @@ def export_gguf_cmd(checkpoint, out, outtype, rope_layout, base_gguf, force):
 @click.argument("out_dir", type=click.Path(path_type=Path))
 @click.option("--gguf", "outtypes", default="f16,q8_0", show_default=True,
               help="Comma-separated GGUF types to write (f32, f16, bf16, q8_0); empty for none.")
-@click.option("--rope-layout", type=click.Choice(["freqs", "longrope"]), default="freqs", show_default=True,
+@click.option("--rope-layout", type=click.Choice(ROPE_LAYOUTS), default="freqs", show_default=True,
               help="See `dprope export-gguf --help`.")
 @click.option("--base-gguf", type=click.Path(path_type=Path, exists=True),
               help="Also re-emit this base GGUF with its own quantisation plus the factors.")
@@ -350,10 +351,8 @@ def validate(checkpoint, base, lengths, tasks, limit, out_dir, corpus, gates, kv
 
 @main.command()
 @click.argument("recipe", type=click.Path(path_type=Path))
-@click.option("--from", "start", type=click.Choice(["source", "factors", "bake", "train", "validate", "export",
-                                                     "verify"]), help="First stage to consider.")
-@click.option("--to", "stop", type=click.Choice(["source", "factors", "bake", "train", "validate", "export",
-                                                  "verify"]), help="Last stage to consider.")
+@click.option("--from", "start", type=click.Choice(STAGES), help="First stage to consider.")
+@click.option("--to", "stop", type=click.Choice(STAGES), help="Last stage to consider.")
 @click.option("--run-dir", type=click.Path(path_type=Path), help="Run directory (default: runs/<recipe name>).")
 @click.option("--dry-run", is_flag=True, help="Print the plan (which stages run and why, which are done) and stop.")
 @click.option("--release", is_flag=True, help="Full validation (the recipe's validate.release) with its gates; "

@@ -19,8 +19,8 @@ from typing import Sequence
 from .errors import ConvertError
 from .gguf_export import OUTTYPES, export_gguf, reemit_gguf
 from .modelinfo import read_config
-from .digest import file_digest as sha256
-from .digest import sha256_file
+from .files import file_digest as sha256
+from .files import sha256_file, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def export_outputs(ckpt: Path, out_dir: Path, outtypes: Sequence[str] = ("f16", 
         reemit_gguf(Path(base_gguf), ckpt, p, rope_layout)
         ggufs.append((p, "base-quant"))
     for p, _ in ggufs:
-        (out_dir / f"{p.stem}.Modelfile").write_text(modelfile_text(p.name, target))
+        write_atomic(out_dir / f"{p.stem}.Modelfile", modelfile_text(p.name, target))
     split = None
     if portable:
         from .portable import PORTABLE_DIR, write_portable
@@ -104,9 +104,7 @@ def write_manifest(out_dir: Path, ckpt: Path, ggufs: list[dict], portable: dict 
 
 
 def _save(path: Path, manifest: dict) -> None:
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(manifest, indent=1) + "\n")
 
 
 def refresh_manifest(manifest_path: Path) -> dict:

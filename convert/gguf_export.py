@@ -24,13 +24,14 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from .compat import gguf_write_tensor_blocks as _write_raw
 from .errors import ConvertError
+from .files import atomic_file
 from .modelinfo import lookup_arch, read_config
+from .names import OUTTYPES, ROPE_LAYOUTS
 
 log = logging.getLogger(__name__)
 
-OUTTYPES = ("f32", "f16", "bf16", "q8_0")
-ROPE_LAYOUTS = ("freqs", "longrope")
 _BLOCK_BYTES = 16 << 20  # rows per conversion block: ~16 MB of float32
 
 
@@ -221,7 +222,7 @@ def _read_rows(f, t: _Tensor, r0: int, r1: int) -> np.ndarray:
 def _plan_tensors(ckpt: Path, cfg: dict, outtype: str) -> list[_Tensor]:
     import gguf
 
-    from .source import INDEX_NAME, SINGLE_NAME, safetensors_header
+    from .safetensors_io import INDEX_NAME, SINGLE_NAME, safetensors_header
 
     idx = ckpt / INDEX_NAME
     if idx.exists():
@@ -297,26 +298,6 @@ def _row_blocks(t: _Tensor) -> Iterator[tuple[int, int]]:
     step = max(1, _BLOCK_BYTES // per_row)
     for r in range(0, rows, step):
         yield r, min(rows, r + step)
-
-
-def _write_raw(writer, data: Iterator[np.ndarray], nbytes: int) -> None:
-    """gguf-py's write_tensor_data for data that arrives in row blocks: same padding, same bookkeeping."""
-    fout = writer.fout[0]
-    name = next(iter(writer.tensors[0]))
-    ti = writer.tensors[0].pop(name)
-    if ti.nbytes != nbytes:
-        raise ConvertError(f"internal size mismatch for {name}: {ti.nbytes} != {nbytes}")
-    writer.write_padding(fout, fout.tell())
-    written = 0
-    for block in data:
-        block.tofile(fout)
-        written += block.nbytes
-    if written != nbytes:
-        raise ConvertError(f"{name}: wrote {written} of {nbytes} bytes")
-    writer.write_padding(fout, nbytes)
-    from gguf.gguf_writer import WriterState
-
-    writer.state = WriterState.WEIGHTS
 
 
 # ----------------------------------------------------------------------------------------------- metadata
@@ -395,23 +376,22 @@ def _add_provenance(writer, ckpt: Path, cfg: dict, name: str | None) -> None:
 
 # ----------------------------------------------------------------------------------------------- entry points
 @contextlib.contextmanager
-def _gguf_file(out: Path, force: bool) -> Iterator[tuple[Any, Path]]:
-    """A GGUFWriter writing beside ``out``; the file is renamed into place only when the block completes."""
+def _gguf_file(out: Path, force: bool, need_bytes: int | None = None) -> Iterator[tuple[Any, Path]]:
+    """A GGUFWriter writing beside ``out``; the file is renamed into place only when the block completes.  A full
+    disk is one ConvertError naming the folder and ``need_bytes``, and leaves no partial file."""
     import gguf
 
     if out.exists() and not force:
         raise ConvertError(f"{out} already exists; pass --force to replace it")
-    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    writer = gguf.GGUFWriter(None, "llama")
-    try:
-        yield writer, tmp
-        writer.close()
-        os.replace(tmp, out)
-    except BaseException:
-        with contextlib.suppress(Exception):
-            writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_file(out, need_bytes) as tmp:
+        writer = gguf.GGUFWriter(None, "llama")
+        try:
+            yield writer, tmp
+        except BaseException:
+            with contextlib.suppress(Exception):
+                writer.close()
+            raise
+        writer.close()  # flushes: a full disk shows here at the latest, before the file is renamed into place
 
 
 def export_gguf(ckpt: Path, out: Path, outtype: str = "f16", rope_layout: str = "freqs", *, force: bool = False,
@@ -433,8 +413,11 @@ def export_gguf(ckpt: Path, out: Path, outtype: str = "f16", rope_layout: str = 
     meta = RopeMeta.from_config(cfg)
     tensors = _plan_tensors(ckpt, cfg, outtype)
     n_vocab = int(cfg["vocab_size"])
+    # tensors plus metadata (the vocabulary is the bulk of it; tokenizer.json is a generous measure)
+    need = sum(_nbytes(t.shape, t.qtype) for t in tensors) + (1 << 20) + sum(
+        f.stat().st_size for f in (ckpt / "tokenizer.json", ckpt / "tokenizer.model") if f.exists())
 
-    with _gguf_file(out, force) as (writer, tmp):
+    with _gguf_file(out, force, need) as (writer, tmp):
         _add_provenance(writer, ckpt, cfg, name)
         writer.add_block_count(int(cfg["num_hidden_layers"]))
         writer.add_embedding_length(int(cfg["hidden_size"]))
@@ -470,7 +453,7 @@ def export_gguf(ckpt: Path, out: Path, outtype: str = "f16", rope_layout: str = 
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         for _, arr in factor_tensors:
-            writer.write_tensor_data(arr)
+            _write_raw(writer, [arr], arr.nbytes)
         total = sum(_nbytes(t.shape, t.qtype) for t in tensors)
         from collections import deque
         from concurrent.futures import ThreadPoolExecutor
@@ -536,7 +519,7 @@ def reemit_gguf(base: Path, ckpt: Path, out: Path, rope_layout: str = "freqs", *
                 "llama.rope.scaling.type", "llama.rope.scaling.factor", "llama.rope.scaling.original_context_length",
                 "llama.rope.scaling.attn_factor", "general.architecture", "dprope.method", "dprope.target_length",
                 "dprope.version"}
-    with _gguf_file(out, force) as (writer, tmp):
+    with _gguf_file(out, force, base.stat().st_size + (1 << 20)) as (writer, tmp):
         for key, field in reader.fields.items():
             if key.startswith("GGUF.") or key in replaced:
                 continue
@@ -558,7 +541,7 @@ def reemit_gguf(base: Path, ckpt: Path, out: Path, rope_layout: str = "freqs", *
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         for _, arr in factor_tensors:
-            writer.write_tensor_data(arr)
+            _write_raw(writer, [arr], arr.nbytes)
         for t in kept:
-            writer.write_tensor_data(t.data)  # a view of the memory-mapped base: the original bytes
+            _write_raw(writer, [t.data], int(t.n_bytes))  # a view of the memory-mapped base: the original bytes
     return out

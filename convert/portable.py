@@ -48,7 +48,8 @@ def portable_split(cfg: dict) -> dict | None:
 def write_portable(ckpt: Path, out: Path, force: bool = True) -> dict | None:
     """Write the portable copy of ``ckpt`` into ``out``; returns the split it applied, or None (and writes
     nothing) when ``ckpt`` already carries the default temperature."""
-    from .bake import FACTORS_FILE, atomic_dir, fold_into_qk
+    from .bake import FACTORS_FILE, fold_into_qk
+    from .files import atomic_dir
 
     ckpt, out = Path(ckpt), Path(out)
     cfg = read_config(ckpt)
@@ -61,7 +62,8 @@ def write_portable(ckpt: Path, out: Path, force: bool = True) -> dict | None:
     if not any(ckpt.glob("*.safetensors")) or not [p for p in ckpt.glob("*.safetensors") if p.name != FACTORS_FILE]:
         raise ConvertError(f"{ckpt} has no safetensors weights to fold the temperature into; bake it with "
                            "`dprope extend` (it writes safetensors)")
-    with atomic_dir(out, force=force) as tmp:
+    need = sum(f.stat().st_size for f in ckpt.iterdir() if f.is_file())
+    with atomic_dir(out, force=force, need_bytes=need) as tmp:
         for f in sorted(ckpt.iterdir()):
             if f.is_file() and f.name not in _SKIP and not f.name.startswith("."):
                 shutil.copyfile(f, tmp / f.name)  # a copy, never a link: the weights are patched in place

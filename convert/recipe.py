@@ -10,10 +10,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConvertError
-
-# validate comes after export: it can measure the exported GGUFs (validate.outputs) as well as the HF checkpoint
-STAGES = ("source", "factors", "bake", "train", "export", "validate", "verify")
-GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
+from .names import OUTTYPES, ROPE_LAYOUTS, STAGES  # noqa: F401  (STAGES: imported from here too)
 
 
 class _Strict(BaseModel):
@@ -152,7 +149,7 @@ def _check_tasks(v):
 def _check_outputs(v):
     if v is None:
         return v
-    known = ("hf", *GGUF_TYPES, "base-quant")
+    known = ("hf", *OUTTYPES, "base-quant")
     bad = [x for x in v if x not in known]
     if bad:
         raise ValueError(f"unknown output(s) {bad}; validate.outputs takes {', '.join(known)}")
@@ -224,8 +221,8 @@ class Export(_Strict):
     # GGUF files, a Modelfile each and manifest.json go to export/; the HF checkpoint stays where the run wrote it
     # (hf/ or trained/), so there is no safetensors copy to switch on or off
     safetensors: bool | None = Field(None, exclude=True, description="removed: it never did anything")
-    gguf: list[Literal[GGUF_TYPES]] = Field(default_factory=lambda: ["f16", "q8_0"])
-    rope_layout: Literal["freqs", "longrope"] = "freqs"
+    gguf: list[Literal[OUTTYPES]] = Field(default_factory=lambda: ["f16", "q8_0"])
+    rope_layout: Literal[ROPE_LAYOUTS] = "freqs"
     base_quant: bool = Field(False, description="also re-emit a GGUF source with its own quantisation")
 
     @field_validator("safetensors")
@@ -287,7 +284,7 @@ def cross_errors(d: dict) -> list[str]:
                       ("validate.release.outputs", release.get("outputs") if isinstance(release, dict) else None)):
         if not isinstance(on, list) or not isinstance(gguf, list):
             continue
-        missing = [x for x in on if isinstance(x, str) and x in GGUF_TYPES and x not in gguf]
+        missing = [x for x in on if isinstance(x, str) and x in OUTTYPES and x not in gguf]
         it = "it" if len(missing) == 1 else "them"
         if missing:
             errs.append(f"{where} lists {missing} but export.gguf does not write {it} ({gguf}); add {it} to "

@@ -28,7 +28,7 @@ from typing import Callable
 
 import dprope
 
-from .digest import Memo, combine, run_memo
+from .files import Memo, combine, run_memo, write_atomic
 from .errors import ConvertError
 from .recipe import STAGES, Recipe, load_recipe, resolve_source
 
@@ -80,9 +80,8 @@ class RunDir:
 
     def mark(self, stage: str, fingerprint: str, **info) -> None:
         self.stages.mkdir(parents=True, exist_ok=True)
-        tmp = self.stages / f".{stage}.json.partial"
-        tmp.write_text(json.dumps({"fingerprint": fingerprint, **info}, indent=1, default=str))
-        tmp.replace(self.stages / f"{stage}.json")
+        write_atomic(self.stages / f"{stage}.json",
+                     json.dumps({"fingerprint": fingerprint, **info}, indent=1, default=str))
         (self.stages / f"{stage}.started").unlink(missing_ok=True)
 
     def unmark(self, stage: str) -> None:
@@ -445,9 +444,9 @@ def run_recipe(recipe_path: Path, run_dir: Path | None = None, start: str | None
 
 def _remove_leftovers(run: RunDir) -> None:
     """Temporary files and folders a killed run left (atomic_dir's .NAME.partial-PID and .NAME.old-PID, partial
-    records): under the lock none of them can belong to a live run.  Trainer checkpoints (.trained.work) stay, so
-    training resumes."""
-    for d in (run.root, run.stages):
+    records, GGUFs and Modelfiles half-written in export/): under the lock none of them can belong to a live run.
+    Trainer checkpoints (.trained.work) stay, so training resumes."""
+    for d in (run.root, run.stages, run.export):
         if not d.is_dir():
             continue
         for p in d.iterdir():

@@ -7,18 +7,15 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ConvertError
+from .files import atomic_dir, cache_root, file_digest
 from .modelinfo import RopeSpec, read_config, rope_spec_from_config, rope_spec_from_gguf
+from .safetensors_io import INDEX_NAME, SINGLE_NAME, safetensors_header  # noqa: F401  (imported from here too)
 
 log = logging.getLogger(__name__)
-
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
 
 
 @dataclass
@@ -34,30 +31,6 @@ class Source:
     given: str  # what the user passed
     gguf_path: Path | None = None
     tensor_names: list[str] = field(default_factory=list)
-
-
-def safetensors_header(path: Path) -> dict:
-    """The JSON header of a safetensors file, after checking the file holds every byte the header promises."""
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise ConvertError(f"{path} is truncated ({size} bytes): re-download or re-copy the shard")
-            (n,) = struct.unpack("<Q", head)
-            if 8 + n > size:
-                raise ConvertError(
-                    f"{path} is truncated or not safetensors (header wants {n} bytes, file has {size}): "
-                    "re-download or re-copy the shard")
-            header = json.loads(f.read(n))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ConvertError(f"{path} has a corrupt safetensors header: re-download or re-copy the shard") from None
-    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
-    if 8 + n + end > size:
-        raise ConvertError(
-            f"{path} is truncated: its tensors need {8 + n + end} bytes but the file has {size}; "
-            "re-download or re-copy the shard")
-    return header
 
 
 def _weights(d: Path, allow_pickle: bool) -> tuple[list[Path], Path | None, list[str], str]:
@@ -98,18 +71,6 @@ def open_hf_dir(d: Path, allow_pickle: bool = False, kind: str | None = None, gi
     return Source(d, spec, cfg, files, idx, kind or wkind, given or str(d), tensor_names=names)
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("DPROPE_CACHE", Path.home() / ".cache" / "dprope"))
-
-
-def file_digest(path: Path) -> str:
-    """sha256 of a file's bytes; remembered under a stat key that is re-checked on every call (convert/digest.py),
-    since a run opens its source in several stages."""
-    from .digest import file_digest as digest
-
-    return digest(path)
-
-
 def gguf_to_hf(gguf_path: Path, cache: Path | None = None) -> Path:
     """Dequantise a GGUF into a cached HF directory (weights, config, tokenizer); reused by later runs."""
     spec = rope_spec_from_gguf(gguf_path)  # refuses unsupported files before any heavy work
@@ -126,17 +87,13 @@ def gguf_to_hf(gguf_path: Path, cache: Path | None = None) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tmp = dest.with_name(dest.name + f".partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    from .compat import mark_dequantised
+
+    with atomic_dir(dest, force=True, need_bytes=8 * gguf_path.stat().st_size) as tmp:  # float32 from >= 4 bits
         model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
                                                      dtype=torch.float32)
         tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-        # a GGUF-loaded model is marked quantized; it is plain float32 now
-        model.hf_quantizer = None
-        model.is_quantized = False
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
+        mark_dequantised(model)  # a GGUF-loaded model is marked quantized; it is plain float32 now
         model.save_pretrained(str(tmp))
         tok.save_pretrained(str(tmp))
         _match_pre_tokenizer(gguf_path, tmp / "tokenizer.json")
@@ -144,11 +101,6 @@ def gguf_to_hf(gguf_path: Path, cache: Path | None = None) -> Path:
         cfg.pop("quantization_config", None)
         cfg["dprope_source_gguf"] = {"file": gguf_path.name, "sha256_16": digest}
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(dest, ignore_errors=True)
-        os.replace(tmp, dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return dest
 
 

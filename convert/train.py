@@ -121,14 +121,16 @@ def as_iterable_dataset(blocks: PackedBlocks):
 
 
 # ------------------------------------------------------------------------------------------- launch config
-def accelerate_config(num_gpus: int, mixed_precision: str = "bf16", layer_cls: str = "LlamaDecoderLayer") -> dict:
-    """An `accelerate launch` config: FSDP full shard over ``num_gpus`` on one node (plain DDP-free single GPU
-    when num_gpus == 1)."""
+def accelerate_config(num_gpus: int, mixed_precision: str = "bf16", layer_cls: str = "LlamaDecoderLayer",
+                      cpu: bool = False) -> dict:
+    """An `accelerate launch` config: FSDP full shard over ``num_gpus`` processes on one node (a plain single
+    process when num_gpus == 1).  ``cpu``: processes on the CPU (gloo), for smoke runs; no mixed precision, and the
+    model is loaded whole in every process (FSDP's rank-0 loading broadcasts from an accelerator device)."""
     if num_gpus < 1:
         raise ConvertError("num_gpus must be >= 1")
     cfg = {"compute_environment": "LOCAL_MACHINE", "machine_rank": 0, "num_machines": 1,
-           "num_processes": num_gpus, "mixed_precision": mixed_precision, "main_training_function": "main",
-           "rdzv_backend": "static", "same_network": True, "use_cpu": False}
+           "num_processes": num_gpus, "mixed_precision": "no" if cpu else mixed_precision,
+           "main_training_function": "main", "rdzv_backend": "static", "same_network": True, "use_cpu": cpu}
     if num_gpus == 1:
         cfg["distributed_type"] = "NO"
     else:
@@ -139,11 +141,12 @@ def accelerate_config(num_gpus: int, mixed_precision: str = "bf16", layer_cls: s
             "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
             "fsdp_transformer_layer_cls_to_wrap": layer_cls,
             "fsdp_backward_prefetch": "BACKWARD_PRE",
+            # the resumable checkpoints under the work folder; the output is gathered whole (full_state_dict)
             "fsdp_state_dict_type": "SHARDED_STATE_DICT",
             "fsdp_offload_params": False,
             "fsdp_use_orig_params": True,
-            "fsdp_cpu_ram_efficient_loading": True,
-            "fsdp_sync_module_states": True,
+            "fsdp_cpu_ram_efficient_loading": not cpu,
+            "fsdp_sync_module_states": not cpu,
         }
     return cfg
 
@@ -208,7 +211,8 @@ def train(ckpt: Path, out: Path, args: TrainArgs, *, force_cpu: bool = False, fo
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
-    from .bake import FACTORS_FILE, atomic_dir
+    from .bake import FACTORS_FILE
+    from .files import atomic_dir
 
     ckpt, out = Path(ckpt), Path(out)
     cuda = pick_device(args.device, force_cpu, torch.cuda.is_available()) == "cuda"
@@ -234,13 +238,16 @@ def train(ckpt: Path, out: Path, args: TrainArgs, *, force_cpu: bool = False, fo
         bf16=use_bf16, gradient_checkpointing=args.gradient_checkpointing, save_steps=args.save_steps,
         save_total_limit=2, logging_steps=1, eval_strategy="steps", eval_steps=args.eval_steps or args.save_steps,
         report_to=[], use_cpu=not cuda, seed=args.seed, disable_tqdm=not progress, dataloader_num_workers=0,
-        remove_unused_columns=False)
+        remove_unused_columns=False, eval_on_start=True)
     trainer = Trainer(model=model, args=targs, train_dataset=train_ds, eval_dataset=eval_ds)
     last = _last_checkpoint(work)
     if last:
         log.info("resuming from %s", last)
-    first_eval = trainer.evaluate()["eval_loss"]
+    # The loss before training comes from the Trainer's own evaluation at the start of training (eval_on_start), not
+    # from an evaluate() call first: under FSDP that call wraps the model before train() does, and train() then
+    # prepares no optimizer.  A resumed run keeps the first run's step-0 evaluation in its log history.
     result = trainer.train(resume_from_checkpoint=str(last) if last else None)
+    first_eval = next(h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h)
     final_eval = trainer.evaluate()["eval_loss"]
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     # the factors must be what was baked: check the live rotary module before writing anything
@@ -261,10 +268,14 @@ def train(ckpt: Path, out: Path, args: TrainArgs, *, force_cpu: bool = False, fo
                "eval_loss_before": first_eval, "eval_loss_after": final_eval, "train_losses": losses,
                "train_runtime_s": result.metrics.get("train_runtime"), "seq_len": args.seq_len,
                "global_batch": args.global_batch, "lr": args.lr, "data": args.data, "world_size": world,
-               "bf16": use_bf16, "device": "cuda" if cuda else "cpu"}
+               "bf16": use_bf16, "device": "cuda" if cuda else "cpu",
+               "distributed": trainer.accelerator.distributed_type.value}
+    state = full_state_dict(trainer.accelerator, trainer.model)
     if trainer.is_world_process_zero():
+        unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+        _drop_tied_output(unwrapped, state)
         with atomic_dir(out, force=True) as tmp:
-            trainer.model.save_pretrained(str(tmp), safe_serialization=True)
+            unwrapped.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
             # save_pretrained (transformers 5) rewrites the RoPE block; the baked config.json is the one that loads
             # everywhere, so it is restored byte for byte
             (tmp / "config.json").write_bytes(baked_cfg)
@@ -277,7 +288,42 @@ def train(ckpt: Path, out: Path, args: TrainArgs, *, force_cpu: bool = False, fo
             (tmp / "train.json").write_text(json.dumps(summary, indent=1))
             _card_section(tmp, summary)
         shutil.rmtree(work, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()  # no process reports before the output is written
     return summary
+
+
+def full_state_dict(accelerator, model) -> dict:
+    """The whole model's weights on the main process, gathered with every process taking part.
+
+    Under FSDP each process holds a shard: a state_dict() called on the main process alone would wait for the others
+    forever, or save shards.  This is Accelerate's ``get_state_dict`` for FSDP (a FULL_STATE_DICT on rank 0, whatever
+    state dict type the launch config gives the resumable checkpoints), except that weights already on the CPU are
+    not "offloaded" to it: FSDP's CPU offload of CPU tensors crashes the process (seen with torch 2.13, and reported
+    for CPU FSDP at https://github.com/Lightning-AI/pytorch-lightning/issues/21804).
+    https://huggingface.co/docs/accelerate/usage_guides/fsdp#saving-and-loading
+    """
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type != DistributedType.FSDP or getattr(accelerator, "is_fsdp2", False):
+        return accelerator.get_state_dict(model)
+    from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    on_cpu = accelerator.device.type == "cpu"
+    cfg = FullStateDictConfig(offload_to_cpu=not on_cpu, rank0_only=True)
+    with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT, cfg):
+        return model.state_dict()
+
+
+def _drop_tied_output(model, state: dict) -> None:
+    """A gathered state dict holds tied output embeddings as a second tensor, which save_pretrained would write;
+    drop it, as a save of the model itself does (the model ties it again when it loads)."""
+    if not getattr(model.config, "tie_word_embeddings", False):
+        return
+    head = model.get_output_embeddings()
+    name = next((n for n, m in model.named_modules() if m is head), None)
+    if name is not None:
+        state.pop(f"{name}.weight", None)
 
 
 def _last_checkpoint(work: Path) -> Path | None:

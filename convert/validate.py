@@ -76,9 +76,10 @@ def _sentences(text: str) -> list[str]:
 def ruler_niah_module():
     """The niah_utils module object lm-eval's YAML loader calls (it keeps its own copy, keyed by file mtime)."""
     import lm_eval.tasks as lm_tasks
-    from lm_eval.tasks._yaml_loader import _load_module_with_cache
 
-    return _load_module_with_cache((Path(lm_tasks.__file__).parent / "ruler" / "niah_utils.py").resolve())
+    from .compat import lm_eval_load_module
+
+    return lm_eval_load_module(Path(lm_tasks.__file__).parent / "ruler" / "niah_utils.py")
 
 
 @contextlib.contextmanager

@@ -9,7 +9,8 @@ import dprope
 from dprope import DPRoPEError, Selection, angle_histogram, compute_factors
 from reference_loop import reference_distribution, reference_dprope
 
-# FACTS 1.7: LLaMA2 (b=1e4, d=128, L=4096, 360 bins, argmin), the pairs the reference code interpolates.
+# LLaMA2 (b=1e4, d=128, L=4096, 360 bins, argmin): the pairs the DPRoPE reference code (Wu et al., EMNLP 2024)
+# interpolates; test_golden_pairs_are_the_reference_loops_at_full_size recomputes them with tests/reference_loop.py.
 GOLDEN_8K = {*range(2, 7), *range(8, 11), *range(15, 20), 28, *range(30, 45), *range(46, 64)}
 GOLDEN_16K = {1, 2, 4, 8, 10, 21, 25, 28, *range(30, 64)}
 
@@ -26,6 +27,16 @@ def test_golden_llama2_pairs(target, golden):
     assert torch.equal(r.inv_freq, r.base_inv_freq / expected)
     # the selection disturbs less than either candidate used alone
     assert r.disturbance["selected"] < min(r.disturbance["extrapolation"], r.disturbance["interpolation"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target,golden", [(8192, GOLDEN_8K), (16384, GOLDEN_16K)])
+def test_golden_pairs_are_the_reference_loops_at_full_size(target, golden):
+    """The golden sets above, recomputed by the reference double loop at LLaMA2's full size (minutes)."""
+    ref_factors, _ = reference_dprope(10000, 128, 4096, target, intervals=360)
+    assert {i for i, f in enumerate(ref_factors.tolist()) if f != 1.0} == golden
+    r = compute_factors(rope_theta=10000, head_dim=128, original_length=4096, target_length=target)
+    assert torch.equal(r.factors, ref_factors)
 
 
 @pytest.mark.parametrize("theta,dim,length,bins", [(10000, 8, 300, 360), (500, 16, 517, 37), (1e6, 12, 1000, 2)])

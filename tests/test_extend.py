@@ -140,7 +140,7 @@ def test_cli_extend_and_inspect(tiny_models, tmp_path):
                                "--force"])
     assert res.exit_code == 0
     assert json.loads((out / "config.json").read_text())["max_position_embeddings"] == 128
-    _no_leftovers(tmp_path, "nothing")
+    # neither the partial output nor the replaced one is left beside it
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
@@ -188,15 +188,17 @@ def test_target_not_longer_is_refused(tiny_models, tmp_path, target):
 
 
 def test_interrupted_bake_leaves_nothing_that_looks_finished(tiny_models, tmp_path, monkeypatch):
-    import convert.bake as b
+    calls = []
 
-    def boom(*a, **k):
+    def boom(out, *a, **k):
+        calls.append(sorted(p.name for p in Path(out).iterdir()))
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(b, "write_card", boom, raising=False)
-    monkeypatch.setattr("convert.card.write_card", boom)
+    # the card is the last small file bake writes: the config and factors are in the partial folder by then
+    monkeypatch.setattr("convert.card.write_card", boom)  # raising=True: the patched name must exist
     with pytest.raises(KeyboardInterrupt):
         _extend(tiny_models[("llama", True)], tmp_path / "out")
+    assert len(calls) == 1 and {"config.json", "rope_factors.safetensors"} <= set(calls[0])
     _no_leftovers(tmp_path, "out")
 
 

@@ -111,9 +111,16 @@ def test_validate_end_to_end_through_lm_eval(extended_llama, tiny_models, tmp_pa
     # the same two documents, four times as long: about four times the tokens
     assert 3.5 < ppl[("extended", 256)]["token_count"] / ppl[("extended", 64)]["token_count"] <= 4
     assert "| ppl 64-256 |" in (out / "validation.md").read_text()
-    # the second run comes from the cache: no model is loaded, same numbers
-    res2 = CliRunner().invoke(main, args)
-    assert res2.exit_code == 0
+    # the second run comes from the cache: no model can be loaded and nothing evaluated, same numbers
+    def no_load(*a, **k):
+        raise AssertionError("a model was loaded although every result is cached")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("convert.runtime.load_hf", no_load)
+        mp.setattr("transformers.AutoModelForCausalLM.from_pretrained", no_load)
+        mp.setattr("lm_eval.simple_evaluate", no_load)
+        res2 = CliRunner().invoke(main, args)
+    assert res2.exit_code == 0, f"{res2.output}\n{res2.exception!r}"
     assert json.loads((out / "validation.json").read_text())["rows"] == data["rows"]
 
 
