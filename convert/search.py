@@ -32,8 +32,6 @@ from .errors import ConvertError
 if TYPE_CHECKING:
     from dprope import DPRoPEResult
 
-    from .bake import BakePlan
-    from .source import Source
 
 log = logging.getLogger(__name__)
 
@@ -133,8 +131,8 @@ class _Tracked:
         return v
 
 
-def run_search(src: Source, plan: BakePlan, work: Path, *, progress: bool = True, fitness=None) -> DPRoPEResult:
-    """Run (or resume) the plan's search on ``src`` with its state in ``work``; the best factors as a result the
+def run_search(src: Any, plan: Any, work: Path, *, progress: bool = True, fitness=None) -> DPRoPEResult:
+    """Run (or resume) the plan's search (a convert.bake.BakePlan) on ``src`` (a convert.source.Source) with its state in ``work``; the best factors as a result the
     bake takes (``bake(..., result=...)``).  ``fitness``: a ready callable instead of the plan's named one (tests,
     benchmarks that already loaded the model).  Ctrl-C leaves the state saved and re-raises."""
     from tqdm.auto import tqdm
