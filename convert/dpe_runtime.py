@@ -282,6 +282,8 @@ def backend_from(spec: str, n_pairs: int, original_length: int, window: int | No
     from dprope import DPRoPEError
     from dprope.dpe import default_window, group_bounds
 
+    if not str(spec).strip():
+        raise ConvertError("--dpe-scales is empty: give one scale per group, e.g. 2,8,2,8")
     p = Path(spec)
     if p.is_dir() or p.suffix == ".json":
         report = p / "dprope_factors.json" if p.is_dir() else p
@@ -301,8 +303,6 @@ def backend_from(spec: str, n_pairs: int, original_length: int, window: int | No
     except ValueError:
         raise ConvertError(f"--dpe-scales takes comma-separated numbers or a directory baked with --method dpe, "
                            f"got {spec!r}") from None
-    if not scales:
-        raise ConvertError("--dpe-scales is empty: give one scale per group, e.g. 2,8,2,8")
     if len(scales) == 1 and groups:
         scales = scales * int(groups)
     try:
