@@ -62,6 +62,19 @@ def corpus_path(name: str, cache: Path) -> str | None:
     return str(Path(name).resolve())
 
 
+def split_methods(text: str) -> list[str]:
+    """Comma-separated method specs; commas inside [...] belong to a list value (dpe:multipliers=[0.25,1,4])."""
+    out, depth, cur = [], 0, ""
+    for ch in text:
+        depth += (ch == "[") - (ch == "]")
+        if ch == "," and depth == 0:
+            out.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return [m.strip() for m in [*out, cur] if m.strip()]
+
+
 def parse_spec(spec: str) -> tuple[str, dict]:
     """'name' or 'name:key=value:key=value' (a method with options, e.g. dprope-ramp:temperature=yarn)."""
     import yaml
@@ -207,7 +220,7 @@ def run(args) -> dict:
     src = open_source(resolve_source(args.source))
     src_hash = model_hash(src.path)
     original = src.spec.original_length
-    methods = ["none", *M.available_methods(standalone=True)] if args.methods == "all" else args.methods.split(",")
+    methods = ["none", *M.available_methods(standalone=True)] if args.methods == "all" else split_methods(args.methods)
     for m in methods:
         if m != "none" and parse_spec(m)[0] != RUNTIME:
             M.get_method(parse_spec(m)[0])

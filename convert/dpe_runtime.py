@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 ATTN_NAME = "dprope_dpe"
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 SCORE_BUDGET = 1 << 25  # float32 scores held per chunk (128 MiB)
+QUERY_CHUNK = 256  # queries per chunk at most
 
 
 @dataclass
@@ -142,7 +143,8 @@ def dpe_attention(module, query, key, value, attention_mask, scaling: float, dro
     kg = _rotate(k, dk.float())
 
     out = torch.empty(B, H, Tq, d, dtype=torch.float32, device=query.device)
-    chunk = max(1, SCORE_BUDGET // max(1, B * H * Tk))
+    # short chunks keep each pass to the keys it can see (causal, windowed), long ones cost memory
+    chunk = max(1, min(QUERY_CHUNK, SCORE_BUDGET // max(1, B * H * Tk)))
     very_low = torch.full((B,), torch.iinfo(torch.long).min // 2, dtype=torch.long, device=query.device)
     for a in range(0, Tq, chunk):
         b = min(Tq, a + chunk)

@@ -92,6 +92,12 @@ class NeedleConfig:
         return cls(**{k: v for k, v in options.items() if k in names and v is not None})
 
 
+def value_score(generation: str, values: list[str]) -> float:
+    """DPE's score of one answer: the share of the values that appear in it (whitespace collapsed)."""
+    text = " ".join(generation.split())
+    return sum(v in text for v in values) / len(values)
+
+
 @dataclass
 class Sample:
     ids: list[int]  # the prompt
@@ -127,14 +133,24 @@ class NeedleScorer:
         return list(self.tok(text, add_special_tokens=False).input_ids)
 
     @cached_property
-    def haystack(self) -> list[int]:
+    def corpus(self) -> str:
         from .tasks.ppl import corpus_text
 
-        ids = self._ids(corpus_text(self.cfg.corpus))
-        if len(ids) < self.length:
-            raise ConvertError(f"the corpus has {len(ids)} tokens; the needle prompts need {self.length}: pass a "
-                               "longer --opt corpus=PATH or a shorter --opt length")
-        return ids
+        return corpus_text(self.cfg.corpus)
+
+    def _haystack(self, rng: random.Random, n: int) -> list[int]:
+        """``n`` tokens of the corpus from a random place (only a window of it is tokenized)."""
+        text = self.corpus
+        chars = 8 * n + 64
+        while True:
+            start = rng.randrange(0, max(1, len(text) - chars))
+            ids = self._ids(text[start : start + chars])[1:]  # the first token may be a cut word
+            if len(ids) >= n:
+                return ids[:n]
+            if chars >= len(text):
+                raise ConvertError(f"the corpus has about {len(ids)} tokens; the needle prompts need {n}: pass a "
+                                   "longer --opt corpus=PATH or a shorter --opt length")
+            chars *= 2
 
     @cached_property
     def samples(self) -> list[Sample]:
@@ -153,8 +169,7 @@ class NeedleScorer:
             if budget < 16:
                 raise ConvertError(f"a needle prompt of {self.length} tokens leaves {budget} for the haystack: raise "
                                    "--opt length or lower --opt needles")
-            start = rng.randrange(0, len(self.haystack) - budget + 1)
-            hay = self.haystack[start : start + budget]
+            hay = self._haystack(rng, budget)
             # DPE's depths: one per equal segment of [0, 0.99), uniform inside it; sparse prompts keep the needles
             # in the first half, the part that sits at the start of the window
             reach = 0.5 if self.cfg.sparse else 1.0
@@ -203,17 +218,18 @@ class NeedleScorer:
         out = self.model(input_ids=ids, position_ids=pos, use_cache=True, logits_to_keep=1)
         past, p, gen = out.past_key_values, s.positions[-1], []
         eos = self.tok.eos_token_id
-        for _ in range(self.cfg.max_new_tokens):
+        for step in range(self.cfg.max_new_tokens):
             nxt = int(out.logits[0, -1].argmax())
             if nxt == eos:
                 break
             gen.append(nxt)
+            if step % 8 == 7 and all(v in self.tok.decode(gen, skip_special_tokens=True) for v in s.values):
+                break  # every value is already there: more tokens cannot change the score
             p += 1
             out = self.model(input_ids=torch.tensor([[nxt]], device=dev), position_ids=torch.tensor([[p]], device=dev),
                              past_key_values=past, use_cache=True)
             past = out.past_key_values
-        text = " ".join(self.tok.decode(gen, skip_special_tokens=True).split())
-        return sum(v in text for v in s.values) / len(s.values)
+        return value_score(self.tok.decode(gen, skip_special_tokens=True), s.values)
 
     def __call__(self, pair_scales: torch.Tensor) -> float:
         from .dpe_runtime import disable_dpe, enable_dpe
