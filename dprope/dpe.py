@@ -168,8 +168,24 @@ class SweepPlan:
         return len(self.bounds) - 1
 
 
+def _numbers(x: Any) -> Any:
+    """A list given as text ("0.25,1,4", as a recipe's re-run line writes it) -> a list of numbers."""
+    if isinstance(x, str):
+        try:
+            vals = [float(v) for v in x.strip("[]() ").split(",") if v.strip()]
+        except ValueError:
+            raise DPRoPEError(f"expected a number or a comma-separated list of numbers, got {x!r}") from None
+        return int(vals[0]) if len(vals) == 1 and vals[0].is_integer() else vals
+    return x
+
+
 def sweep_plan(ctx: RopeContext, groups: int | Sequence[int] = DPE_GROUPS, held: float | None = None,
                multipliers: Sequence[float] | None = None, min_scale: float = 1.0) -> SweepPlan:
+    groups, multipliers = _numbers(groups), _numbers(multipliers)
+    if isinstance(multipliers, (int, float)):
+        multipliers = [multipliers]
+    if isinstance(groups, list):
+        groups = [int(g) for g in groups]
     bounds = group_bounds(ctx.n_pairs, groups if isinstance(groups, int) else list(groups))
     held = round(float(held) if held is not None else held_scale(ctx), 9)  # as the values are rounded
     values = sweep_values(held, DPE_MULTIPLIERS if multipliers is None else tuple(multipliers), float(min_scale))

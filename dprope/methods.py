@@ -321,7 +321,7 @@ def _dpe(ctx, *, scorer=None, progress=None, groups=8, held=None, multipliers=No
             "(convert.needle.needle_scorer builds DPE's)")
     from .dpe import default_window, detect
 
-    det = detect(ctx, scorer, groups=groups if isinstance(groups, int) else list(groups), held=held,
+    det = detect(ctx, scorer, groups=groups, held=held,
                  multipliers=multipliers, min_scale=float(min_scale), progress=progress)
     r = _compute(ctx, candidates=[], extra_candidates={"dpe": det.factors}, bins=int(bins))
     r.temperature = _temp(temperature, ctx)

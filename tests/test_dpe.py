@@ -115,6 +115,10 @@ def test_detection_options_and_a_failing_scorer():
     assert nan_first.scales == [4, 4] and nan_first.table[0][0] == -math.inf
     with pytest.raises(DPRoPEError, match="must return a number"):
         detect(CTX, lambda f: "high", groups=2)
+    # lists as a recipe's re-run line writes them (--opt groups=0,16,64 --opt multipliers=0.5,1,2)
+    text = detect(CTX, Synthetic([0, 16, 64], [16, 64]), groups="0,16,64", multipliers="0.5,1,2")
+    assert text.bounds == [0, 16, 64] and text.values == [16, 32, 64] and text.scales == [16, 64]
+    assert sweep_plan(CTX, groups="4").n_groups == 4
 
 
 def test_registry_method_needs_a_scorer_and_bakes_the_group_scales():
