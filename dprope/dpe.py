@@ -181,6 +181,7 @@ def _numbers(x: Any) -> Any:
 
 def sweep_plan(ctx: RopeContext, groups: int | Sequence[int] = DPE_GROUPS, held: float | None = None,
                multipliers: Sequence[float] | None = None, min_scale: float = 1.0) -> SweepPlan:
+    """The sweep :func:`detect` will run with these options (no scorer call)."""
     groups, multipliers = _numbers(groups), _numbers(multipliers)
     if isinstance(multipliers, (int, float)):
         multipliers = [multipliers]
