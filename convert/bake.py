@@ -93,6 +93,10 @@ def make_plan(method: str = DEFAULT_METHOD, target_length: int = 0, candidates: 
 
     if is_search(m.name):
         check_options(m.name, opts)
+    if m.name == "dpe":  # the needle scorer's settings, checked before anything is loaded
+        from .needle import NeedleConfig
+
+        NeedleConfig.from_options(opts)
     return BakePlan(m.name, int(target_length), opts, short_factor, int(original_length) if original_length else None)
 
 

@@ -261,6 +261,14 @@ def test_extend_with_dpe_end_to_end(tiny_models, tmp_path):
     assert torch.allclose(rot.inv_freq, dprope.base_inv_freq(1e4, 16) / want)
 
 
+def test_extend_refuses_bad_detection_options_before_loading(tiny_models, tmp_path):
+    res = CliRunner().invoke(main, ["extend", str(tiny_models[("llama", False)]), str(tmp_path / "x"),
+                                    "--target-length", "512", "--method", "dpe", "--opt", "metric=f1", "--opt",
+                                    "samples=0"])
+    assert res.exit_code == 2 and "metric must be one of" in res.output and "samples must be" in res.output
+    assert not (tmp_path / "x").exists()
+
+
 def test_validate_with_the_dpe_backend(tiny_models, tmp_path):
     src = tiny_models[("llama", False)]
     args = ["validate", str(src), "--lengths", "128", "--tasks", "ppl", "--limit", "1", "--out"]
