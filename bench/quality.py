@@ -62,6 +62,19 @@ def corpus_path(name: str, cache: Path) -> str | None:
     return str(Path(name).resolve())
 
 
+def split_methods(text: str) -> list[str]:
+    """Comma-separated method specs; commas inside [...] belong to a list value (dpe:multipliers=[0.25,1,4])."""
+    out, depth, cur = [], 0, ""
+    for ch in text:
+        depth += (ch == "[") - (ch == "]")
+        if ch == "," and depth == 0:
+            out.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return [m.strip() for m in [*out, cur] if m.strip()]
+
+
 def parse_spec(spec: str) -> tuple[str, dict]:
     """'name' or 'name:key=value:key=value' (a method with options, e.g. dprope-ramp:temperature=yarn)."""
     import yaml
@@ -124,6 +137,41 @@ def checkpoint_plan(method: str, target: int, cache: Path, src_hash: str, search
     return plan, cache / "models" / f"{name}-{target}-{key[:12]}"
 
 
+RUNTIME = "dpe-runtime"  # the base model through DPE's attention, with the scales the `dpe` row detected
+
+
+def runtime_backend(src, spec: str, target: int, cache: Path, src_hash: str):
+    """DPE's runtime settings for a ``dpe-runtime[:key=value...]`` row: ``scales=[...]`` as given, otherwise the
+    scales the ``dpe`` method detects with the same options (its baked checkpoint, made once, is reused by a
+    ``dpe`` row with those options); ``window`` as the detection's."""
+    from convert.dpe_runtime import backend_from
+
+    _, opts = parse_spec(spec)
+    n_pairs, original = src.spec.head_dim // 2, src.spec.original_length
+    scales = opts.pop("scales", None)
+    if scales is not None:
+        text = ",".join(str(x) for x in (scales if isinstance(scales, (list, tuple)) else [scales]))
+        return backend_from(text, n_pairs, original, opts.get("window"), opts.get("groups"))
+    detected = checkpoint(src, detection_spec(spec), target, cache, src_hash)
+    return backend_from(str(detected), n_pairs, original, opts.get("window"))
+
+
+def detection_spec(spec: str) -> str:
+    """The ``dpe`` row whose detection a ``dpe-runtime`` row uses: the same options."""
+    return ":".join(["dpe", *spec.split(":")[1:]])
+
+
+def method_summary(m: str) -> str:
+    import dprope.methods as M
+
+    if m == "none":
+        return "the base model, plain RoPE"
+    if parse_spec(m)[0] == RUNTIME:
+        return ("DPE's runtime on the base model: local window with normal RoPE, per-group grouped positions beyond "
+                "it, two attention passes merged (evaluation only; no runtime users deploy supports it)")
+    return M.get_method(parse_spec(m)[0]).summary
+
+
 def buckets(original: int, target: int) -> list[tuple[int, int]]:
     edges = sorted({0, original // 2, original, *[original * 2**k for k in range(1, 8) if original * 2**k <= target],
                     target})
@@ -166,15 +214,15 @@ def run(args) -> dict:
     from convert.recipe import resolve_source
     from convert.search import is_search
     from convert.source import open_source
-    from convert.validate import Run, _load, model_hash, run_one
+    from convert.validate import Run, _load_run, model_hash, run_one, with_backend
 
     cache = Path(args.cache) if args.cache else cache_root()
     src = open_source(resolve_source(args.source))
     src_hash = model_hash(src.path)
     original = src.spec.original_length
-    methods = ["none", *M.available_methods(standalone=True)] if args.methods == "all" else args.methods.split(",")
+    methods = ["none", *M.available_methods(standalone=True)] if args.methods == "all" else split_methods(args.methods)
     for m in methods:
-        if m != "none":
+        if m != "none" and parse_spec(m)[0] != RUNTIME:
             M.get_method(parse_spec(m)[0])
     targets = [int(t) for t in args.targets.split(",")]
     corpora = {c: corpus_path(c, cache) for c in args.corpora.split(",")}
@@ -193,12 +241,18 @@ def run(args) -> dict:
     bar = tqdm(jobs, desc="quality", unit="eval")
     for T, m, task, L, corpus in bar:
         bar.set_postfix_str(f"{m} {task}@{L} {corpus or ''}".strip())
-        if args.cached_only and m != "none" and is_search(parse_spec(m)[0]) and not (
-                checkpoint_plan(m, T, cache, src_hash, args.search_budget)[1] / "config.json").exists():
-            log.warning("not yet searched (skipped with --cached-only): %s at %d", m, T)
+        name = parse_spec(m)[0]
+        measured = is_search(name) or name == "dpe" or (name == RUNTIME and "scales" not in parse_spec(m)[1])
+        if args.cached_only and measured and not (
+                checkpoint_plan(detection_spec(m) if name == RUNTIME else m, T, cache, src_hash,
+                                args.search_budget)[1] / "config.json").exists():
+            log.warning("not yet searched or detected (skipped with --cached-only): %s at %d", m, T)
             continue
-        path = checkpoint(src, m, T, cache, src_hash, args.search_budget)
-        run = Run(m, path, model_hash(path))
+        if name == RUNTIME:
+            run = with_backend(Run(m, src.path, src_hash), runtime_backend(src, m, T, cache, src_hash))
+        else:
+            path = checkpoint(src, m, T, cache, src_hash, args.search_budget)
+            run = Run(m, path, model_hash(path))
         limit = args.samples if task == "ppl" else args.passkey
         t0 = time.time()
         from convert.validate import cache_file
@@ -209,9 +263,10 @@ def run(args) -> dict:
         if not cached and args.cached_only:
             log.warning("not yet measured (skipped with --cached-only): %s %s@%d %s", m, task, L, corpus or "")
             continue
-        if not cached and (loaded is None or loaded[0] != path):
-            loaded = (path, *_load(path))
-        model, tok = (loaded[1], loaded[2]) if loaded and loaded[0] == path else (None, None)
+        if not cached and (loaded is None or loaded[0] != run.hash):
+            loaded = None  # one model in memory at a time
+            loaded = (run.hash, *_load_run(run))
+        model, tok = (loaded[1], loaded[2]) if loaded and loaded[0] == run.hash else (None, None)
         r = run_one(model, tok, run, task, L, limit, corpora.get(corpus) if corpus else None,
                     L if task == "ppl" else 0, evals)
         results.append({"target": T, "method": m, "task": task, "length": L, "corpus": corpus,
@@ -223,8 +278,7 @@ def run(args) -> dict:
     return {"source": args.source, "original": original, "targets": targets, "methods": methods,
             "corpora": list(corpora), "samples": args.samples, "passkey_samples": args.passkey, "results": results,
             "searches": searches,
-            "method_info": {m: (M.get_method(parse_spec(m)[0]).summary if m != "none" else
-                                "the base model, plain RoPE") for m in methods}}
+            "method_info": {m: method_summary(m) for m in methods}}
 
 
 def tables(data: dict) -> str:

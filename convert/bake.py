@@ -8,6 +8,7 @@ complete, so an interrupted run never leaves a directory that looks finished.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -16,7 +17,7 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 import yaml
 
@@ -93,11 +94,16 @@ def make_plan(method: str = DEFAULT_METHOD, target_length: int = 0, candidates: 
 
     if is_search(m.name):
         check_options(m.name, opts)
+    if m.name == "dpe":  # the needle scorer's settings, checked before anything is loaded
+        from .needle import NeedleConfig
+
+        NeedleConfig.from_options(opts)
     return BakePlan(m.name, int(target_length), opts, short_factor, int(original_length) if original_length else None)
 
 
-def compute(spec: RopeSpec, plan: BakePlan) -> DPRoPEResult:
-    """Factors and temperature for this base and plan (the factors stage)."""
+def compute(spec: RopeSpec, plan: BakePlan, src: Source | None = None, progress: bool = True) -> DPRoPEResult:
+    """Factors and temperature for this base and plan (the factors stage).  A method that measures the model gets
+    its callable built from ``src`` (see :func:`model_callables`)."""
     spec = plan.spec_for(spec)
     if plan.target_length <= spec.original_length:
         raise ConvertError(
@@ -113,10 +119,42 @@ def compute(spec: RopeSpec, plan: BakePlan) -> DPRoPEResult:
                            "source, plan, work_dir), handed to bake(..., result=...), as `dprope extend` and "
                            "`dprope run` do")
     ctx = RopeContext(spec.inv_freq, spec.rope_theta, spec.original_length, plan.target_length)
+    with model_callables(plan, src, ctx, progress) as extra:
+        try:
+            return run_method(plan.method, ctx, **{**plan.options, **extra})
+        except dprope.DPRoPEError as e:
+            raise ConvertError(str(e)) from None
+
+
+@contextlib.contextmanager
+def model_callables(plan: BakePlan, src: Source | None, ctx, progress: bool = True) -> Iterator[dict]:
+    """Options a measuring method needs from the model, built from ``src`` unless the plan already has them:
+    ``dpe`` gets DPE's needle scorer (``convert/needle.py``) and a progress bar over its sweep."""
+    if plan.method != "dpe" or plan.options.get("scorer") is not None or src is None:
+        yield {}
+        return
+    from dprope.dpe import sweep_plan
+    from rich.progress import Progress
+
+    from .needle import NeedleConfig, needle_scorer
+
+    o = plan.options
     try:
-        return run_method(plan.method, ctx, **plan.options)
+        sweep = sweep_plan(ctx, o["groups"], o["held"], o["multipliers"], o["min_scale"])
     except dprope.DPRoPEError as e:
         raise ConvertError(str(e)) from None
+    samples = NeedleConfig.from_options(o).samples
+    with Progress(disable=not progress, transient=False) as bar:
+        job = bar.add_task(f"DPE detection ({sweep.n_groups} groups x {len(sweep.values)} scales, {samples} "
+                           "needle prompts each)", total=sweep.calls * samples)
+
+        def on_config(entry):
+            bar.update(job, description=f"DPE detection: group {entry['group'] + 1}/{sweep.n_groups} at "
+                                        f"{entry['value']:g} -> {entry['score']:.4g}")
+
+        scorer = needle_scorer(src.path, ctx.target_length, ctx.original_length, o,
+                               progress=lambda n: bar.advance(job, n))
+        yield {"scorer": scorer, "progress": o.get("progress") or on_config}
 
 
 def attention_factor(spec: RopeSpec, result: DPRoPEResult) -> float:
@@ -377,7 +415,7 @@ def bake(src: Source, out: Path, plan: BakePlan, *, force: bool = False, plot: b
     with atomic_dir(out, force, need_bytes=need) as tmp:
         copier = _Copier(src, tmp, link, progress)
         try:
-            result = result or compute(spec, plan)
+            result = result or compute(spec, plan, src, progress)
             result.params["method"] = plan.method
             long, short = hf_factors(spec, result, plan.short_factor)
             attn = attention_factor(spec, result)

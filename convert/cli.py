@@ -332,15 +332,38 @@ def verify(path, checkpoint, base):
               "'ppl@0-8192 <= 1.05x base'; repeatable.  A failed gate exits 1.")
 @click.option("--kv-cache", type=click.Choice(["f16", "f32"]), default="f16", show_default=True,
               help="GGUF checkpoints: llama.cpp's KV cache type (f16 is llama-cpp-python's default; f32 is exact).")
-def validate(checkpoint, base, lengths, tasks, limit, out_dir, corpus, gates, kv_cache):
+@click.option("--backend", type=click.Choice(["hf", "dpe"]), default="hf", show_default=True,
+              help="hf: transformers as the checkpoint loads.  dpe: DPE's attention (local window with normal RoPE, "
+                   "per-group Self-Extend positions beyond it), evaluation only: no runtime users deploy runs it.  "
+                   "Give it the base checkpoint and --dpe-scales.")
+@click.option("--dpe-scales", help="DPE's group scales: comma-separated numbers (one per group of pairs, the groups "
+              "split evenly), or a directory baked with --method dpe (its detected scales).")
+@click.option("--dpe-window", type=int, help="DPE's local window in tokens (default: the detection's, else 1024, at "
+              "most an eighth of the original window).")
+@click.option("--dpe-groups", type=int, help="With a single --dpe-scales number: the number of groups it applies to.")
+def validate(checkpoint, base, lengths, tasks, limit, out_dir, corpus, gates, kv_cache, backend, dpe_scales,
+             dpe_window, dpe_groups):
     """lm-eval long-context tasks on CHECKPOINT (and --base), side by side: validation.json/.md/.png.  A .gguf
     CHECKPOINT runs in llama.cpp (llama-cpp-python, in process), and so does a .gguf --base beside it."""
     from .llamacpp import LlamaCppOptions
     from .validate import validate as run_validate
 
+    dpe = None
+    if backend == "dpe":
+        if not dpe_scales:
+            raise ConvertError("--backend dpe needs --dpe-scales: the group scales (e.g. 2,8,2,8) or a directory "
+                               "baked with --method dpe")
+        from .dpe_runtime import backend_from
+        from .source import open_source
+
+        spec = open_source(checkpoint).spec
+        dpe = backend_from(dpe_scales, spec.head_dim // 2, spec.original_length, dpe_window, dpe_groups)
+    elif dpe_scales or dpe_window or dpe_groups:
+        raise ConvertError("--dpe-scales, --dpe-window and --dpe-groups need --backend dpe")
     cmd = "dprope " + shlex.join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("dprope") else ""
     v = run_validate(checkpoint, base, [int(x) for x in lengths.split(",") if x.strip()], _candidates(tasks), limit,
-                     out_dir, corpus, gates, command=cmd, gguf_options=LlamaCppOptions(kv_cache=kv_cache))
+                     out_dir, corpus, gates, command=cmd, gguf_options=LlamaCppOptions(kv_cache=kv_cache),
+                     backend=dpe)
     click.echo(v.markdown)
     click.echo(f"reports: {v.out_dir / 'validation.md'}, validation.json, validation.png")
     if v.failed:

@@ -507,7 +507,7 @@ def _stage_factors(recipe: Recipe, run: RunDir, **_) -> dict:
     if is_search(plan.method):  # measures the model; its state in <run>/search/ lets an interrupted run resume
         result = run_search(src, plan, run.root / "search")
     else:
-        result = compute(src.spec, plan)
+        result = compute(src.spec, plan, src)
     run.root.mkdir(parents=True, exist_ok=True)
     (run.root / "factors.json").write_text(json.dumps(result.to_dict(), indent=1))
     return {"counts": result.counts(), "disturbance": result.disturbance}

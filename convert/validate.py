@@ -179,17 +179,38 @@ def model_hash(path: Path) -> str:
 class Run:
     label: str  # "extended" | "base"
     path: Path  # HF directory (transformers) or .gguf file (llama.cpp)
-    hash: str
+    hash: str  # the model by content (plus the attention backend's settings when it has one)
     runtime: str = "transformers"  # | "llama.cpp"
     tokenizer: Path | None = None  # the transformers tokenizer the tasks size prompts with (default: path)
     n_ctx: int | None = None  # llama.cpp: the context the model is loaded with
     options: Any = None  # llama.cpp: LlamaCppOptions
+    backend: Any = None  # transformers: a convert.dpe_runtime.DPEBackend, the model runs with DPE's attention
 
     def describe(self) -> str:
         if self.runtime == "llama.cpp":
             return (f"{self.label} `{self.path.name}` (llama.cpp, n_ctx {self.n_ctx}, KV cache "
                     f"{self.options.kv_cache}{', flash attention' if self.options.flash_attn else ''})")
+        if self.backend is not None:
+            return (f"{self.label} `{self.path.name}` (transformers, {self.backend.describe()}; evaluation only, no "
+                    "runtime users deploy supports it)")
         return f"{self.label} `{self.path.name}` (transformers)"
+
+
+def with_backend(run: Run, backend) -> Run:
+    """``run`` evaluated through DPE's attention (``backend``); refuses a checkpoint this tool already extended,
+    whose factors would scale positions a second time."""
+    from dataclasses import replace
+
+    from .modelinfo import read_config
+
+    if run.runtime != "transformers":
+        raise ConvertError("DPE's attention runs in transformers; pass an HF directory or let the .gguf be "
+                           "dequantised (--backend dpe does that for a .gguf CHECKPOINT)")
+    if "dprope" in read_config(run.path):
+        raise ConvertError(f"{run.path} already carries extension factors; DPE's runtime runs on the base model's own "
+                           "RoPE: validate the base checkpoint with --backend dpe --dpe-scales EXTENDED_DIR (the scales "
+                           "a --method dpe checkpoint detected) or --dpe-scales 2,8,...")
+    return replace(run, hash=f"{run.hash}-dpe{backend.tag()}", backend=backend)
 
 
 def gguf_run(label: str, path: Path, lengths: Sequence[int], options) -> Run:
@@ -303,13 +324,19 @@ def _check_token_count(run: Run, token_logprobs: dict, metrics: dict) -> None:
 
 
 def _load_run(run: Run):
-    """(model, tokenizer) of a run: a transformers model and tokenizer, or an open GGUFModel and None."""
+    """(model, tokenizer) of a run: a transformers model (through DPE's attention when the run has that backend) and
+    tokenizer, or an open GGUFModel and None."""
     if run.runtime == "llama.cpp":
         from .lmeval_gguf import open_model
 
         with quiet_lm_eval():
             return open_model(run.path, run.n_ctx, run.options), None
-    return _load(run.path)
+    model, tok = _load(run.path)
+    if run.backend is not None:
+        from .dpe_runtime import enable_dpe
+
+        enable_dpe(model, run.backend.pair_scales, run.backend.window)
+    return model, tok
 
 
 def _load(path: Path):
@@ -475,10 +502,12 @@ class Validation:
 def validate(checkpoint: Path, base: Path | None = None, lengths: Sequence[int] = (4096, 8192, 16384),
              tasks: Sequence[str] = ("passkey", "ppl"), limit: int | None = 5, out_dir: Path | None = None,
              corpus: str | None = None, gates: Sequence[str] = (), cache_dir: Path | None = None,
-             command: str = "", progress: bool = True, gguf_options=None) -> Validation:
+             command: str = "", progress: bool = True, gguf_options=None, backend=None) -> Validation:
     """Run the tasks on ``checkpoint`` (a HF directory, or a .gguf run in llama.cpp) and on ``base``; write
     validation.json/.md/.png to ``out_dir`` (default: the checkpoint directory, or ``<name>-validation/`` beside a
-    GGUF).  ``gguf_options``: how llama.cpp runs GGUFs (``convert.llamacpp.LlamaCppOptions``)."""
+    GGUF).  ``gguf_options``: how llama.cpp runs GGUFs (``convert.llamacpp.LlamaCppOptions``).  ``backend`` (a
+    :class:`convert.dpe_runtime.DPEBackend`) runs the checkpoint in transformers through DPE's attention (evaluation
+    only; a .gguf checkpoint is then dequantised)."""
     from .llamacpp import LlamaCppOptions
     from .source import cache_root, open_source
 
@@ -490,7 +519,7 @@ def validate(checkpoint: Path, base: Path | None = None, lengths: Sequence[int] 
     if corpus and not Path(corpus).exists():
         raise ConvertError(f"corpus {corpus} does not exist")
     checkpoint = Path(checkpoint)
-    in_llama_cpp = checkpoint.suffix == ".gguf" and checkpoint.is_file()
+    in_llama_cpp = checkpoint.suffix == ".gguf" and checkpoint.is_file() and backend is None
     options = gguf_options or LlamaCppOptions()
 
     def open_run(label: str, given: Path) -> Run:
@@ -503,6 +532,8 @@ def validate(checkpoint: Path, base: Path | None = None, lengths: Sequence[int] 
     runs = [open_run("extended", checkpoint)]
     if base is not None:
         runs.append(open_run("base", base))
+    if backend is not None:
+        runs[0] = with_backend(runs[0], backend)
     default_out = checkpoint.with_name(checkpoint.stem + "-validation") if in_llama_cpp else checkpoint
     out_dir = Path(out_dir or default_out)
     cache_dir = cache_dir or cache_root() / "validate"
@@ -540,7 +571,8 @@ def validate(checkpoint: Path, base: Path | None = None, lengths: Sequence[int] 
                     "reason": next((w for f, w in failed if f.text == g.text), None)} for g in parsed_gates],
          "runs": results, "versions": versions(), "lengths": lengths, "tasks": list(tasks), "limit": limit,
          "models": [{"label": r.label, "path": str(r.path), "runtime": r.runtime, "hash": r.hash, "n_ctx": r.n_ctx,
-                     "llama_cpp": r.options.key() if r.options else None} for r in runs]},
+                     "llama_cpp": r.options.key() if r.options else None} for r in runs],
+         "backend": {"name": "dpe", **backend.to_dict()} if backend is not None else None},
         indent=1, default=str) + "\n")
     (out_dir / "validation.md").write_text(md)
     plot(rows, out_dir / "validation.png")

@@ -23,6 +23,7 @@ _LAZY = {
     "DPRoPEResult": "core",
     "compute_factors": "core",
     "DPRoPEError": "errors",
+    "Detection": "dpe",
     "RopeContext": "freqs",
     "base_inv_freq": "freqs",
     "angle_distribution": "histogram",

@@ -10,8 +10,10 @@ Families:
   dprope   the paper's method exactly (``dprope-paper``) and documented variants of it, each a change to one step
            of the paper's recipe: the temperature, a high-frequency guard, the angle density, the candidate set,
            the selection rule.  ``dprope`` is the project default: the variant that measured best (README).
-  search   LongRoPE's evolutionary search (``longrope-search``, :mod:`dprope.search`): needs a ``fitness`` callable
-           that runs the model, so it is not standalone (``available_methods(standalone=True)`` leaves it out).
+  search   methods that measure the model, through a callable the pipeline supplies, so not standalone
+           (``available_methods(standalone=True)`` leaves them out): LongRoPE's evolutionary search
+           (``longrope-search``, :mod:`dprope.search`, a ``fitness``) and DPE's needle sweep of per-group scales
+           (``dpe``, :mod:`dprope.dpe`, a ``scorer``).
 """
 
 from __future__ import annotations
@@ -298,3 +300,40 @@ register_method("longrope-search", "LongRoPE's evolutionary search of per-pair f
                 "1..1+s; from YaRN's shape and the DPRoPE default); needs a fitness callable that runs the model "
                 "(Ding et al. 2024, microsoft/LongRoPE)", "search", fitness=None, state_path=None, progress=None,
                 bins=DEFAULT_BINS, **_search_defaults())(_longrope_search)
+
+
+# ----------------------------------------------------------------------------------------------- DPE
+# Options of the needle scorer the pipeline builds for `dpe` (convert/needle.py): declared here so that recipes,
+# --opt and the report carry them; the detection itself reads only groups, held, multipliers and min_scale.
+DPE_SCORER_OPTIONS = dict(detect_with="runtime", window=None, samples=100, needles=4, length=None, sparse=False,
+                          metric="accuracy", corpus=None, seed=0, max_new_tokens=128)
+
+
+def _dpe(ctx, *, scorer=None, progress=None, groups=8, held=None, multipliers=None, min_scale=1.0,
+         temperature="none", bins=DEFAULT_BINS, **scorer_options):
+    """DPE's detection (:func:`dprope.dpe.detect`); the result's factors are its static form, lambda_i = s_g of pair
+    i's group, scored by the angle-distribution disturbance like every method; params["dpe"] holds the sweep."""
+    if scorer is None:
+        raise DPRoPEError(
+            "dpe needs a scorer: a callable scorer(pair_scales) -> float (higher is better; DPE uses the share of "
+            "needles the model retrieves with those group scales) that runs the model. `dprope extend MODEL OUT "
+            "--method dpe` builds one from the model; from Python pass run_method('dpe', ctx, scorer=my_scorer) "
+            "(convert.needle.needle_scorer builds DPE's)")
+    from .dpe import default_window, detect
+
+    det = detect(ctx, scorer, groups=groups, held=held,
+                 multipliers=multipliers, min_scale=float(min_scale), progress=progress)
+    r = _compute(ctx, candidates=[], extra_candidates={"dpe": det.factors}, bins=int(bins))
+    r.temperature = _temp(temperature, ctx)
+    window = scorer_options.get("window")
+    r.params["dpe"] = {**det.to_dict(), "window": int(window) if window else default_window(ctx.original_length),
+                       "detect_with": scorer_options.get("detect_with")}
+    return r
+
+
+register_method("dpe", "DPE's detection: a needle sweep of one position scale per group of pairs (8 groups, the "
+                "others held at 2 L'/L), baked as static factors lambda = s_g (its closest bakeable form; the local "
+                "window is runtime-only, see `validate --backend dpe`); needs a scorer that runs the model "
+                "(Lu et al. 2025, LuLuLuyi/DPE)", "search", scorer=None, progress=None, groups=8, held=None,
+                multipliers=None, min_scale=1.0, temperature="none", bins=DEFAULT_BINS,
+                **DPE_SCORER_OPTIONS)(_dpe)

@@ -84,3 +84,21 @@ def test_a_search_row_runs_at_a_reduced_budget_and_prints_the_gpu_command(bench,
     assert trace["evals"] == 9 and trace["fitness"] == "proxy"
     ppl = {r["method"]: r["metrics"]["token_perplexity"] for r in data["results"]}
     assert ppl[spec] != pytest.approx(ppl["none"], rel=1e-3)
+
+
+def test_dpe_static_and_runtime_rows(bench, tiny_models, tmp_path):
+    spec = "groups=2:multipliers=[0.25,1,4]:samples=1:needles=1:metric=logprob:window=8"
+    args = ["--source", str(tiny_models[("llama", False)]), "--targets", "512", "--corpora", "pydoc", "--tasks", "ppl",
+            "--samples", "1", "--passkey", "0", "--methods", f"none,dpe:{spec},dpe-runtime:{spec}",
+            "--out", str(tmp_path / "out"), "--cache", str(tmp_path / "cache"), "--evals", str(tmp_path / "evals")]
+    assert bench.main(args) == 0
+    data = json.loads((tmp_path / "out" / "quality-512.json").read_text())
+    assert data["methods"] == ["none", f"dpe:{spec}", f"dpe-runtime:{spec}"]
+    ppl = {r["method"].split(":")[0]: r["metrics"]["token_perplexity"] for r in data["results"]}
+    assert len({round(v, 6) for v in ppl.values()}) == 3  # the static form, the runtime and the base all differ
+    # the runtime row used the scales the static row detected: one detection, one baked model
+    assert len(list((tmp_path / "cache" / "models").glob("dpe-512-*"))) == 1
+    assert "evaluation only" in data["method_info"][f"dpe-runtime:{spec}"]
+    md = (tmp_path / "out" / "quality-512.md").read_text()
+    assert f"| dpe-runtime:{spec} |" in md and f"| dpe:{spec} |" in md
+    assert bench.split_methods("a,b:x=[1,2]:y=3,c") == ["a", "b:x=[1,2]:y=3", "c"]
