@@ -269,7 +269,8 @@ def test_extend_refuses_bad_detection_options_before_loading(tiny_models, tmp_pa
     assert not (tmp_path / "x").exists()
 
 
-def test_validate_with_the_dpe_backend(tiny_models, tmp_path):
+def test_validate_with_the_dpe_backend(tiny_models, tmp_path, monkeypatch):
+    monkeypatch.setenv("DPROPE_CACHE", str(tmp_path / "cache"))  # both runs measure; none reads another test's results
     src = tiny_models[("llama", False)]
     args = ["validate", str(src), "--lengths", "128", "--tasks", "ppl", "--limit", "1", "--out"]
     plain = CliRunner().invoke(main, [*args, str(tmp_path / "plain")])
