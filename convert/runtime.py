@@ -68,11 +68,21 @@ def llama_cpp_logits(path: Path, token_ids: Sequence[int], n_ctx: int, start_pos
         return np.concatenate(rows).astype(np.float32), int(llm.n_ctx())
 
 
-def load_hf(ckpt: Path):
+def eval_device() -> str:
+    """Where evaluations run: ``$DPROPE_DEVICE`` if set, else the GPU when torch sees one, else the CPU."""
+    import os
+
+    import torch
+
+    return os.environ.get("DPROPE_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_hf(ckpt: Path, device: str = "cpu"):
+    """A transformers model (float32, eval mode) on ``device``; parity checks keep the CPU default."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32).eval().to(device)
 
 
 def hf_logits(ckpt: Path | None, token_ids: Sequence[int], model=None, start_pos: int = 0) -> np.ndarray:

@@ -22,6 +22,18 @@ from .errors import ConvertError
 log = logging.getLogger(__name__)
 
 PYDOC = "pydoc:"  # --data pydoc: trains on Python's own documentation (offline, for smoke runs)
+# --data stdlib: the Python standard library's own source (every .py file, sorted by path; millions of tokens on every
+# CPython, offline).  pydoc_data is left out: it holds the documentation text that evaluations use as a corpus.
+STDLIB = "stdlib:"
+STDLIB_EXCLUDE = ("pydoc_data", "site-packages", "dist-packages")
+
+
+def stdlib_files() -> list[Path]:
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    return sorted((f for f in root.rglob("*.py") if not set(f.relative_to(root).parts) & set(STDLIB_EXCLUDE)),
+                  key=lambda f: f.relative_to(root).as_posix())
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -32,10 +44,14 @@ def iter_texts(data: str) -> Iterator[str]:
 
         yield default_corpus_text()
         return
+    if data == STDLIB:
+        for f in stdlib_files():
+            yield f.read_text(encoding="utf-8", errors="replace")
+        return
     p = Path(data)
     if not p.exists():
         raise ConvertError(f"training data {data} does not exist: pass a text file, a folder of .txt / .jsonl files, "
-                           "or 'pydoc:' for Python's own docs")
+                           "'pydoc:' for Python's own docs or 'stdlib:' for the Python standard library's source")
     files = sorted(f for f in p.rglob("*") if f.suffix in (".txt", ".jsonl", ".json")) if p.is_dir() else [p]
     if not files:
         raise ConvertError(f"no .txt or .jsonl files under {data}")
@@ -178,6 +194,7 @@ class TrainArgs:
     eval_steps: int | None = None
     seed: int = 0
     pure_bf16: bool = False  # weights (and so AdamW states) in bf16: what fits a 7B model on one 80 GB GPU
+    eval_blocks: int = 16  # held-out blocks scored at each evaluation
 
 
 def _attn_impl(cuda: bool) -> str:
@@ -229,7 +246,8 @@ def train(ckpt: Path, out: Path, args: TrainArgs, *, force_cpu: bool = False, fo
     baked_cfg = (ckpt / "config.json").read_bytes()
     work = out.with_name(f".{out.name}.work")  # trainer checkpoints: kept until the output is complete
     train_ds = as_iterable_dataset(PackedBlocks(args.data, tok, args.seq_len, args.eval_fraction, held_out=False))
-    eval_ds = as_iterable_dataset(PackedBlocks(args.data, tok, args.seq_len, args.eval_fraction, held_out=True))
+    eval_ds = as_iterable_dataset(PackedBlocks(args.data, tok, args.seq_len, args.eval_fraction, held_out=True,
+                                               max_eval=args.eval_blocks))
     targs = TrainingArguments(
         output_dir=str(work), max_steps=args.steps, per_device_train_batch_size=args.micro_batch,
         per_device_eval_batch_size=args.micro_batch, gradient_accumulation_steps=accum, learning_rate=args.lr,
@@ -250,6 +268,9 @@ def train(ckpt: Path, out: Path, args: TrainArgs, *, force_cpu: bool = False, fo
     first_eval = next(h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h)
     final_eval = trainer.evaluate()["eval_loss"]
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    # the held-out loss at every evaluation (step 0 first), the final one included
+    curve = {int(h["step"]): float(h["eval_loss"]) for h in trainer.state.log_history if "eval_loss" in h}
+    curve[int(trainer.state.global_step)] = float(final_eval)
     # the factors must be what was baked: check the live rotary module before writing anything
     from safetensors.torch import load_file
 
@@ -266,6 +287,7 @@ def train(ckpt: Path, out: Path, args: TrainArgs, *, force_cpu: bool = False, fo
         raise ConvertError("the rotary frequencies changed during training; refusing to write the output")
     summary = {"steps": int(trainer.state.global_step), "resumed_from": str(last) if last else None,
                "eval_loss_before": first_eval, "eval_loss_after": final_eval, "train_losses": losses,
+               "eval_losses": sorted(curve.items()), "eval_blocks": args.eval_blocks,
                "train_runtime_s": result.metrics.get("train_runtime"), "seq_len": args.seq_len,
                "global_batch": args.global_batch, "lr": args.lr, "data": args.data, "world_size": world,
                "bf16": use_bf16, "device": "cuda" if cuda else "cpu",

@@ -342,10 +342,10 @@ def _load_run(run: Run):
 def _load(path: Path):
     from transformers import AutoTokenizer
 
-    from .runtime import load_hf
+    from .runtime import eval_device, load_hf
 
     with quiet_lm_eval():  # transformers' notes on config keys it does not use (short_mscale, long_mscale)
-        return load_hf(path), AutoTokenizer.from_pretrained(str(path))
+        return load_hf(path, eval_device()), AutoTokenizer.from_pretrained(str(path))
 
 
 # ------------------------------------------------------------------------------------------- gates and report
