@@ -23,6 +23,7 @@ help:
 	@echo "make bench    run the benchmarks (minutes)"
 	@echo "make bench-quality   every method through extend -> lm-eval on SmolLM2 (hours on a 2-core CPU; QUALITY_ARGS=...)"
 	@echo "make bench-search-proxy   the search's CPU proxy against full-length perplexity (~1 hour; SEARCH_PROXY_ARGS=...)"
+	@echo "make bench-train-quality  continued training from each initialisation, 8k -> 32k (a GPU's work)"
 	@echo "make release RECIPE=recipes/<family>/<size>_<target>.yaml   full validation with gates"
 	@echo "recipes:      $(RECIPE_TARGETS)"
 
@@ -79,6 +80,13 @@ bench-quality: setup
 SEARCH_PROXY_ARGS ?= --target 16384 --corpus pydoc --random 8
 bench-search-proxy: setup
 	$(PY) bench/search_proxy.py $(SEARCH_PROXY_ARGS)
+
+# continued training from each initialisation (PI, YaRN, dprope-paper, dprope, longrope-search with LongRoPE's full
+# search), SmolLM2 8k -> 32k, then perplexity, passkey and RULER before and after: a GPU's work (the README's table took
+# about 25 min of one H100); TRAIN_QUALITY_ARGS=... for other sizes, --jobs N for initialisations side by side
+TRAIN_QUALITY_ARGS ?= --target 32768 --steps 8 --global-batch 4 --eval-every 2 --eval-blocks 4 --samples 3 --passkey 5 --ruler niah_single_1,niah_multikey_2 --search-fitness ppl:samples=1:dtype=bfloat16 --search-budget 1344 --jobs 3
+bench-train-quality: setup
+	$(PY) bench/train_quality.py $(TRAIN_QUALITY_ARGS)
 
 bench-quick: setup
 	$(PY) bench/factors.py --quick

@@ -75,7 +75,8 @@ def train_args(args):
     return TrainArgs(data=args.train_data, seq_len=args.target, steps=args.steps, global_batch=args.global_batch,
                      micro_batch=args.micro_batch, lr=args.lr, weight_decay=0.0, warmup_steps=0, betas=(0.9, 0.999),
                      save_steps=args.steps + 1, eval_steps=args.eval_every, eval_fraction=args.eval_fraction,
-                     eval_blocks=args.eval_blocks, seed=args.seed, gradient_checkpointing=True)
+                     eval_blocks=args.eval_blocks, seed=args.seed, gradient_checkpointing=True,
+                     pure_bf16=args.pure_bf16)
 
 
 def settings(args) -> dict:
@@ -270,7 +271,9 @@ def report(data: dict) -> str:
              f"blocks of that data.",
              "Evaluation, the same samples for every row: "
              + "; ".join(f"`{c}` perplexity on {n} window(s) of {data['target']} tokens" for c, n in n_ppl.items())
-             + f"; passkey {data['passkey']} prompt(s) per length; RULER {data['ruler_limit']} sample(s) per task."]
+             + f"; passkey {data['passkey']} prompt(s) per length"
+             + (f"; RULER {data['ruler_limit']} sample(s) per task." if data["ruler"].strip(",") else
+                "; RULER not run (--ruler empty).")]
     for part in data["parts"]:
         if part.get("search"):
             tr = part["search"]
@@ -392,6 +395,7 @@ def main(argv=None) -> int:
     ap.add_argument("--micro-batch", type=int, default=1)
     ap.add_argument("--lr", type=float, default=2e-5)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--pure-bf16", action="store_true", help="weights and optimiser states in bf16 (not fp32 + autocast)")
     ap.add_argument("--eval-every", type=int, default=4, help="steps between held-out evaluations")
     ap.add_argument("--eval-blocks", type=int, default=4, help="held-out blocks per evaluation")
     ap.add_argument("--eval-fraction", type=float, default=0.01, help="every 1/f-th block of the data is held out")

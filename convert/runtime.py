@@ -78,11 +78,18 @@ def eval_device() -> str:
 
 
 def load_hf(ckpt: Path, device: str = "cpu"):
-    """A transformers model (float32, eval mode) on ``device``; parity checks keep the CPU default."""
+    """A transformers model in eval mode on ``device``: float32 on the CPU (parity checks keep that default), bfloat16
+    on a GPU (``$DPROPE_EVAL_DTYPE`` overrides).  On a GPU, float32 SDPA with grouped KV heads has no fused kernel in
+    PyTorch (flash attention is 16-bit only; the memory-efficient kernel takes no ``enable_gqa``), so it falls back to
+    materialising the full attention matrix: 36 GiB per layer at 32k tokens."""
+    import os
+
     import torch
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32).eval().to(device)
+    default = "float32" if str(device) == "cpu" else "bfloat16"
+    dtype = getattr(torch, os.environ.get("DPROPE_EVAL_DTYPE") or default)
+    return AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=dtype).eval().to(device)
 
 
 def hf_logits(ckpt: Path | None, token_ids: Sequence[int], model=None, start_pos: int = 0) -> np.ndarray:

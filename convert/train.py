@@ -119,7 +119,8 @@ class PackedBlocks:
             for block in self._blocks():
                 seen = True
                 ids = torch.tensor(block, dtype=torch.long)
-                yield {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
+                # no attention mask: a full causal block, so SDPA runs its flash kernel, not the 32k x 32k math path
+                yield {"input_ids": ids, "labels": ids.clone()}
             if self.held_out:
                 return
             if not seen:
@@ -256,7 +257,9 @@ def train(ckpt: Path, out: Path, args: TrainArgs, *, force_cpu: bool = False, fo
         bf16=use_bf16, gradient_checkpointing=args.gradient_checkpointing, save_steps=args.save_steps,
         save_total_limit=2, logging_steps=1, eval_strategy="steps", eval_steps=args.eval_steps or args.save_steps,
         report_to=[], use_cpu=not cuda, seed=args.seed, disable_tqdm=not progress, dataloader_num_workers=0,
-        remove_unused_columns=False, eval_on_start=True)
+        remove_unused_columns=False, eval_on_start=True,
+        # the held-out loss only: without this the Trainer keeps every evaluated block's full-vocabulary logits
+        prediction_loss_only=True)
     trainer = Trainer(model=model, args=targs, train_dataset=train_ds, eval_dataset=eval_ds)
     last = _last_checkpoint(work)
     if last:

@@ -41,8 +41,9 @@ class Method:
 
     @property
     def standalone(self) -> bool:
-        """Runs from a RopeContext alone (a search needs a fitness callable from the pipeline)."""
-        return self.family != "search"
+        """Runs from a RopeContext and its defaults alone (a search needs a fitness callable from the pipeline;
+        ``factors`` needs the factors)."""
+        return self.family not in ("search", "given")
 
     def options(self, given: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """The method's defaults updated with ``given``; unknown names are refused, naming the known ones."""
@@ -337,3 +338,48 @@ register_method("dpe", "DPE's detection: a needle sweep of one position scale pe
                 "(Lu et al. 2025, LuLuLuyi/DPE)", "search", scorer=None, progress=None, groups=8, held=None,
                 multipliers=None, min_scale=1.0, temperature="none", bins=DEFAULT_BINS,
                 **DPE_SCORER_OPTIONS)(_dpe)
+
+
+# ----------------------------------------------------------------------------------------------- given factors
+def _load_factors(value: Any) -> list[float]:
+    """Per-pair factors from a list, or from a JSON file: a list, {"long_factor": [...]} / {"factors": [...]}, or a
+    Hugging Face config.json whose rope block carries long_factor (a baked or searched checkpoint)."""
+    import json
+    from pathlib import Path
+
+    if isinstance(value, (list, tuple)):
+        return [float(x) for x in value]
+    p = Path(str(value))
+    if not p.is_file():
+        raise DPRoPEError(f"factors: long={value!r} is neither a list of per-pair factors nor a JSON file; pass "
+                          "long=[1.0,1.0,...] or long=path/to/factors.json (a list, or a config.json with long_factor)")
+    data = json.loads(p.read_text())
+    if isinstance(data, dict):
+        rope = data.get("rope_parameters") or data.get("rope_scaling") or data
+        data = rope.get("long_factor") or rope.get("factors")
+    if not isinstance(data, list):
+        raise DPRoPEError(f"{p} holds no per-pair factors (a JSON list, or long_factor / factors)")
+    return [float(x) for x in data]
+
+
+def _given(ctx, *, long=None, temperature="none", bins=DEFAULT_BINS):
+    """Factors given as they are (a search's result found elsewhere, a paper's table), scored like every method."""
+    import torch
+
+    if long is None:
+        raise DPRoPEError("factors needs long=[...] (one factor per rotary pair) or long=path/to/factors.json")
+    vals = _load_factors(long)
+    if len(vals) != ctx.n_pairs:
+        raise DPRoPEError(f"factors: {len(vals)} values given, but this model has {ctx.n_pairs} rotary pairs "
+                          f"(head_dim {ctx.head_dim} / 2): give one factor per pair")
+    if not all(math.isfinite(v) and v > 0 for v in vals):
+        raise DPRoPEError("factors must be finite numbers > 0 (1: the pair as pre-trained, s: slowed by s)")
+    r = _compute(ctx, candidates=[], extra_candidates={"given": torch.tensor(vals, dtype=torch.float32)},
+                 bins=int(bins))
+    r.temperature = _temp(temperature, ctx)
+    return r
+
+
+register_method("factors", "per-pair factors given as they are (long=[...] or a JSON file / config.json with "
+                "long_factor), e.g. a search's result from another machine; scored like every method", "given",
+                long=None, temperature="none", bins=DEFAULT_BINS)(_given)

@@ -158,3 +158,30 @@ def test_user_methods_and_candidates_register():
     finally:
         unregister_method("my-method")
         dprope.unregister_candidate("half_pi")
+
+
+def test_given_factors_from_a_list_a_json_file_or_a_config(tmp_path):
+    import json
+
+    vals = [1.0] * 16 + [round(1 + 0.2 * i, 2) for i in range(16)]
+    r = run_method("factors", SMOL, long=vals, temperature="longrope")
+    assert torch.equal(r.factors, torch.tensor(vals, dtype=torch.float32))
+    assert torch.allclose(r.inv_freq, SMOL.inv_freq / r.factors)
+    assert r.temperature == pytest.approx(math.sqrt(1 + math.log(2) / math.log(8192)))
+    (tmp_path / "f.json").write_text(json.dumps({"long_factor": vals, "temperature": 1.07}))
+    (tmp_path / "config.json").write_text(json.dumps({"rope_parameters": {"rope_type": "longrope",
+                                                                         "long_factor": vals}}))
+    for f in ("f.json", "config.json"):
+        assert torch.equal(run_method("factors", SMOL, long=str(tmp_path / f)).factors, r.factors)
+    assert "factors" not in available_methods(standalone=True)  # it needs its factors
+
+
+def test_given_factors_refuse_bad_input(tmp_path):
+    with pytest.raises(DPRoPEError, match="32 rotary pairs"):
+        run_method("factors", SMOL, long=[1.0] * 31)
+    with pytest.raises(DPRoPEError, match="> 0"):
+        run_method("factors", SMOL, long=[1.0] * 31 + [0.0])
+    with pytest.raises(DPRoPEError, match="neither a list"):
+        run_method("factors", SMOL, long=str(tmp_path / "missing.json"))
+    with pytest.raises(DPRoPEError, match="needs long"):
+        run_method("factors", SMOL)
