@@ -22,7 +22,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -36,7 +35,9 @@ log = logging.getLogger("bench.quality")
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("DPROPE_CACHE") or Path.home() / ".cache" / "dprope") / "quality"
+    from convert.files import cache_root as root
+
+    return root() / "quality"
 
 
 def licenses_corpus(dest: Path) -> Path:

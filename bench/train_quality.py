@@ -46,7 +46,9 @@ PART_VERSION = 1
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("DPROPE_CACHE") or Path.home() / ".cache" / "dprope") / "train-quality"
+    from convert.files import cache_root as root
+
+    return root() / "train-quality"
 
 
 def parse_corpora(text: str, cache: Path) -> dict[str, str | None]:
@@ -185,7 +187,7 @@ def run_init(args, method: str) -> dict:
     rec["free"] = evaluate(ckpt, f"{method} (training-free)", args, corpora, evals)
     rec["seconds"]["eval_free"] = round(time.time() - t0, 1)
     save()
-    if method != "none":
+    if method != "none" and args.steps > 0:
         targs = train_args(args)
         tkey = hashlib.sha256(json.dumps([model_hash(ckpt), settings(args)["train"]], sort_keys=True,
                                          default=str).encode()).hexdigest()[:12]
@@ -390,7 +392,7 @@ def main(argv=None) -> int:
     ap.add_argument("--inits", default=INITS, help="initialisations, comma-separated method specs")
     ap.add_argument("--no-base", action="store_true", help="leave out the base model's reference row")
     ap.add_argument("--train-data", default="stdlib:", help="stdlib:, pydoc:, or a text/JSONL file or folder")
-    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=16, help="training steps (0: training-free rows only)")
     ap.add_argument("--global-batch", type=int, default=4)
     ap.add_argument("--micro-batch", type=int, default=1)
     ap.add_argument("--lr", type=float, default=2e-5)

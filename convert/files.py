@@ -180,6 +180,26 @@ def is_no_space(e: BaseException) -> bool:
 
 
 @contextlib.contextmanager
+def _staged(tmp: Path, make, commit, remove, folder: Path, name: str, need_bytes: int | None) -> Iterator[Path]:
+    """make() the staging path ``tmp``, yield it, commit() it on success, remove() it always; a full disk anywhere
+    in between becomes one ConvertError naming ``folder`` and ``need_bytes``, raised after the partial output is
+    gone, so the free space it reports is what the user has."""
+    full: OSError | None = None
+    try:
+        make()
+        yield tmp
+        commit()
+    except OSError as e:
+        if not is_no_space(e):
+            raise
+        full = e
+    finally:
+        remove()
+    if full is not None:
+        raise no_space_error(full, folder, name, need_bytes) from None
+
+
+@contextlib.contextmanager
 def atomic_dir(dest: Path, force: bool = False, need_bytes: int | None = None) -> Iterator[Path]:
     """Yield a temporary directory beside ``dest``; on success it replaces ``dest``, on failure it is removed.
     A full disk while the block writes becomes one ConvertError naming the folder and ``need_bytes``."""
@@ -191,10 +211,8 @@ def atomic_dir(dest: Path, force: bool = False, need_bytes: int | None = None) -
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    full: OSError | None = None
-    try:
-        tmp.mkdir()
-        yield tmp
+
+    def commit():
         if dest.exists():
             old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
             os.replace(dest, old)
@@ -202,14 +220,10 @@ def atomic_dir(dest: Path, force: bool = False, need_bytes: int | None = None) -
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, dest)
-    except OSError as e:
-        if not is_no_space(e):
-            raise
-        full = e
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    if full is not None:  # reported after the partial folder is gone, so the free space is what the user has
-        raise no_space_error(full, dest.parent, f"{dest.name}/", need_bytes) from None
+
+    with _staged(tmp, tmp.mkdir, commit, lambda: shutil.rmtree(tmp, ignore_errors=True), dest.parent,
+                 f"{dest.name}/", need_bytes) as staged:
+        yield staged
 
 
 @contextlib.contextmanager
@@ -219,18 +233,9 @@ def atomic_file(path: Path, need_bytes: int | None = None) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    full: OSError | None = None
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except OSError as e:
-        if not is_no_space(e):
-            raise
-        full = e
-    finally:
-        tmp.unlink(missing_ok=True)
-    if full is not None:
-        raise no_space_error(full, path.parent, path.name, need_bytes) from None
+    with _staged(tmp, lambda: None, lambda: os.replace(tmp, path), lambda: tmp.unlink(missing_ok=True), path.parent,
+                 path.name, need_bytes) as staged:
+        yield staged
 
 
 def write_atomic(path: Path, data: str | bytes) -> None:

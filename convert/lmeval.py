@@ -41,11 +41,31 @@ def chunked_token_logprobs(model, input_ids, targets, chunk: int = DEFAULT_LOGIT
     return out.numpy()
 
 
+def rolling_loglikelihoods(lm, requests, score, disable_tqdm: bool = False) -> list[float]:
+    """lm-eval's ``loglikelihood_rolling`` for any scorer: each document cut into lm-eval's own disjoint rolling
+    windows (``get_rolling_token_windows`` + ``make_disjoint_window``), ``score(input_ids, targets)`` giving the
+    targets' log-probabilities per window; per-token log-probabilities kept in ``lm.token_logprobs`` by ``doc_id``."""
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+    from tqdm.auto import tqdm
+
+    out = []
+    for req in tqdm(requests, desc="perplexity", leave=False, disable=disable_tqdm or lm.rank != 0):
+        (string,) = req.args
+        windows = map(make_disjoint_window, get_rolling_token_windows(
+            token_list=lm.tok_encode(string), prefix_token=lm.prefix_token_id, max_seq_len=lm.max_length,
+            context_len=1))
+        parts = [score((context + cont)[:-1], cont) for context, cont in windows]
+        lps = np.concatenate(parts) if parts else np.zeros(0, np.float32)
+        lm.token_logprobs[int(getattr(req, "doc_id", len(out)))] = lps
+        total = float(lps.astype(np.float64).sum())
+        out.append(total)
+        lm.cache_hook.add_partial("loglikelihood_rolling", (string,), total)
+    return out
+
+
 def chunked_lm_class():
     """``ChunkedHFLM``, built on first use (lm-eval's import costs seconds)."""
     from lm_eval.models.huggingface import HFLM
-    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
-    from tqdm.auto import tqdm
 
     class ChunkedHFLM(HFLM):
         def __init__(self, *args, logit_chunk: int = DEFAULT_LOGIT_CHUNK, **kw):
@@ -56,21 +76,10 @@ def chunked_lm_class():
         def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
             import torch
 
-            out = []
-            for req in tqdm(requests, desc="perplexity", disable=disable_tqdm or self.rank != 0, leave=False):
-                (string,) = req.args
-                windows = map(make_disjoint_window, get_rolling_token_windows(
-                    token_list=self.tok_encode(string), prefix_token=self.prefix_token_id,
-                    max_seq_len=self.max_length, context_len=1))
-                parts = []
-                for context, cont in windows:
-                    ids = torch.tensor([(context + cont)[:-1]], dtype=torch.long, device=self.device)
-                    parts.append(chunked_token_logprobs(self.model, ids, cont, self.logit_chunk))
-                lps = np.concatenate(parts) if parts else np.zeros(0, np.float32)
-                self.token_logprobs[int(getattr(req, "doc_id", len(out)))] = lps
-                total = float(lps.astype(np.float64).sum())
-                out.append(total)
-                self.cache_hook.add_partial("loglikelihood_rolling", (string,), total)
-            return out
+            def score(ids: list[int], cont: list[int]) -> np.ndarray:
+                x = torch.tensor([ids], dtype=torch.long, device=self.device)
+                return chunked_token_logprobs(self.model, x, cont, self.logit_chunk)
+
+            return rolling_loglikelihoods(self, requests, score, disable_tqdm)
 
     return ChunkedHFLM

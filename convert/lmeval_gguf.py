@@ -33,11 +33,11 @@ import numpy as np
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
-from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm.auto import tqdm
 
 from .errors import ConvertError
 from .llamacpp import Decoder, LlamaCppOptions, gguf_context_length, log_softmax_at, native_logs, open_llama
+from .lmeval import rolling_loglikelihoods
 
 log = logging.getLogger(__name__)
 MODEL_NAME = "dprope-gguf"
@@ -204,19 +204,7 @@ class GGUFLM(TemplateLM):
         return out
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
-        out = []
-        for req in tqdm(requests, desc="perplexity", leave=False, disable=disable_tqdm or self.rank != 0):
-            (string,) = req.args
-            windows = map(make_disjoint_window, get_rolling_token_windows(
-                token_list=self.tok_encode(string), prefix_token=self.prefix_token_id, max_seq_len=self.max_length,
-                context_len=1))
-            parts = [self.model.score((context + cont)[:-1], cont)[0] for context, cont in windows]
-            lps = np.concatenate(parts) if parts else np.zeros(0, np.float32)
-            self.token_logprobs[int(getattr(req, "doc_id", len(out)))] = lps
-            total = float(lps.astype(np.float64).sum())
-            out.append(total)
-            self.cache_hook.add_partial("loglikelihood_rolling", (string,), total)
-        return out
+        return rolling_loglikelihoods(self, requests, lambda ids, cont: self.model.score(ids, cont)[0], disable_tqdm)
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         out = []

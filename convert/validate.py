@@ -120,11 +120,11 @@ def _quiet_git_hash() -> str | None:
 def quiet_lm_eval(log_file: Path | None = None) -> Iterator[Path]:
     """Keep lm-eval's, transformers' and datasets' warnings off the terminal for the duration of the block: they
     go to ``log_file`` (default ~/.cache/dprope/logs/lm_eval.log) instead, with Python warnings."""
-    import os
     import warnings
 
-    log_file = Path(log_file or Path(os.environ.get("DPROPE_CACHE") or Path.home() / ".cache" / "dprope")
-                    / "logs" / "lm_eval.log")
+    from .files import cache_root
+
+    log_file = Path(log_file or cache_root() / "logs" / "lm_eval.log")
     log_file.parent.mkdir(parents=True, exist_ok=True)
     # the libraries attach their own terminal handlers when first imported: import them before swapping handlers
     import lm_eval.evaluator as ev
