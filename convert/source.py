@@ -137,7 +137,7 @@ def _match_pre_tokenizer(gguf_path: Path, tokenizer_json: Path) -> None:
     """transformers rebuilds a GGUF's BPE tokenizer with the plain GPT-2 pre-tokenizer whatever the file's
     `tokenizer.ggml.pre` says (SmolLM2's `smollm` also splits digits one by one); restore the real one so the HF
     tokenizer and llama.cpp agree."""
-    from .gguf_export import PRE_TOKENIZERS
+    from .gguf_tokenizer import PRE_TOKENIZERS
     from .modelinfo import gguf_fields
 
     pre = gguf_fields(gguf_path)[0].get("tokenizer.ggml.pre")
