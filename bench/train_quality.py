@@ -45,6 +45,13 @@ INITS = "pi,yarn,dprope-paper,dprope,longrope-search"
 PART_VERSION = 1
 
 
+def slug(method: str) -> str:
+    """A method spec as a file name (specs may hold paths: factors:long=dir/f.json)."""
+    import re
+
+    return re.sub(r"[^A-Za-z0-9._=-]+", "_", method)
+
+
 def cache_root() -> Path:
     from convert.files import cache_root as root
 
@@ -155,7 +162,7 @@ def run_init(args, method: str) -> dict:
     from convert.validate import model_hash
 
     out, cache, evals = Path(args.out), Path(args.cache), Path(args.evals)
-    part = out / "parts" / f"{method}.json"
+    part = out / "parts" / f"{slug(method)}.json"
     src = open_source(resolve_source(args.source))
     src_hash = model_hash(src.path)
     args.original = src.spec.original_length
@@ -341,7 +348,7 @@ def device_name() -> str:
 def collect(args, inits: list[str], wall: float) -> dict:
     parts = []
     for m in inits:
-        p = Path(args.out) / "parts" / f"{m}.json"
+        p = Path(args.out) / "parts" / f"{slug(m)}.json"
         if p.exists():
             parts.append(json.loads(p.read_text()))
     from convert.recipe import resolve_source
@@ -369,7 +376,7 @@ def spawn(args, inits: list[str], argv: list[str]) -> None:
     base = [a for a in argv]
 
     def one(m: str) -> tuple[str, int]:
-        with open(logs / f"{m}.log", "w") as fh:
+        with open(logs / f"{slug(m)}.log", "w") as fh:
             rc = subprocess.call([sys.executable, str(Path(__file__).resolve()), *base, "--worker", m],
                                  stdout=fh, stderr=subprocess.STDOUT)
         return m, rc
