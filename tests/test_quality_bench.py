@@ -2,18 +2,12 @@
 samples, tables, plots, and a cached re-run that computes nothing."""
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, str(ROOT / "bench"))
-    import quality
+    import quality  # bench/ is on the path (conftest.py)
 
     return quality
 

@@ -2,19 +2,13 @@
 correlations, and a re-run that computes nothing."""
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, str(ROOT / "bench"))
-    import search_proxy
+    import search_proxy  # bench/ is on the path (conftest.py)
 
     return search_proxy
 

@@ -2,18 +2,12 @@
 train at the target, score again; a search row; worker processes; a re-run that computes nothing)."""
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, str(ROOT / "bench"))
-    import train_quality
+    import train_quality  # bench/ is on the path (conftest.py)
 
     return train_quality
 
