@@ -92,13 +92,16 @@ SEARCH_FITNESS = "proxy"  # a search row's fitness on this CPU, unless its spec 
 FULL_SEARCH_EVALS = 64 + 40 * 32  # LongRoPE's population + iterations x (mutations + crossovers)
 
 
-def search_options(name: str, opts: dict, budget: int | None) -> dict:
-    """A search row's options: the proxy fitness and the reduced budget unless the spec gives its own."""
+def search_defaults(budget: int | None = None) -> dict:
+    """This benchmark's options for a search row: the proxy fitness, and the reduced budget when one is given."""
+    return {"fitness": SEARCH_FITNESS, **({"budget_evals": budget} if budget else {})}
+
+
+def search_options(name: str, opts: dict, defaults: dict) -> dict:
+    """A search row's options: ``defaults`` (fitness, budget, seed) unless the spec gives its own."""
     from convert.search import is_search
 
-    if not is_search(name):
-        return opts
-    return {"fitness": SEARCH_FITNESS, **({"budget_evals": budget} if budget else {}), **opts}
+    return {**defaults, **opts} if is_search(name) else opts
 
 
 def gpu_command(source: str, name: str, target: int, opts: dict) -> str:
@@ -109,30 +112,32 @@ def gpu_command(source: str, name: str, target: int, opts: dict) -> str:
             f"--fitness ppl --budget {FULL_SEARCH_EVALS}{extra}")
 
 
-def checkpoint(src, method: str, target: int, cache: Path, src_hash: str, search_budget: int | None = None,
-               original_length: int | None = None) -> Path:
+def checkpoint(src, method: str, target: int, cache: Path, src_hash: str, search: dict | None = None,
+               original_length: int | None = None, progress: bool = True) -> Path:
     """The baked checkpoint of ``method`` at ``target`` (weights hard-linked to the cached source), made once.
-    A search method runs first (resumable: its state stays under ``cache``/search)."""
+    A search method runs first with ``search`` as its default options (``search_defaults()`` when None),
+    resumable: its state stays under ``cache``/search."""
     from convert.bake import bake
     from convert.search import is_search, run_search
 
     if method == "none":
         return src.path
-    plan, out = checkpoint_plan(method, target, cache, src_hash, search_budget, original_length)
+    plan, out = checkpoint_plan(method, target, cache, src_hash, search, original_length)
     if not (out / "config.json").exists():
-        result = run_search(src, plan, cache / "search" / out.name) if is_search(plan.method) else None
+        result = (run_search(src, plan, cache / "search" / out.name, progress=progress)
+                  if is_search(plan.method) else None)
         bake(src, out, plan, force=True, link=True, progress=False, result=result)
     return out
 
 
-def checkpoint_plan(method: str, target: int, cache: Path, src_hash: str, search_budget: int | None = None,
+def checkpoint_plan(method: str, target: int, cache: Path, src_hash: str, search: dict | None = None,
                     original_length: int | None = None):
     """(plan, folder) of ``method``'s baked checkpoint at ``target``: the folder is named by the source's content
     and the plan."""
     from convert.bake import make_plan
 
     name, opts = parse_spec(method)
-    plan = make_plan(name, target, options=search_options(name, opts, search_budget),
+    plan = make_plan(name, target, options=search_options(name, opts, search_defaults() if search is None else search),
                      original_length=original_length)
     key = hashlib.sha256(json.dumps([src_hash, plan.as_dict()], sort_keys=True, default=str).encode()).hexdigest()
     return plan, cache / "models" / f"{name}-{target}-{key[:12]}"
@@ -246,13 +251,13 @@ def run(args) -> dict:
         measured = is_search(name) or name == "dpe" or (name == RUNTIME and "scales" not in parse_spec(m)[1])
         if args.cached_only and measured and not (
                 checkpoint_plan(detection_spec(m) if name == RUNTIME else m, T, cache, src_hash,
-                                args.search_budget)[1] / "config.json").exists():
+                                search_defaults(args.search_budget))[1] / "config.json").exists():
             log.warning("not yet searched or detected (skipped with --cached-only): %s at %d", m, T)
             continue
         if name == RUNTIME:
             run = with_backend(Run(m, src.path, src_hash), runtime_backend(src, m, T, cache, src_hash))
         else:
-            path = checkpoint(src, m, T, cache, src_hash, args.search_budget)
+            path = checkpoint(src, m, T, cache, src_hash, search_defaults(args.search_budget))
             run = Run(m, path, model_hash(path))
         limit = args.samples if task == "ppl" else args.passkey
         t0 = time.time()
@@ -273,7 +278,7 @@ def run(args) -> dict:
         results.append({"target": T, "method": m, "task": task, "length": L, "corpus": corpus,
                         "seconds": None if cached else round(time.time() - t0, 1), "metrics": r["metrics"],
                         "lm_eval_samples": (r.get("lm_eval") or {}).get("n-samples")})
-    searches = [{"method": m, "target": T, "options": search_options(*parse_spec(m), args.search_budget),
+    searches = [{"method": m, "target": T, "options": search_options(*parse_spec(m), search_defaults(args.search_budget)),
                  "full_budget_command": gpu_command(args.source, parse_spec(m)[0], T, parse_spec(m)[1])}
                 for T in targets for m in methods if m != "none" and is_search(parse_spec(m)[0])]
     return {"source": args.source, "original": original, "targets": targets, "methods": methods,

@@ -100,26 +100,14 @@ def settings(args) -> dict:
 
 
 def bake_init(src, method: str, args, cache: Path, src_hash: str) -> Path:
-    """The baked checkpoint of ``method`` (a search runs first, resumable under ``cache``/search)."""
-    from convert.bake import bake, make_plan
-    from convert.search import is_search, run_search
-
-    if method == "none":
-        return src.path
-    name, opts = quality.parse_spec(method)
-    if is_search(name):
-        opts = {"fitness": args.search_fitness, "seed": args.seed, **opts}
-        if args.search_budget:
-            opts.setdefault("budget_evals", args.search_budget)
-        if args.search_seconds:
-            opts.setdefault("budget_seconds", args.search_seconds)
-    plan = make_plan(name, args.target, options=opts)
-    key = hashlib.sha256(json.dumps([src_hash, plan.as_dict()], sort_keys=True, default=str).encode()).hexdigest()
-    out = cache / "models" / f"{name}-{args.target}-{key[:12]}"
-    if not (out / "config.json").exists():
-        result = run_search(src, plan, cache / "search" / out.name, progress=False) if is_search(name) else None
-        bake(src, out, plan, force=True, link=True, progress=False, result=result)
-    return out
+    """The baked checkpoint of ``method``: bench/quality.py's ``checkpoint`` with this benchmark's search
+    defaults (fitness, seed, budget)."""
+    search = {"fitness": args.search_fitness, "seed": args.seed}
+    if args.search_budget:
+        search["budget_evals"] = args.search_budget
+    if args.search_seconds:
+        search["budget_seconds"] = args.search_seconds
+    return quality.checkpoint(src, method, args.target, cache, src_hash, search, progress=False)
 
 
 def evaluate(path: Path, label: str, args, corpora: dict, evals: Path) -> list[dict]:

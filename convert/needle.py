@@ -264,6 +264,7 @@ def needle_scorer(path: Path, target_length: int, original_length: int, options:
     from transformers import AutoTokenizer
 
     from .modelinfo import read_config
+    from .quiet import quiet_libraries
     from .runtime import load_hf
 
     cfg = NeedleConfig.from_options(options)
@@ -272,5 +273,6 @@ def needle_scorer(path: Path, target_length: int, original_length: int, options:
     model = load_hf(path)
     if torch.cuda.is_available():
         model = model.to("cuda")
-    return NeedleScorer(model, AutoTokenizer.from_pretrained(str(path)), target_length, original_length, cfg,
-                        progress)
+    with quiet_libraries():
+        tok = AutoTokenizer.from_pretrained(str(path))
+    return NeedleScorer(model, tok, target_length, original_length, cfg, progress)

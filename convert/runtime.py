@@ -87,9 +87,12 @@ def load_hf(ckpt: Path, device: str = "cpu"):
     import torch
     from transformers import AutoModelForCausalLM
 
+    from .quiet import quiet_libraries
+
     default = "float32" if str(device) == "cpu" else "bfloat16"
     dtype = getattr(torch, os.environ.get("DPROPE_EVAL_DTYPE") or default)
-    return AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=dtype).eval().to(device)
+    with quiet_libraries():  # its loading bar and notes on config keys it does not use (short_mscale, long_mscale)
+        return AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=dtype).eval().to(device)
 
 
 def hf_logits(ckpt: Path | None, token_ids: Sequence[int], model=None, start_pos: int = 0) -> np.ndarray:

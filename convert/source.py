@@ -90,7 +90,10 @@ def gguf_to_hf(gguf_path: Path, cache: Path | None = None) -> Path:
 
     from .compat import mark_dequantised
 
-    with atomic_dir(dest, force=True, need_bytes=8 * gguf_path.stat().st_size) as tmp:  # float32 from >= 4 bits
+    from .quiet import quiet_libraries
+
+    with atomic_dir(dest, force=True, need_bytes=8 * gguf_path.stat().st_size) as tmp, quiet_libraries():
+        # float32 from >= 4 bits
         model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
                                                      dtype=torch.float32)
         tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
@@ -115,11 +118,14 @@ def gguf_tokenizer_dir(gguf_path: Path, cache: Path | None = None) -> Path:
         return dest
     from transformers import AutoTokenizer
 
+    from .quiet import quiet_libraries
+
     tmp = dest.with_name(dest.name + f".partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         try:
-            tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+            with quiet_libraries():
+                tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
         except Exception as e:  # transformers' GGUF tokenizer reader: unknown model or tokenizer type
             raise ConvertError(f"transformers cannot read the tokenizer of {gguf_path} ({type(e).__name__}: {e}); "
                                "the evaluation tasks need it to size their prompts") from None

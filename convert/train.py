@@ -231,6 +231,7 @@ def train(ckpt: Path, out: Path, args: TrainArgs, *, force_cpu: bool = False, fo
 
     from .bake import FACTORS_FILE
     from .files import atomic_dir
+    from .quiet import quiet_libraries
 
     ckpt, out = Path(ckpt), Path(out)
     cuda = pick_device(args.device, force_cpu, torch.cuda.is_available()) == "cuda"
@@ -241,9 +242,10 @@ def train(ckpt: Path, out: Path, args: TrainArgs, *, force_cpu: bool = False, fo
     world = int(os.environ.get("WORLD_SIZE", "1"))
     accum = grad_accumulation(args.global_batch, args.micro_batch, world)
     use_bf16 = args.bf16 and cuda and torch.cuda.is_bf16_supported()
-    tok = AutoTokenizer.from_pretrained(str(ckpt))
     dtype = torch.bfloat16 if args.pure_bf16 else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=dtype, attn_implementation=_attn_impl(cuda))
+    with quiet_libraries():  # loading bars and notes on config keys transformers does not use
+        tok = AutoTokenizer.from_pretrained(str(ckpt))
+        model = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=dtype, attn_implementation=_attn_impl(cuda))
     baked_cfg = (ckpt / "config.json").read_bytes()
     work = out.with_name(f".{out.name}.work")  # trainer checkpoints: kept until the output is complete
     train_ds = as_iterable_dataset(PackedBlocks(args.data, tok, args.seq_len, args.eval_fraction, held_out=False))

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import json
 import logging
 import math
@@ -89,7 +90,7 @@ def local_haystack(text: str) -> Iterator[None]:
     restored afterwards.  Only attributes of the module objects lm-eval calls are swapped; no installed file
     changes."""
     nu = ruler_niah_module()
-    pn = nu.generate_samples.__globals__  # the prepare_niah namespace generate_samples runs in
+    pn = inspect.unwrap(nu.generate_samples).__globals__  # the prepare_niah namespace it runs in
     orig_get, orig_sent = nu.get_haystack, pn["cached_sent_tokenize"]
     words = re.sub(r"\s+", " ", text).split(" ")
 
@@ -118,51 +119,30 @@ def _quiet_git_hash() -> str | None:
 
 @contextlib.contextmanager
 def quiet_lm_eval(log_file: Path | None = None) -> Iterator[Path]:
-    """Keep lm-eval's, transformers' and datasets' warnings off the terminal for the duration of the block: they
-    go to ``log_file`` (default ~/.cache/dprope/logs/lm_eval.log) instead, with Python warnings."""
-    import warnings
+    """Keep lm-eval's, transformers' and datasets' notes and Python warnings off the terminal for the duration of
+    the block: they go to ``log_file`` (default ~/.cache/dprope/logs/third-party.log) instead
+    (``convert.quiet.quiet_libraries``), and so do llama.cpp's own log lines when it is in use."""
+    from .quiet import quiet_libraries
 
-    from .files import cache_root
-
-    log_file = Path(log_file or cache_root() / "logs" / "lm_eval.log")
-    log_file.parent.mkdir(parents=True, exist_ok=True)
     # the libraries attach their own terminal handlers when first imported: import them before swapping handlers
     import lm_eval.evaluator as ev
     import lm_eval.models.huggingface  # noqa: F401
-    from transformers.utils import logging as hf_logging
 
-    hf_logging.get_logger("transformers")
-    handler = logging.FileHandler(log_file)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    names = ("lm_eval", "lm-eval", "transformers", "datasets", "py.warnings", "accelerate", "llama.cpp")
-    saved = {}
-    for n in names:
-        lg = logging.getLogger(n)
-        saved[n] = (lg.handlers[:], lg.propagate)
-        lg.handlers = [handler]
-        lg.propagate = False
-    logging.captureWarnings(True)
     # lm-eval records the git commit of the working directory with a bare `git describe`, whose "fatal: not a git
     # repository" reaches the terminal outside a checkout (lm_eval/loggers/utils.py get_git_commit_hash)
     orig_git = getattr(ev, "get_git_commit_hash", None)
     if orig_git is not None:
         ev.get_git_commit_hash = _quiet_git_hash
     try:
-        with warnings.catch_warnings(), contextlib.ExitStack() as stack:
-            warnings.simplefilter("default")
+        with quiet_libraries(log_file) as path, contextlib.ExitStack() as stack:
             if "llama_cpp" in sys.modules:  # llama.cpp's own log lines, when it is in use
                 from .llamacpp import native_logs
 
                 stack.enter_context(native_logs())
-            yield log_file
+            yield path
     finally:
         if orig_git is not None:
             ev.get_git_commit_hash = orig_git
-        logging.captureWarnings(False)
-        for n, (hs, prop) in saved.items():
-            lg = logging.getLogger(n)
-            lg.handlers, lg.propagate = hs, prop
-        handler.close()
 
 
 def model_hash(path: Path) -> str:
@@ -286,8 +266,15 @@ def run_one(model, tokenizer, run: Run, task: str, length: int, limit: int | Non
     folder = TASK_DIR if task in PROJECT_TASKS else Path(lm_tasks.__file__).parent / "ruler"
     tm = TaskManager(include_path=str(folder), include_defaults=False, metadata=meta)
     name = PROJECT_TASKS.get(task, task)
-    ctx = local_haystack(corpus_text(corpus)) if task in RULER_ESSAY else contextlib.nullcontext()
-    with ctx, quiet_lm_eval():
+    with contextlib.ExitStack() as ctx:
+        if task not in PROJECT_TASKS:  # RULER: only the samples scored, generated once per tokenizer and length
+            from .ruler_data import ruler_samples
+
+            ctx.enter_context(ruler_samples(cache_dir / "ruler-data", limit,
+                                            corpus_digest(corpus) if task in RULER_ESSAY else None))
+        if task in RULER_ESSAY:
+            ctx.enter_context(local_haystack(corpus_text(corpus)))
+        ctx.enter_context(quiet_lm_eval())
         res = lm_eval.simple_evaluate(model=lm, tasks=[name], task_manager=tm, limit=limit, log_samples=False,
                                       random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
                                       fewshot_random_seed=seed)

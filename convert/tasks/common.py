@@ -31,4 +31,7 @@ def tokenizer(path: str):
 def _load_tokenizer(path: str, digest: str):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path)
+    from ..quiet import quiet_libraries
+
+    with quiet_libraries():
+        return AutoTokenizer.from_pretrained(path)
