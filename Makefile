@@ -69,6 +69,7 @@ bench: setup
 	$(PY) bench/factors.py
 	$(PY) bench/extend.py
 	$(PY) bench/gguf_vs_llamacpp.py
+	$(PY) bench/ruler_samples.py
 
 # every registered method through the real pipeline; cached per (model, task, length, corpus), so re-runs are instant
 QUALITY_ARGS ?= --targets 16384 --corpora pydoc,licenses --tasks ppl --methods none,yarn,dprope,dprope-paper,yarn:temperature=longrope,pi,dprope-ramp,dprope-temp,dprope-guard,dprope-coverage,dprope-grid,dprope-topn,ntk,llama3

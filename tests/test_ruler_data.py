@@ -90,3 +90,16 @@ def test_stored_samples_are_reused_for_the_next_model_and_nothing_is_regenerated
     assert {r["task"] for r in runs} >= {"niah_single_1", "ruler_cwe"}
     ruler = [r for r in runs if r["task"] in ("niah_single_1", "ruler_cwe")]
     assert len(ruler) == 2 and all(v["effective"] == 1 for r in ruler for v in r["lm_eval"]["n-samples"].values())
+
+
+def test_the_benchmark_compares_with_lm_eval_as_shipped():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "ruler_samples.py"
+    p = subprocess.run([sys.executable, str(script), "--length", "4096", "--tasks", "ruler_cwe", "--limit", "2"],
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    row = next(line for line in p.stdout.splitlines() if line.startswith("| ruler_cwe"))
+    assert row.startswith("| ruler_cwe | 500, ") and "| 2, " in row and row.endswith("| yes |")
