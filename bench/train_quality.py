@@ -85,7 +85,7 @@ def train_args(args):
                      micro_batch=args.micro_batch, lr=args.lr, weight_decay=0.0, warmup_steps=0, betas=(0.9, 0.999),
                      save_steps=args.steps + 1, eval_steps=args.eval_every, eval_fraction=args.eval_fraction,
                      eval_blocks=args.eval_blocks, seed=args.seed, gradient_checkpointing=True,
-                     pure_bf16=args.pure_bf16)
+                     pure_bf16=args.pure_bf16, loss_chunk=args.loss_chunk)
 
 
 def settings(args) -> dict:
@@ -393,6 +393,8 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=2e-5)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--pure-bf16", action="store_true", help="weights and optimiser states in bf16 (not fp32 + autocast)")
+    ap.add_argument("--loss-chunk", type=int, default=4096, help="positions per output-head chunk of the loss (0: "
+                    "transformers' loss over all logits)")
     ap.add_argument("--eval-every", type=int, default=4, help="steps between held-out evaluations")
     ap.add_argument("--eval-blocks", type=int, default=4, help="held-out blocks per evaluation")
     ap.add_argument("--eval-fraction", type=float, default=0.01, help="every 1/f-th block of the data is held out")

@@ -410,12 +410,15 @@ def run(recipe, start, stop, run_dir, dry_run, release, force_cpu, source):
 @click.option("--eval-fraction", type=float, default=0.01, show_default=True, help="Share of blocks held out.")
 @click.option("--force-cpu", is_flag=True, help="Train on the CPU (smoke runs only).")
 @click.option("--pure-bf16", is_flag=True, help="bf16 weights and AdamW states (fits a 7B model on one 80 GB GPU).")
+@click.option("--loss-chunk", type=click.IntRange(min=0), default=4096, show_default=True,
+              help="Positions per output-head chunk of the loss, so the full-vocabulary logits never exist at once "
+              "(one process); 0: transformers' own loss.")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 @click.option("--write-launch-config", type=click.Path(path_type=Path),
               help="Write an `accelerate launch` FSDP config for --num-gpus and stop.")
 @click.option("--num-gpus", type=int, default=1, show_default=True)
 def train(checkpoint, out, data, seq_len, steps, global_batch, micro_batch, lr, weight_decay, warmup_steps,
-          save_steps, eval_fraction, force_cpu, pure_bf16, force, write_launch_config, num_gpus):
+          save_steps, eval_fraction, force_cpu, pure_bf16, loss_chunk, force, write_launch_config, num_gpus):
     """Continued training of a baked CHECKPOINT at the target length (paper defaults: AdamW lr 2e-5, no warmup,
     no weight decay, global batch 64).  Multi-GPU: `accelerate launch --config_file CFG -m convert.cli train ...`."""
     from .train import TrainArgs, accelerate_config
@@ -433,7 +436,7 @@ def train(checkpoint, out, data, seq_len, steps, global_batch, micro_batch, lr, 
         return
     s = run_train(checkpoint, out, TrainArgs(data, seq_len, steps, global_batch, micro_batch, lr, weight_decay,
                                              warmup_steps, save_steps=save_steps, eval_fraction=eval_fraction,
-                                             pure_bf16=pure_bf16),
+                                             pure_bf16=pure_bf16, loss_chunk=loss_chunk),
                   force_cpu=force_cpu, force=force)
     click.echo(f"trained {s['steps']} steps: held-out loss {s['eval_loss_before']:.4f} -> {s['eval_loss_after']:.4f}; "
                f"output {out}")

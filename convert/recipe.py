@@ -130,6 +130,8 @@ class Train(_Strict):
                                                    "stage is skipped (--force-cpu runs it); cpu: always the CPU; "
                                                    "cuda: a GPU, and an error when none is visible")
     pure_bf16: bool = Field(False, description="bf16 weights and optimizer states (one 80 GB GPU for a 7B model)")
+    loss_chunk: int = Field(4096, ge=0, description="positions per output-head chunk of the loss (one process); 0: "
+                            "transformers' loss over the full-vocabulary logits of every position")
 
 
 Length = Annotated[int, Field(gt=0)]

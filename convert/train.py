@@ -196,6 +196,61 @@ class TrainArgs:
     seed: int = 0
     pure_bf16: bool = False  # weights (and so AdamW states) in bf16: what fits a 7B model on one 80 GB GPU
     eval_blocks: int = 16  # held-out blocks scored at each evaluation
+    loss_chunk: int = 4096  # positions per output-head chunk of the loss (0: transformers' loss over all logits)
+
+
+def _ce_sum(hidden, weight, bias, labels):
+    import torch.nn.functional as F
+
+    logits = F.linear(hidden, weight, bias).float()  # upcast as transformers' ForCausalLMLoss does
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
+                           reduction="sum")
+
+
+def chunked_lm_loss(model, input_ids, labels, chunk: int, num_items_in_batch=None):
+    """transformers' causal-LM loss without the full-vocabulary logits of every position at once.
+
+    The decoder runs once; the output head and cross entropy run ``chunk`` positions at a time, each chunk under
+    activation checkpointing, so the backward pass recomputes that chunk's logits instead of keeping them: at most one
+    chunk's logits (and their gradient) exist, where the model's own loss keeps seq_len x vocab logits in the
+    parameter dtype, a float32 copy, and its gradient (at 32k tokens and SmolLM2's 49,152-token vocabulary, 6.4 GB
+    per float32 copy).  Labels shift and reduce as transformers' ``ForCausalLMLoss`` (transformers/loss/loss_utils.py):
+    the labels padded with -100 and shifted left by one, the sum over ``num_items_in_batch`` when the Trainer gives it
+    (gradient accumulation), else the mean over the labelled positions."""
+    import torch
+    from torch.utils.checkpoint import checkpoint
+
+    hidden = model.model(input_ids=input_ids).last_hidden_state
+    head = model.get_output_embeddings()
+    shift = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:].to(hidden.device)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for s in range(0, hidden.shape[1], chunk):
+        total = total + checkpoint(_ce_sum, hidden[:, s:s + chunk], head.weight, head.bias, shift[:, s:s + chunk],
+                                   use_reentrant=False)
+    if num_items_in_batch is None:
+        return total / (shift != -100).sum()
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(total.device)
+    return total / num_items_in_batch
+
+
+def chunked_loss_trainer(chunk: int):
+    """A Trainer whose loss is ``chunked_lm_loss``.  It applies on one process without FSDP (the decoder and head are
+    called on the unwrapped model, under the Trainer's autocast); elsewhere, or with ``chunk`` 0, the loss is the
+    model's own."""
+    from transformers import Trainer
+
+    class ChunkedLossTrainer(Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if not chunk or self.is_fsdp_enabled or self.accelerator.num_processes > 1 or "labels" not in inputs:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            m = self.accelerator.unwrap_model(model)
+            with self.accelerator.autocast():
+                loss = chunked_lm_loss(m, inputs["input_ids"], inputs["labels"], chunk, num_items_in_batch)
+            # evaluation asks for outputs: no logits are kept (prediction_loss_only)
+            return (loss, {"loss": loss}) if return_outputs else loss
+
+    return ChunkedLossTrainer
 
 
 def _attn_impl(cuda: bool) -> str:
@@ -227,7 +282,7 @@ def train(ckpt: Path, out: Path, args: TrainArgs, *, force_cpu: bool = False, fo
           progress: bool = True) -> dict:
     """Fine-tune the baked checkpoint ``ckpt`` into ``out``; resumable from ``out``'s work folder."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 
     from .bake import FACTORS_FILE
     from .files import atomic_dir
@@ -262,7 +317,8 @@ def train(ckpt: Path, out: Path, args: TrainArgs, *, force_cpu: bool = False, fo
         remove_unused_columns=False, eval_on_start=True,
         # the held-out loss only: without this the Trainer keeps every evaluated block's full-vocabulary logits
         prediction_loss_only=True)
-    trainer = Trainer(model=model, args=targs, train_dataset=train_ds, eval_dataset=eval_ds)
+    trainer = chunked_loss_trainer(args.loss_chunk)(model=model, args=targs, train_dataset=train_ds,
+                                                    eval_dataset=eval_ds)
     last = _last_checkpoint(work)
     if last:
         log.info("resuming from %s", last)
@@ -382,7 +438,7 @@ def train_from_recipe(recipe, ckpt: Path, out: Path, force_cpu: bool = False) ->
                      micro_batch=t.micro_batch, lr=t.lr, weight_decay=t.weight_decay, warmup_steps=t.warmup_steps,
                      betas=tuple(t.betas), bf16=t.bf16, gradient_checkpointing=t.gradient_checkpointing,
                      save_steps=t.save_steps, eval_fraction=t.eval_fraction, device=t.device,
-                     pure_bf16=t.pure_bf16)
+                     pure_bf16=t.pure_bf16, loss_chunk=t.loss_chunk)
     return train(ckpt, out, args, force_cpu=force_cpu, force=True)
 
 

@@ -154,3 +154,58 @@ def test_short_gpu_run(tiny_models, tmp_path):
     s = train(ck, tmp_path / "o", TrainArgs("pydoc:", seq_len=256, steps=5, global_batch=4, micro_batch=2, lr=1e-3,
                                             save_steps=5), progress=False)
     assert s["device"] == "cuda" and s["steps"] == 5 and s["eval_loss_after"] < s["eval_loss_before"]
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+def test_chunked_loss_equals_transformers_loss_and_gradients(tiny_models, model_type):
+    """The loss and every gradient of ``chunked_lm_loss`` equal the model's own (transformers' ForCausalLMLoss), with
+    ignored labels, chunks that do not divide the length, and the Trainer's num_items_in_batch."""
+    from transformers import AutoModelForCausalLM
+
+    from convert.train import chunked_lm_loss
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_models[(model_type, False)]), dtype=torch.float32)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (2, 45), generator=g)
+    labels = ids.clone()
+    labels[0, :7] = -100
+    for n_items in (None, torch.tensor(71)):
+        model.zero_grad()
+        ref = model(input_ids=ids, labels=labels, **({"num_items_in_batch": n_items} if n_items is not None else {}))
+        ref.loss.backward()
+        ref_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad()
+        loss = chunked_lm_loss(model, ids, labels, 8, n_items)
+        loss.backward()
+        assert torch.allclose(loss, ref.loss, rtol=1e-5, atol=1e-6), (loss.item(), ref.loss.item())
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        assert grads.keys() == ref_grads.keys() and len(grads) > 5
+        for n in grads:
+            assert torch.allclose(grads[n], ref_grads[n], rtol=1e-4, atol=1e-6), n
+
+
+def test_training_with_the_chunked_loss_follows_transformers_loss(tiny_models, tmp_path, monkeypatch):
+    """Two CPU runs, same data and seed: loss in chunks of 16 positions and transformers' own loss (0) log the same
+    training and held-out losses."""
+    import convert.train as T
+
+    calls = []
+    orig = T.chunked_lm_loss
+    monkeypatch.setattr(T, "chunked_lm_loss", lambda *a, **k: calls.append(a[3]) or orig(*a, **k))
+    ck = bake(open_source(tiny_models[("llama", False)]), tmp_path / "ext", make_plan(target_length=4 * ORIGINAL),
+              progress=False)
+    data = tmp_path / "repeat.txt"
+    data.write_text("Sphinx of black quartz, judge my vow. " * 300)
+    runs = {}
+    for chunk in (16, 0):
+        args = TrainArgs(str(data), seq_len=96, steps=3, global_batch=2, micro_batch=1, lr=3e-3, save_steps=10,
+                         eval_fraction=0.25, eval_steps=3, loss_chunk=chunk)
+        n = len(calls)
+        runs[chunk] = train(ck, tmp_path / f"t{chunk}", args, force_cpu=True, progress=False)
+        # the chunked run computed every training and held-out loss in chunks; the other none
+        assert (len(calls) > n + 3) if chunk else (len(calls) == n)
+    a, b = runs[16], runs[0]
+    assert a["train_losses"] == pytest.approx(b["train_losses"], rel=1e-4)
+    assert a["eval_loss_before"] == pytest.approx(b["eval_loss_before"], rel=1e-5)
+    assert a["eval_loss_after"] == pytest.approx(b["eval_loss_after"], rel=1e-4)
+    assert a["train_losses"][-1] < a["train_losses"][0]
