@@ -46,12 +46,42 @@ MODULES = {
 FORMAT = 1  # bump when the stored form changes
 
 
+def _import_prepare_niah() -> None:
+    """lm-eval's prepare_niah.py asks NLTK to download punkt_tab when it is imported, and prints "Downloaded punkt_tab"
+    whether or not that worked: offline, NLTK's error and that line reach the terminal, after a connection attempt.
+    Nothing here needs punkt (the essay tasks split sentences with ``validate._sentences``), so the import runs
+    with the download skipped and its printing sent to the log."""
+    import sys
+
+    if "lm_eval.tasks.ruler.prepare_niah" in sys.modules:
+        return
+    import io
+
+    import nltk
+
+    orig = nltk.download
+
+    def skip(*args, **kwargs):
+        log.info("NLTK download of %s skipped: RULER's essay tasks split sentences locally here", args or kwargs)
+        return False
+
+    nltk.download = skip
+    try:
+        with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.redirect_stderr(out):
+            import lm_eval.tasks.ruler.prepare_niah  # noqa: F401
+    finally:
+        nltk.download = orig
+    if out.getvalue().strip():
+        log.info("lm-eval's prepare_niah import printed: %s", out.getvalue().strip())
+
+
 def ruler_module(name: str):
     """The module object lm-eval's YAML loader calls for ``lm_eval/tasks/ruler/<name>``."""
     import lm_eval.tasks as lm_tasks
 
     from .compat import lm_eval_load_module
 
+    _import_prepare_niah()
     return lm_eval_load_module(Path(lm_tasks.__file__).parent / "ruler" / name)
 
 

@@ -76,11 +76,9 @@ def _sentences(text: str) -> list[str]:
 
 def ruler_niah_module():
     """The niah_utils module object lm-eval's YAML loader calls (it keeps its own copy, keyed by file mtime)."""
-    import lm_eval.tasks as lm_tasks
+    from .ruler_data import ruler_module
 
-    from .compat import lm_eval_load_module
-
-    return lm_eval_load_module(Path(lm_tasks.__file__).parent / "ruler" / "niah_utils.py")
+    return ruler_module("niah_utils.py")
 
 
 @contextlib.contextmanager

@@ -103,3 +103,20 @@ def test_the_benchmark_compares_with_lm_eval_as_shipped():
     assert p.returncode == 0, p.stderr[-2000:]
     row = next(line for line in p.stdout.splitlines() if line.startswith("| ruler_cwe"))
     assert row.startswith("| ruler_cwe | 500, ") and "| 2, " in row and row.endswith("| yes |")
+
+
+def test_loading_rulers_modules_prints_nothing_and_downloads_nothing():
+    """lm-eval's prepare_niah.py asks NLTK for punkt_tab at import and prints "Downloaded punkt_tab" either way."""
+    import subprocess
+    import sys
+
+    code = ("import nltk\n"
+            "calls = []\n"
+            "nltk.download = lambda *a, **k: calls.append(a)\n"  # what reaches NLTK's own download, if anything
+            "from convert.ruler_data import ruler_samples\n"
+            "with ruler_samples(None, 1):\n"
+            "    pass\n"
+            "assert calls == [], calls\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "punkt" not in p.stdout + p.stderr and "nltk" not in (p.stdout + p.stderr).lower()
