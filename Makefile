@@ -78,7 +78,7 @@ bench-quality: setup
 
 # LongRoPE search's CPU proxy against full-length perplexity on >= 20 factor sets (SmolLM2 8k -> 16k, pydoc); the
 # sets bench-quality measured are stored, the random ones cost ~2.5 min each here; cached and resumable
-SEARCH_PROXY_ARGS ?= --target 16384 --corpus pydoc --random 8 --proxies proxy
+SEARCH_PROXY_ARGS ?= --target 16384 --corpus pydoc --random 8 --proxies proxy,proxy:task=key
 bench-search-proxy: setup
 	$(PY) bench/search_proxy.py $(SEARCH_PROXY_ARGS)
 
