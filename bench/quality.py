@@ -223,6 +223,7 @@ def run(args) -> dict:
     from convert.validate import Run, _load_run, model_hash, run_one, with_backend
 
     cache = Path(args.cache) if args.cache else cache_root()
+    search = search_defaults(args.search_budget)
     src = open_source(resolve_source(args.source))
     src_hash = model_hash(src.path)
     original = src.spec.original_length
@@ -250,14 +251,14 @@ def run(args) -> dict:
         name = parse_spec(m)[0]
         measured = is_search(name) or name == "dpe" or (name == RUNTIME and "scales" not in parse_spec(m)[1])
         if args.cached_only and measured and not (
-                checkpoint_plan(detection_spec(m) if name == RUNTIME else m, T, cache, src_hash,
-                                search_defaults(args.search_budget))[1] / "config.json").exists():
+                checkpoint_plan(detection_spec(m) if name == RUNTIME else m, T, cache, src_hash, search)[1]
+                / "config.json").exists():
             log.warning("not yet searched or detected (skipped with --cached-only): %s at %d", m, T)
             continue
         if name == RUNTIME:
             run = with_backend(Run(m, src.path, src_hash), runtime_backend(src, m, T, cache, src_hash))
         else:
-            path = checkpoint(src, m, T, cache, src_hash, search_defaults(args.search_budget))
+            path = checkpoint(src, m, T, cache, src_hash, search)
             run = Run(m, path, model_hash(path))
         limit = args.samples if task == "ppl" else args.passkey
         t0 = time.time()
@@ -278,7 +279,7 @@ def run(args) -> dict:
         results.append({"target": T, "method": m, "task": task, "length": L, "corpus": corpus,
                         "seconds": None if cached else round(time.time() - t0, 1), "metrics": r["metrics"],
                         "lm_eval_samples": (r.get("lm_eval") or {}).get("n-samples")})
-    searches = [{"method": m, "target": T, "options": search_options(*parse_spec(m), search_defaults(args.search_budget)),
+    searches = [{"method": m, "target": T, "options": search_options(*parse_spec(m), search),
                  "full_budget_command": gpu_command(args.source, parse_spec(m)[0], T, parse_spec(m)[1])}
                 for T in targets for m in methods if m != "none" and is_search(parse_spec(m)[0])]
     return {"source": args.source, "original": original, "targets": targets, "methods": methods,

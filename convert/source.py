@@ -92,8 +92,8 @@ def gguf_to_hf(gguf_path: Path, cache: Path | None = None) -> Path:
 
     from .quiet import quiet_libraries
 
-    with atomic_dir(dest, force=True, need_bytes=8 * gguf_path.stat().st_size) as tmp, quiet_libraries():
-        # float32 from >= 4 bits
+    need = 8 * gguf_path.stat().st_size  # float32 from >= 4 bits
+    with atomic_dir(dest, force=True, need_bytes=need) as tmp, quiet_libraries():
         model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
                                                      dtype=torch.float32)
         tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)

@@ -5,21 +5,28 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-# weights never decide tokenisation and are too big to read for a cache key
-_NOT_TOKENIZER = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".png")
+# what a transformers tokenizer is loaded from (tokenization_utils_base.py: VOCAB_FILES_NAMES and the configs)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model")
 
 
-def tokenizer_digest(path: str) -> str:
-    """A digest of the files a tokenizer is loaded from: every small file of the folder (tokenizer.json, its config,
-    vocab/merges, config.json), so a new tokenizer written at the same path has a new digest.  A name that is not a
-    folder (a hub id) is its own key."""
+def tokenizer_digest(path: str | None) -> str | None:
+    """The tokenizer at ``path`` by content: its files and config.json's model_type (AutoTokenizer's fallback for
+    the class), so a new tokenizer written at the same path has a new digest, while two checkpoints of one model
+    with other RoPE settings share one.  A name that is not a folder (a hub id) is its own key; None stays None."""
+    import json
+
     from convert.files import combine, file_digest
 
+    if not path:
+        return None
     d = Path(path)
     if not d.is_dir():
         return f"name:{path}"
-    files = sorted(f for f in d.iterdir() if f.is_file() and not f.name.endswith(_NOT_TOKENIZER))
-    return combine({f.name: file_digest(f) for f in files})
+    parts = {f: file_digest(d / f) for f in TOKENIZER_FILES if (d / f).is_file()}
+    if (d / "config.json").is_file():
+        parts["model_type"] = str(json.loads((d / "config.json").read_text()).get("model_type"))
+    return combine(parts)
 
 
 def tokenizer(path: str):
