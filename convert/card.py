@@ -1,4 +1,6 @@
-"""The model card (README.md) of a baked checkpoint: provenance, factors and how to load it."""
+"""The model card (README.md) of a baked checkpoint: provenance, factors and how to load it, and every section a
+later stage writes into it (continued training, validation, verification).  This module is the only writer of a
+card: a stage hands it the facts and the card decides the text and where it goes."""
 
 from __future__ import annotations
 
@@ -9,7 +11,8 @@ import torch
 
 from dprope import DPRoPEResult
 
-from .report import summary_lines
+from convert.evaluate.report import summary_lines
+from convert.names import CARD_FILE
 
 
 def versions() -> dict[str, str]:
@@ -102,7 +105,7 @@ def write_card(out: Path, src, plan, result: DPRoPEResult, long: torch.Tensor, a
         vers,
         "",
     ]
-    path = out / "README.md"
+    path = out / CARD_FILE
     path.write_text("\n".join(lines))
     return path
 
@@ -113,3 +116,48 @@ def validation_section(sections: list[tuple[str, str]]) -> str:
     if len(sections) == 1:
         return sections[0][1]
     return "\n".join(f"### {title}\n\n{md}" for title, md in sections)
+
+
+def set_section(directory: Path, title: str, body: str, drop: tuple[str, ...] = ()) -> bool:
+    """Write section ``## {title}`` of the card in ``directory`` with ``body``: in place of the section of that
+    title when there is one (later sections kept), else at the end; sections titled in ``drop`` are removed.
+    Returns False (and writes nothing) when the directory has no card."""
+    card = Path(directory) / CARD_FILE
+    if not card.exists():
+        return False
+    head, *chunks = card.read_text().split("\n## ")
+    sections = [(c.split("\n", 1)[0].strip(), "## " + c) for c in chunks]
+    new = f"## {title}\n\n{body.rstrip()}\n"
+    out, placed = [], False
+    for name, text in sections:
+        if name == title:
+            out.append(new)
+            placed = True
+        elif name not in drop:
+            out.append(text)
+    if not placed:
+        out.append(new)
+    card.write_text(head.rstrip() + "\n" + "".join("\n" + t.rstrip("\n") + "\n" for t in out))
+    return True
+
+
+def link_validation(directory: Path, md: str) -> bool:
+    """The validation report (``validation.md``'s text) as the card's Validation section."""
+    return set_section(directory, "Validation", "lm-eval results (`validation.json`, `validation.png`):\n\n" + md)
+
+
+def training_section(directory: Path, s: dict) -> bool:
+    """The continued-training summary; the baked model's validation and verification sections describe that model,
+    not the trained one, so they go."""
+    body = (f"{s['steps']} steps at {s['seq_len']} tokens, global batch {s['global_batch']}, lr {s['lr']:g}, data "
+            f"`{s['data']}`, {s['world_size']} process(es) on {s['device']}{' (bf16)' if s['bf16'] else ''}. "
+            f"Held-out loss {s['eval_loss_before']:.4f} -> {s['eval_loss_after']:.4f}. The RoPE factors are the baked "
+            "ones (config.json unchanged).")
+    return set_section(directory, "Continued training", body, drop=("Validation", "Verification"))
+
+
+def verification_section(directory: Path, ok: bool, table: str, control: str) -> bool:
+    """`dprope verify`'s checks and its negative control."""
+    body = (f"`dprope verify` ({'all checks pass' if ok else 'FAILED'}):\n\n{table}\n\n"
+            f"Negative control, the model without its factors against the extended one: {control}.")
+    return set_section(directory, "Verification", body)

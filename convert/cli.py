@@ -13,8 +13,8 @@ import click
 import dprope
 from dprope.errors import DPRoPEError
 
-from .errors import ConvertError
-from .names import OUTTYPES, ROPE_LAYOUTS, STAGES
+from convert.errors import ConvertError
+from convert.names import OUTTYPES, ROPE_LAYOUTS, STAGES
 
 log = logging.getLogger("convert")
 
@@ -62,16 +62,9 @@ def _search_options(fn):
 
 def _method_options(pairs) -> dict:
     """KEY=VALUE strings -> options; values are read as YAML scalars or lists (numbers, none, [a, b])."""
-    import yaml
+    from convert.options import parse_key_values
 
-    out = {}
-    for p in pairs:
-        key, sep, val = p.partition("=")
-        if not sep or not key.strip():
-            raise ConvertError(f"--opt '{p}' is not KEY=VALUE (e.g. --opt temperature=yarn)")
-        v = yaml.safe_load(val) if val.strip() else None
-        out[key.strip()] = None if isinstance(v, str) and v.lower() == "none" and key.strip() != "temperature" else v
-    return out
+    return parse_key_values(pairs, "--opt", "--opt temperature=yarn", none_words=True)
 
 
 def _candidates(text: str) -> list[str]:
@@ -116,7 +109,7 @@ def factors(model_path, rope_theta, head_dim, original_length, target_length, me
     if model_path is not None:
         if rope_theta is not None or head_dim is not None:
             raise ConvertError("give --model or --rope-theta/--head-dim, not both")
-        from .modelinfo import rope_spec
+        from convert.arch import rope_spec
 
         spec = rope_spec(model_path)
         inv_freq, rope_theta, head_dim = spec.inv_freq, spec.rope_theta, spec.head_dim
@@ -125,31 +118,29 @@ def factors(model_path, rope_theta, head_dim, original_length, target_length, me
         raise ConvertError("give --rope-theta and --head-dim, or --model PATH to read them from a checkpoint")
     if original_length is None:
         raise ConvertError("give --original-length (the model's pre-training window)")
-    from dprope.freqs import RopeContext, check_inv_freq
+    from dprope.freqs import RopeContext, check_inv_freq, check_target_length
     from dprope.methods import run_method
 
-    from .bake import make_plan
+    from convert.stages.bake import make_plan
 
-    from .search import is_search
+    from convert.stages.search import is_search
 
     if is_search(method):
         raise ConvertError(f"{method} measures the model, which `dprope factors` does not load: run `dprope extend "
                            f"MODEL OUT --target-length {target_length} --method {method} --budget N`")
     plan = make_plan(method, target_length, _candidates(candidates) if candidates else None, selection, bins,
                      options=_method_options(method_opts))
-    if target_length <= original_length:
-        raise ConvertError(f"target length {target_length} is not longer than the original length "
-                           f"{original_length}: pass a target above the model's pre-trained window")
+    check_target_length(target_length, original_length, ConvertError)
     inv = check_inv_freq(inv_freq) if inv_freq is not None else dprope.base_inv_freq(rope_theta, head_dim)
     r = run_method(plan.method, RopeContext(inv, rope_theta, original_length, target_length), **plan.options)
     if plot:
-        from .report import plot_result
+        from convert.evaluate.report import plot_result
 
         plot_result(r, plot)
     if as_json:
         click.echo(json.dumps(r.to_dict(), indent=1))
     else:
-        from .report import render_table
+        from convert.evaluate.report import render_table
 
         render_table(r)
         if plot:
@@ -179,10 +170,10 @@ def extend(source, out, target_length, method, method_opts, bins, candidates, se
            original_length, plot, force, link, allow_pickle, fold_temperature, budget, time_budget, fitness, seed):
     """Extend SOURCE (HF dir, .gguf, pkg://PACKAGE/FILE or cached hub id) to --target-length and write the
     checkpoint to OUT."""
-    from .bake import bake, make_plan
-    from .recipe import resolve_source
-    from .search import is_search, run_search, work_dir_for
-    from .source import open_source
+    from convert.stages.bake import bake, make_plan
+    from convert.pipeline.recipe import resolve_source
+    from convert.stages.search import is_search, run_search, work_dir_for
+    from convert.formats.checkpoint import open_source
 
     options = _method_options(method_opts)
     search_flags = {"budget_evals": budget, "budget_seconds": time_budget, "fitness": fitness, "seed": seed}
@@ -206,7 +197,7 @@ def extend(source, out, target_length, method, method_opts, bins, candidates, se
                         fg="yellow", err=True)
             sys.exit(130)
     bake(src, out, plan, force=force, plot=plot, link=link, fold_temperature=fold_temperature, result=result)
-    from .inspect import describe
+    from convert.stages.inspect import describe
 
     click.echo(describe(out))
     click.echo(f"extended checkpoint: {out}")
@@ -236,7 +227,7 @@ def methods(as_json):
 @click.argument("path", type=click.Path(path_type=Path))
 def inspect(path):
     """Show what a checkpoint (HF dir or GGUF) carries: architecture, lengths, rope type and factors."""
-    from .inspect import describe
+    from convert.stages.inspect import describe
 
     click.echo(describe(path))
 
@@ -256,13 +247,13 @@ def inspect(path):
 @click.option("--force", is_flag=True, help="Replace an existing output file.")
 def export_gguf_cmd(checkpoint, out, outtype, rope_layout, base_gguf, force):
     """Write a GGUF of a baked CHECKPOINT that llama.cpp runtimes run with its RoPE factors."""
-    from .gguf_export import export_gguf, reemit_gguf
+    from convert.formats.gguf_export import export_gguf, reemit_gguf
 
     if base_gguf:
         reemit_gguf(base_gguf, checkpoint, out, rope_layout, force=force)
     else:
         export_gguf(checkpoint, out, outtype, rope_layout, force=force)
-    from .inspect import describe
+    from convert.stages.inspect import describe
 
     click.echo(describe(out))
 
@@ -283,7 +274,7 @@ def export_gguf_cmd(checkpoint, out, outtype, rope_layout, base_gguf, force):
 def export(checkpoint, out_dir, outtypes, rope_layout, base_gguf, name, portable):
     """Export stage: GGUF files, ollama Modelfiles, the portable HF copy and a sha256 manifest for a baked
     CHECKPOINT."""
-    from .export import export_outputs
+    from convert.stages.export import export_outputs
 
     m = export_outputs(checkpoint, out_dir, _candidates(outtypes), rope_layout, base_gguf, name, portable=portable)
     for g in m["gguf"]:
@@ -304,8 +295,8 @@ def export(checkpoint, out_dir, outtypes, rope_layout, base_gguf, name, portable
 def verify(path, checkpoint, base):
     """Prove that every output runs with the baked factors: HF reload, GGUF metadata and factor tensors,
     llama.cpp vs transformers logits inside and past the original window.  Exits 1 naming failed checks."""
-    from .verify import control_text
-    from .verify import verify as run_verify
+    from convert.stages.verify import control_text
+    from convert.stages.verify import verify as run_verify
 
     report = run_verify(path, checkpoint, base=base)
     click.echo(report.table())
@@ -346,16 +337,16 @@ def validate(checkpoint, base, lengths, tasks, limit, out_dir, corpus, gates, kv
              dpe_window, dpe_groups):
     """lm-eval long-context tasks on CHECKPOINT (and --base), side by side: validation.json/.md/.png.  A .gguf
     CHECKPOINT runs in llama.cpp (llama-cpp-python, in process), and so does a .gguf --base beside it."""
-    from .llamacpp import LlamaCppOptions
-    from .validate import validate as run_validate
+    from convert.runtimes.llamacpp import LlamaCppOptions
+    from convert.stages.validate import validate as run_validate
 
     dpe = None
     if backend == "dpe":
         if not dpe_scales:
             raise ConvertError("--backend dpe needs --dpe-scales: the group scales (e.g. 2,8,2,8) or a directory "
                                "baked with --method dpe")
-        from .dpe_runtime import backend_from
-        from .source import open_source
+        from convert.runtimes.dpe import backend_from
+        from convert.formats.checkpoint import open_source
 
         spec = open_source(checkpoint).spec
         dpe = backend_from(dpe_scales, spec.head_dim // 2, spec.original_length, dpe_window, dpe_groups)
@@ -387,7 +378,7 @@ def validate(checkpoint, base, lengths, tasks, limit, out_dir, corpus, gates, kv
 def run(recipe, start, stop, run_dir, dry_run, release, force_cpu, source):
     """Run a RECIPE end to end: source, factors, bake, [train], validate, export, verify; a finished stage is
     skipped while the files it read and wrote are unchanged (by content).  One run per directory at a time."""
-    from .run import run_recipe
+    from convert.pipeline.run import run_recipe
 
     summary = run_recipe(recipe, run_dir, start, stop, dry_run, release, force_cpu, source, echo=click.echo)
     if not dry_run:
@@ -421,13 +412,13 @@ def train(checkpoint, out, data, seq_len, steps, global_batch, micro_batch, lr, 
           save_steps, eval_fraction, force_cpu, pure_bf16, loss_chunk, force, write_launch_config, num_gpus):
     """Continued training of a baked CHECKPOINT at the target length (paper defaults: AdamW lr 2e-5, no warmup,
     no weight decay, global batch 64).  Multi-GPU: `accelerate launch --config_file CFG -m convert.cli train ...`."""
-    from .train import TrainArgs, accelerate_config
-    from .train import train as run_train
+    from convert.stages.train import TrainArgs, accelerate_config
+    from convert.stages.train import train as run_train
 
     if write_launch_config:
         import yaml
 
-        from .modelinfo import read_config
+        from convert.arch import read_config
 
         cls = {"llama": "LlamaDecoderLayer", "mistral": "MistralDecoderLayer", "qwen2": "Qwen2DecoderLayer"}.get(
             read_config(checkpoint).get("model_type"), "LlamaDecoderLayer")

@@ -1,19 +1,23 @@
 """The private APIs of dependencies the pipeline needs, each behind one small function.
 
 Each reaches below a library's public API for a reason given in its docstring; tests/test_compat.py pins every one
-to the versions pyproject.toml allows (gguf, lm-eval, transformers; llama-cpp-python's has its own module,
-convert/llamacpp.py, pinned by tests/test_llamacpp.py), so an upgrade that changes
-them fails there, in one place, rather than deep inside an export or a validation run.
+to the installed version, which must be inside the bounds pyproject.toml gives (gguf, llama-cpp-python, lm-eval,
+transformers; mlx-lm has no upper bound there yet), so an upgrade that changes them fails there, in one place,
+rather than deep inside an export or a validation run.  No other module of
+convert/ or bench/ imports a private module of a dependency or reads one of its underscore attributes
+(tests/test_compat.py checks that too).  llama-cpp-python's low-level ctypes API (``llama_cpp.llama_*``, bound one to
+one to llama.h) is public; convert/runtimes/llamacpp.py drives it, pinned by tests/test_llamacpp.py.
 """
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
 
-from .errors import ConvertError
+from convert.errors import ConvertError
 
 
 # ------------------------------------------------------------------------------------------- gguf-py
@@ -45,6 +49,16 @@ def gguf_write_tensor_blocks(writer, data: Iterable[np.ndarray], nbytes: int) ->
     writer.state = WriterState.WEIGHTS
 
 
+# ------------------------------------------------------------------------------------------- llama-cpp-python
+def llama_cpp_log_callback():
+    """The log callback llama-cpp-python installs in llama.cpp when it is imported (llama_cpp/_logger.py:
+    ``llama_log_callback``, set with ``llama_log_set`` at import), to put back after routing llama.cpp's log lines
+    elsewhere for a while (convert.runtimes.llamacpp.native_logs)."""
+    from llama_cpp import _logger
+
+    return _logger.llama_log_callback
+
+
 # ------------------------------------------------------------------------------------------- lm-eval
 def lm_eval_load_module(path: Path):
     """A Python file of an lm-eval task folder, loaded the way lm-eval's task loader loads it (one module object per
@@ -53,6 +67,35 @@ def lm_eval_load_module(path: Path):
     from lm_eval.tasks._yaml_loader import _load_module_with_cache
 
     return _load_module_with_cache(Path(path).resolve())
+
+
+def lm_eval_namespace(obj) -> dict:
+    """The global namespace lm-eval's task code looks its helpers up in when it runs, as the live dict: an entry
+    swapped there (and put back) changes what lm-eval's functions call.  For a module (one
+    :func:`lm_eval_load_module` returns) its ``__dict__``: the dataset functions lm_eval/tasks/ruler/niah_utils.py,
+    vt_utils.py, cwe_utils.py and fwe_utils.py name in their YAMLs call their sample generators, and read module
+    state such as cwe_utils' ``RNG`` and ``WORDS``, through these globals.  For a function, the ``__globals__`` of the
+    function under its decorators: niah_utils' ``generate_samples`` is lm_eval/tasks/ruler/prepare_niah.py's, which
+    splits the haystack with that module's ``cached_sent_tokenize``."""
+    import inspect
+    import types
+
+    if isinstance(obj, types.ModuleType):
+        return obj.__dict__
+    return inspect.unwrap(obj).__globals__
+
+
+# ------------------------------------------------------------------------------------------- mlx-lm
+def mlx_rope_frequencies(rope) -> tuple | None:
+    """(frequencies, cos/sin multiplier) of an mlx-lm rotary module that keeps explicit frequencies, None for one
+    that does not (mlx's plain ``nn.RoPE``, which has public ``dims``, ``base`` and ``scale``).  mlx-lm's
+    SuScaledRoPE, Llama3RoPE and YarnRoPE (mlx_lm/models/rope_utils.py) keep the per-pair wavelength factors they
+    pass to ``mx.fast.rope(freqs=...)`` in ``_freqs`` (the angle of pair i at position p is p / _freqs[i]), and
+    SuScaledRoPE the multiplier it applies to q/k in ``_scale`` (YarnRoPE: public ``mscale``; else 1.0).  The
+    multiplier is returned as found (it may be None)."""
+    if not hasattr(rope, "_freqs"):
+        return None
+    return rope._freqs, getattr(rope, "_scale", getattr(rope, "mscale", 1.0))
 
 
 # ------------------------------------------------------------------------------------------- transformers
@@ -64,3 +107,55 @@ def mark_dequantised(model) -> None:
     model.is_quantized = False
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+
+
+def attention_function_registered(name: str) -> bool:
+    """Whether ``name`` is registered globally as a transformers attention function, so that registering is done
+    once per process (transformers modeling_utils.py ``AttentionInterface`` / utils/generic.py
+    ``GeneralInterface._global_mapping``, the dict ``AttentionInterface.register`` writes)."""
+    from transformers import AttentionInterface
+
+    return name in AttentionInterface._global_mapping
+
+
+def attn_implementation(config) -> str | None:
+    """The attention implementation a loaded model runs with, as ``PreTrainedModel.set_attn_implementation`` left it
+    (transformers configuration_utils.py: the ``PretrainedConfig._attn_implementation`` property)."""
+    return config._attn_implementation
+
+
+def set_rotary_frequencies(rot, inv_freq, attention_scaling: float) -> None:
+    """Make a transformers rotary embedding module (``LlamaRotaryEmbedding`` and kin) compute cos/sin from
+    ``inv_freq`` times ``attention_scaling`` at every position, in place: its ``inv_freq`` buffer and
+    ``attention_scaling``, which its forward reads, and the bookkeeping of ``dynamic_rope_update``
+    (transformers modeling_rope_utils.py): ``original_inv_freq`` (restored inside the original window),
+    ``rope_type`` "default" (no dynamic update at all) and the cached ``long_inv_freq`` dropped."""
+    rot.inv_freq.copy_(inv_freq.to(rot.inv_freq.device, rot.inv_freq.dtype))
+    if isinstance(getattr(rot, "original_inv_freq", None), type(rot.inv_freq)):
+        rot.original_inv_freq.copy_(inv_freq.to(rot.original_inv_freq.device, rot.original_inv_freq.dtype))
+    rot.attention_scaling = attention_scaling
+    rot.rope_type = "default"
+    if hasattr(rot, "long_inv_freq"):
+        del rot.long_inv_freq
+
+
+@contextlib.contextmanager
+def rotary_frequencies_replaced(rot, inv_freq) -> Iterator:
+    """For the duration of the block a transformers rotary embedding module rotates by ``inv_freq`` (a float tensor
+    [n_pairs]), and afterwards as before: its ``inv_freq`` buffer and the ``original_inv_freq`` / cached
+    ``long_inv_freq`` that ``dynamic_rope_update`` (transformers modeling_rope_utils.py) switches between by sequence
+    length are replaced, then put back.  A longrope module that has not yet run past its original window has no
+    cached ``long_inv_freq``, and computes its own there."""
+    saved = (rot.inv_freq.clone(), getattr(rot, "original_inv_freq", None), getattr(rot, "long_inv_freq", None))
+    try:
+        rot.inv_freq = inv_freq.clone()
+        rot.original_inv_freq = inv_freq.clone()
+        if saved[2] is not None:
+            rot.long_inv_freq = inv_freq.clone()
+        yield rot
+    finally:
+        rot.inv_freq = saved[0]
+        if saved[1] is not None:
+            rot.original_inv_freq = saved[1]
+        if saved[2] is not None:
+            rot.long_inv_freq = saved[2]

@@ -23,7 +23,7 @@ _state = {"depth": 0, "file": None}
 
 
 def third_party_log() -> Path:
-    from .files import cache_root
+    from convert.io.files import cache_root
 
     return cache_root() / "logs" / "third-party.log"
 

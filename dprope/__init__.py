@@ -12,6 +12,9 @@ from .constants import BUILTIN_CANDIDATES, DEFAULT_BINS, DEFAULT_CANDIDATES, PSE
 
 __version__ = "0.1.0"
 
+# the methods register themselves in the registry on import (cheap: no torch at module level)
+from . import methods as _methods  # noqa: E402,F401
+
 _LAZY = {
     "Candidate": "candidates",
     "available_candidates": "candidates",

@@ -13,7 +13,7 @@ import torch
 from .candidates import get_candidate
 from .constants import DEFAULT_BINS, DEFAULT_CANDIDATES
 from .errors import DPRoPEError
-from .freqs import RopeContext, base_inv_freq, check_inv_freq
+from .freqs import RopeContext, base_inv_freq, check_inv_freq, check_target_length
 from .histogram import (DEFAULT_CHUNK_ELEMS, angle_distribution, angle_histogram, coverage_distribution,
                         kl_divergence)
 from .select import Selection, choose
@@ -131,11 +131,7 @@ def compute_factors(
         if isinstance(v, bool) or int(v) != v or v < 1:
             raise DPRoPEError(f"{name} must be a positive integer, got {v}")
     original_length, target_length = int(original_length), int(target_length)
-    if target_length <= original_length:
-        raise DPRoPEError(
-            f"target length {target_length} is not longer than the original length {original_length}: "
-            "pass a target above the model's pre-trained window"
-        )
+    check_target_length(target_length, original_length)
     if int(bins) != bins or bins < 2:
         raise DPRoPEError(f"bins must be an integer >= 2, got {bins}")
     if not candidates and not extra_candidates:

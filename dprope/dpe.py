@@ -14,7 +14,7 @@ are not monotone in frequency (Llama-3-8B: [2, 8, 2, 8, 32, 32, 32, 4]).
 This module is pure: grouping, the sweep's bookkeeping and the conversion of group scales into per-pair values.
 The score comes from a callable the caller supplies, ``scorer(pair_scales: float32 [n_pairs]) -> float``, higher
 is better (DPE: the share of needles retrieved), where ``pair_scales[i]`` is the scale of pair i's group.  The
-pipeline builds one that runs the model (``convert/needle.py``); tests use synthetic ones.  The closest static form
+pipeline builds one that runs the model (``convert/evaluate/needle.py``); tests use synthetic ones.  The closest static form
 of a detection is per-pair interpolation factors lambda_i = s_g (the grouped positions' slope), which a config
 can carry; the local window cannot be baked.
 """

@@ -40,6 +40,14 @@ def check_inv_freq(inv_freq) -> torch.Tensor:
     return t
 
 
+def check_target_length(target_length: int, original_length: int, error: type[Exception] = DPRoPEError) -> None:
+    """Refuse a target that does not extend the window (the one check and message for every caller; ``error``: the
+    exception type the caller's layer raises)."""
+    if int(target_length) <= int(original_length):
+        raise error(f"target length {target_length} is not longer than the model's window {original_length}: pass a "
+                    "target length above it (--target-length, or target_length in a recipe)")
+
+
 @dataclass(frozen=True)
 class RopeContext:
     """Everything a candidate method needs to produce its per-pair factors.

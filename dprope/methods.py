@@ -20,111 +20,17 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from .constants import DEFAULT_BINS, DEFAULT_CANDIDATES
 from .errors import DPRoPEError
+from .registry import (  # noqa: F401
+    DEFAULT_METHOD, TEMPERATURES, Method, _METHODS, available_methods, get_method, register_method, run_method,
+    temperature, unregister_method)
 
 log = logging.getLogger(__name__)
 
-DEFAULT_METHOD = "dprope"
-
-
-@dataclass(frozen=True)
-class Method:
-    name: str
-    fn: Callable[..., Any]  # fn(ctx: RopeContext, **options) -> DPRoPEResult
-    summary: str
-    family: str
-    defaults: Mapping[str, Any] = field(default_factory=dict)
-
-    @property
-    def standalone(self) -> bool:
-        """Runs from a RopeContext and its defaults alone (a search needs a fitness callable from the pipeline;
-        ``factors`` needs the factors)."""
-        return self.family not in ("search", "given")
-
-    def options(self, given: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        """The method's defaults updated with ``given``; unknown names are refused, naming the known ones."""
-        given = dict(given or {})
-        unknown = sorted(set(given) - set(self.defaults))
-        if unknown:
-            known = ", ".join(sorted(self.defaults)) or "none"
-            raise DPRoPEError(f"method '{self.name}' has no option(s) {', '.join(unknown)}; its options: {known}")
-        return {**self.defaults, **given}
-
-
-_METHODS: dict[str, Method] = {}
-
-
-def register_method(name: str, summary: str, family: str = "user", **defaults):
-    """Decorator: register ``fn(ctx, **options) -> DPRoPEResult`` under ``name`` with its option defaults."""
-
-    def deco(fn):
-        key = name.lower()
-        if key in _METHODS:
-            raise DPRoPEError(f"method '{name}' is already registered")
-        _METHODS[key] = Method(key, fn, summary, family, dict(defaults))
-        return fn
-
-    return deco
-
-
-def unregister_method(name: str) -> None:
-    _METHODS.pop(name.lower(), None)
-
-
-def get_method(name: str) -> Method:
-    try:
-        return _METHODS[name.lower()]
-    except KeyError:
-        raise DPRoPEError(f"unknown method '{name}'; registered: {', '.join(available_methods())} "
-                          "(`dprope methods` describes each)") from None
-
-
-def available_methods(standalone: bool = False) -> list[str]:
-    """Registered method names; ``standalone``: only those that run without a pipeline-supplied callable."""
-    return [n for n, m in _METHODS.items() if not standalone or m.standalone]
-
-
-def run_method(name: str, ctx, **options):
-    """Factors, temperature and report of method ``name`` for ``ctx`` (a :class:`~dprope.freqs.RopeContext`)."""
-    m = get_method(name)
-    opts = m.options(options)
-    result = m.fn(ctx, **opts)
-    result.method = m.name
-    result.params["method"] = m.name
-    result.params["options"] = {k: (f"<callable {getattr(v, '__qualname__', type(v).__name__)}>"
-                                    if callable(v) else v) for k, v in opts.items()}
-    result.params["temperature"] = result.temperature
-    log.info("method %s: temperature %.4f, factors %s..%s", m.name, result.temperature,
-             f"{float(result.factors.min()):.3g}", f"{float(result.factors.max()):.3g}")
-    return result
-
-
-# ----------------------------------------------------------------------------------------------- temperature
-TEMPERATURES = ("none", "yarn", "longrope")
-
-
-def temperature(spec: Any, scale: float, original_length: int) -> float:
-    """cos/sin multiplier for a temperature spec: 'none' (1), 'yarn' (0.1 ln s + 1, Peng et al. 2023),
-    'longrope' (sqrt(1 + ln s / ln L), Ding et al. 2024, the default of transformers' longrope), or a number."""
-    if spec is None or spec == "none":
-        return 1.0
-    if spec == "yarn":
-        return 0.1 * math.log(scale) + 1.0
-    if spec == "longrope":
-        return math.sqrt(1 + math.log(scale) / math.log(original_length))
-    try:
-        t = float(spec)
-    except (TypeError, ValueError):
-        raise DPRoPEError(f"temperature must be one of {', '.join(TEMPERATURES)} or a number, got {spec!r}") from None
-    if not (math.isfinite(t) and t > 0):
-        raise DPRoPEError(f"temperature must be a finite number > 0, got {spec!r}")
-    return t
-
-
+# the registry and the temperatures live in dprope.registry; their names are part of this module's API
 # ----------------------------------------------------------------------------------------------- helpers
 def _compute(ctx, **kw):
     from .core import compute_factors
@@ -304,7 +210,7 @@ register_method("longrope-search", "LongRoPE's evolutionary search of per-pair f
 
 
 # ----------------------------------------------------------------------------------------------- DPE
-# Options of the needle scorer the pipeline builds for `dpe` (convert/needle.py): declared here so that recipes,
+# Options of the needle scorer the pipeline builds for `dpe` (convert/evaluate/needle.py): declared here so that recipes,
 # --opt and the report carry them; the detection itself reads only groups, held, multipliers and min_scale.
 DPE_SCORER_OPTIONS = dict(detect_with="runtime", window=None, samples=100, needles=4, length=None, sparse=False,
                           metric="accuracy", corpus=None, seed=0, max_new_tokens=128)
@@ -319,7 +225,7 @@ def _dpe(ctx, *, scorer=None, progress=None, groups=8, held=None, multipliers=No
             "dpe needs a scorer: a callable scorer(pair_scales) -> float (higher is better; DPE uses the share of "
             "needles the model retrieves with those group scales) that runs the model. `dprope extend MODEL OUT "
             "--method dpe` builds one from the model; from Python pass run_method('dpe', ctx, scorer=my_scorer) "
-            "(convert.needle.needle_scorer builds DPE's)")
+            "(convert.evaluate.needle.needle_scorer builds DPE's)")
     from .dpe import default_window, detect
 
     det = detect(ctx, scorer, groups=groups, held=held,

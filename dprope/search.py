@@ -143,7 +143,7 @@ def critical_pair(ctx: RopeContext) -> int:
 
 
 def make_space(ctx: RopeContext, config: SearchConfig) -> Space:
-    from .methods import temperature as temperature_of
+    from .registry import temperature as temperature_of
 
     g = float(config.grid)
     lo, hi = math.ceil(1.0 / g - 1e-9), math.floor((1.0 + ctx.scale) / g + 1e-9)
@@ -285,7 +285,7 @@ def to_key(factors: torch.Tensor | Sequence[float], temperature: float, space: S
 def seed_individuals(ctx: RopeContext, space: Space, cfg: SearchConfig) -> list[tuple[str, Key]]:
     """The named initial individuals from ``cfg.init_methods`` ("yarn": LongRoPE's YaRN shape with the fixed
     temperature; a registered method: its factors and temperature), without duplicates."""
-    from .methods import run_method
+    from .registry import run_method
 
     out: list[tuple[str, Key]] = []
     for name in cfg.init_methods:

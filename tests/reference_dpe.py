@@ -1,5 +1,5 @@
 """A slow, literal DPE attention (Lu et al. 2025, LuLuLuyi/DPE ``dpe_for_llama.py``; Self-Extend, Jin et al. 2024):
-the oracle for ``convert/dpe_runtime.py``.
+the oracle for ``convert/runtimes/dpe.py``.
 
 Per query and per key, in float64, from the un-rotated projections: a key at distance < W is scored with both
 rotated at their true positions; a key at distance >= W with the query rotated at floor(p / s_i) + W - W / s_i and

@@ -155,7 +155,7 @@ def ids():
 
 
 def test_runtime_is_plain_attention_when_nothing_is_grouped(tiny_models, ids):
-    from convert.dpe_runtime import disable_dpe, enable_dpe
+    from convert.runtimes.dpe import disable_dpe, enable_dpe
 
     model = _tiny_model(tiny_models)
     n = model.get_decoder().rotary_emb.inv_freq.numel()
@@ -177,7 +177,7 @@ def test_runtime_is_plain_attention_when_nothing_is_grouped(tiny_models, ids):
 def test_runtime_matches_the_per_position_oracle(tiny_models, ids, model_type, sparse):
     from reference_dpe import use_reference
 
-    from convert.dpe_runtime import enable_dpe
+    from convert.runtimes.dpe import enable_dpe
 
     model = _tiny_model(tiny_models, model_type)
     n = model.get_decoder().rotary_emb.inv_freq.numel()
@@ -197,7 +197,7 @@ def test_runtime_matches_the_per_position_oracle(tiny_models, ids, model_type, s
 
 
 def test_runtime_generates_with_a_cache_as_a_full_forward_scores(tiny_models, ids):
-    from convert.dpe_runtime import enable_dpe
+    from convert.runtimes.dpe import enable_dpe
 
     model = _tiny_model(tiny_models)
     n = model.get_decoder().rotary_emb.inv_freq.numel()
@@ -215,7 +215,7 @@ def test_runtime_generates_with_a_cache_as_a_full_forward_scores(tiny_models, id
 
 
 def test_runtime_refuses_what_it_cannot_run(tiny_models):
-    from convert.dpe_runtime import backend_from, enable_dpe
+    from convert.runtimes.dpe import backend_from, enable_dpe
 
     model = _tiny_model(tiny_models)
     with pytest.raises(ConvertError, match="rotary pairs"):
@@ -290,8 +290,8 @@ def test_validate_with_the_dpe_backend(tiny_models, tmp_path, monkeypatch):
 
 
 def test_validate_refuses_the_runtime_on_an_extended_checkpoint(tiny_models, tmp_path):
-    from convert.bake import bake, make_plan
-    from convert.source import open_source
+    from convert.stages.bake import bake, make_plan
+    from convert.formats.checkpoint import open_source
 
     out = bake(open_source(str(tiny_models[("llama", False)])), tmp_path / "pi", make_plan("pi", 128), progress=False)
     res = CliRunner().invoke(main, ["validate", str(out), "--lengths", "128", "--tasks", "ppl", "--limit", "1",
@@ -303,7 +303,7 @@ def test_validate_refuses_the_runtime_on_an_extended_checkpoint(tiny_models, tmp
 def _scorer(tiny_models, **cfg):
     from transformers import AutoTokenizer
 
-    from convert.needle import NeedleConfig, NeedleScorer
+    from convert.evaluate.needle import NeedleConfig, NeedleScorer
 
     path = tiny_models[("llama", False)]
     return NeedleScorer(_tiny_model(tiny_models), AutoTokenizer.from_pretrained(str(path)), 512, 64,
@@ -331,7 +331,7 @@ def test_needle_prompts_dense_and_sparse(tiny_models):
 
 
 def test_scorer_modes_agree_on_the_base_and_restore_the_model(tiny_models):
-    from convert.needle import value_score
+    from convert.evaluate.needle import value_score
 
     rt = _scorer(tiny_models, samples=1, needles=1, metric="logprob", length=256, window=8)
     st = _scorer(tiny_models, samples=1, needles=1, metric="logprob", length=256, detect_with="static")

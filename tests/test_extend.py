@@ -10,10 +10,10 @@ import torch
 from click.testing import CliRunner
 
 import dprope
-from convert.bake import bake, make_plan
+from convert.stages.bake import bake, make_plan
 from convert.cli import main
 from convert.errors import ConvertError
-from convert.source import open_source
+from convert.formats.checkpoint import open_source
 from tiny import ORIGINAL, edit_config
 
 TARGET = 4 * ORIGINAL
@@ -278,7 +278,7 @@ def test_bake_is_byte_reproducible(tiny_models, tmp_path):
     import sys
 
     src = tiny_models[("llama", False)]
-    code = ("import sys; from convert.bake import bake, make_plan; from convert.source import open_source; "
+    code = ("import sys; from convert.stages.bake import bake, make_plan; from convert.formats.checkpoint import open_source; "
             "bake(open_source(sys.argv[1]), sys.argv[2], make_plan(target_length=256), progress=False)")
     for name in ("a", "b"):  # separate processes: hash-map ordering differs between them
         subprocess.run([sys.executable, "-c", code, str(src), str(tmp_path / name)], check=True,

@@ -11,9 +11,9 @@ import torch
 import yaml
 from safetensors import safe_open
 
-from convert.bake import bake, make_plan
-from convert.source import open_source
-from convert.train import PackedBlocks, accelerate_config
+from convert.stages.bake import bake, make_plan
+from convert.formats.checkpoint import open_source
+from convert.stages.train import PackedBlocks, accelerate_config
 from tiny import ORIGINAL
 
 ROOT = Path(__file__).resolve().parent.parent

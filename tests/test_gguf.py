@@ -13,13 +13,15 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from convert.bake import bake, make_plan
+from convert.stages.bake import bake, make_plan
 from convert.cli import main
 from convert.errors import ConvertError
-from convert.gguf_export import export_gguf, reemit_gguf
-from convert.modelinfo import gguf_fields
-from convert.runtime import hf_logits, llama_cpp_logits, llama_cpp_tokenize, max_abs_diff, mean_kl
-from convert.source import open_source
+from convert.formats.gguf_export import export_gguf, reemit_gguf
+from convert.arch import gguf_fields
+from convert.runtimes.base import max_abs_diff, mean_kl
+from convert.runtimes.hf import hf_logits
+from convert.runtimes.llamacpp import llama_cpp_logits, llama_cpp_tokenize
+from convert.formats.checkpoint import open_source
 from tiny import ORIGINAL, make_tiny, tiny_tokenizer
 
 pytestmark = pytest.mark.runtime
@@ -167,8 +169,8 @@ def test_rows_are_read_exactly_for_every_weight_dtype(tmp_path):
     import torch
     from safetensors.torch import save_file
 
-    from convert.gguf_export import _read_rows, _Tensor
-    from convert.source import safetensors_header
+    from convert.formats.gguf_export import _read_rows, _Tensor
+    from convert.formats.checkpoint import safetensors_header
 
     g = torch.Generator().manual_seed(0)
     tensors = {f"w_{d}": torch.randn(37, 5, 3, generator=g).to(getattr(torch, d))
@@ -189,7 +191,7 @@ def test_rows_are_read_exactly_for_every_weight_dtype(tmp_path):
 def test_lean_header_reader_agrees_with_gguf_py_and_refuses_bad_files(extended, tmp_path):
     import gguf
 
-    from convert.ggufmeta import read_gguf
+    from convert.io.gguf_meta import read_gguf
 
     gg = export_gguf(extended["qwen2"], tmp_path / "q.gguf", "q8_0", progress=False)
     info, ref = read_gguf(gg), gguf.GGUFReader(str(gg))

@@ -1,4 +1,4 @@
-"""convert.llamacpp, the one module that drives llama-cpp-python below its Llama class, pinned to the installed
+"""convert.runtimes.llamacpp, the one module that drives llama-cpp-python below its Llama class, pinned to the installed
 version: its logits are Llama.eval's, it hands back only the rows asked for, and llama.cpp's log lines reach
 Python logging only while asked."""
 
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from convert.errors import ConvertError
-from convert.gguf_export import export_gguf
-from convert.llamacpp import Decoder, LlamaCppOptions, log_softmax_at, native_logs, open_llama
+from convert.formats.gguf_export import export_gguf
+from convert.runtimes.llamacpp import Decoder, LlamaCppOptions, log_softmax_at, native_logs, open_llama
 
 pytestmark = pytest.mark.runtime
 N = 150

@@ -16,7 +16,7 @@ def test_chunked_rolling_loglikelihood_equals_lm_evals_hflm(tiny_models):
     from pydoc_data.topics import topics
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from convert.lmeval import chunked_lm_class
+    from convert.evaluate.lmeval_hf import chunked_lm_class
 
     path = str(tiny_models[("llama", False)])
     model = AutoModelForCausalLM.from_pretrained(path).eval()

@@ -3,9 +3,9 @@
 import logging
 import warnings
 
-from convert.bake import bake, make_plan
+from convert.stages.bake import bake, make_plan
 from convert.quiet import quiet_libraries
-from convert.source import open_source
+from convert.formats.checkpoint import open_source
 
 
 def test_library_records_and_warnings_go_to_the_file_and_come_back_after(tmp_path, capfd):
@@ -40,7 +40,7 @@ def test_blocks_nest_and_the_inner_exit_keeps_the_outer_quiet(tmp_path, capfd):
 def test_loading_an_extended_checkpoint_prints_nothing(tiny_models, tmp_path, capfd, monkeypatch):
     """transformers 5.x prints a "Loading weights" bar and a note on the `short_mscale`/`long_mscale` keys it does
     not use when loading our config; neither reaches the terminal."""
-    from convert.runtime import load_hf
+    from convert.runtimes.hf import load_hf
 
     monkeypatch.setenv("DPROPE_CACHE", str(tmp_path / "cache"))
     out = bake(open_source(str(tiny_models[("llama", False)])), tmp_path / "ext", make_plan(target_length=512),

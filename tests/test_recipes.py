@@ -7,12 +7,12 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-import convert.export
-import convert.verify
+import convert.stages.export
+import convert.stages.verify
 from convert.cli import main
 from convert.errors import ConvertError
-from convert.recipe import load_recipe
-from convert.run import RunDir, plan, run_recipe
+from convert.pipeline.recipe import load_recipe
+from convert.pipeline.run import RunDir, plan, run_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((ROOT / "recipes").glob("*/*.yaml"))
@@ -95,13 +95,13 @@ def test_options_that_did_nothing_are_gone_or_work(tmp_path, monkeypatch):
         with pytest.raises(ConvertError, match=r"export\.safetensors: removed: it never did anything"):
             load_recipe(ROOT / "recipes/smollm2/135m_16k.yaml", {"export": {"safetensors": value}})
     # train.device: cpu forces the CPU even beside a GPU; cuda needs one; auto takes it when there is one
-    from convert.train import pick_device
+    from convert.stages.train import pick_device
 
     assert pick_device("cpu", False, gpu=True) == "cpu"
     assert pick_device("auto", False, gpu=True) == "cuda" and pick_device("auto", True, gpu=True) == "cpu"
     with pytest.raises(ConvertError, match="train.device is 'cuda' but no GPU is visible"):
         pick_device("cuda", False, gpu=False)
-    monkeypatch.setattr("convert.run._gpu_available", lambda: False)
+    monkeypatch.setattr("convert.pipeline.run._gpu_available", lambda: False)
     train = {"data": "pydoc:", "seq_len": 64, "steps": 1, "global_batch": 1}
     recipe = _tiny_recipe(tmp_path, tmp_path / "no-model", train={**train, "device": "cuda"})
     res = CliRunner().invoke(main, ["run", str(recipe), "--dry-run", "--run-dir", str(tmp_path / "r")])
@@ -159,7 +159,7 @@ def test_run_resumes_and_redoes_what_changed(tiny_models, tmp_path, monkeypatch)
     def boom(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(convert.verify, "verify", boom)
+    monkeypatch.setattr(convert.stages.verify, "verify", boom)
     with pytest.raises(KeyboardInterrupt):
         run_recipe(recipe, run_dir, **quiet)
     rd = RunDir(run_dir)
@@ -207,7 +207,7 @@ def test_missing_source_says_how_to_provide_it(tmp_path):
 def test_recipes_accept_every_registered_method_and_plugin_candidates(tmp_path):
     from dprope.methods import available_methods
 
-    from convert.search import is_search
+    from convert.stages.search import is_search
 
     for name in available_methods():
         method = {"name": name, **({"options": {"budget_evals": 8}} if is_search(name) else {})}  # a search: a budget
@@ -222,7 +222,7 @@ def test_recipes_accept_every_registered_method_and_plugin_candidates(tmp_path):
             "name": "dprope-paper", "plugins": [str(plugin)], "candidates": ["extrapolation", "quarter_pi"],
             "options": {"temperature": "yarn"}}})
         assert r.method.candidates == ["extrapolation", "quarter_pi"]
-        from convert.run import _plan_of
+        from convert.pipeline.run import _plan_of
 
         p = _plan_of(r)
         assert p.options["candidates"] == ["extrapolation", "quarter_pi"] and p.options["temperature"] == "yarn"

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from convert.bake import bake, make_plan
+from convert.stages.bake import bake, make_plan
 from convert.cli import main
-from convert.source import open_source
+from convert.formats.checkpoint import open_source
 from tiny import ORIGINAL, make_tiny, tiny_tokenizer
 
 
@@ -92,7 +92,7 @@ def test_full_disk_during_export_is_one_error_and_leaves_nothing(tiny_models, tm
 
 def test_tokenizer_cache_follows_the_content_at_a_path(tmp_path):
     """The tasks' tokenizer is loaded once per content: a different tokenizer written at the same path is a miss."""
-    from convert.tasks import common
+    from convert.evaluate.tasks import common
 
     d = make_tiny(tmp_path / "m", "llama", tokenizer=tiny_tokenizer("gpt-2", vocab_size=400))
     first = common.tokenizer(str(d))
@@ -162,7 +162,7 @@ def test_kill_9_in_each_stage_then_a_rerun_gives_the_uninterrupted_outputs(tiny_
 
     import yaml
 
-    from convert.run import RunDir, run_recipe
+    from convert.pipeline.run import RunDir, run_recipe
 
     src = tiny_copy("llama")
     recipe = tmp_path / "tiny.yaml"
@@ -197,7 +197,7 @@ def test_a_gguf_source_gives_its_dequantised_float32_weights(tiny_models, tmp_pa
     import gguf
     from safetensors import safe_open
 
-    from convert.gguf_export import export_gguf
+    from convert.formats.gguf_export import export_gguf
 
     src = tiny_models[("llama", False)]
     base = export_gguf(src, tmp_path / "base-q8_0.gguf", "q8_0", progress=False)

@@ -1,5 +1,5 @@
 """RULER's samples: only those scored are generated, the same ones lm-eval would score, once per tokenizer and
-length (convert/ruler_data.py)."""
+length (convert/evaluate/ruler_data.py)."""
 
 import gzip
 import json
@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from convert.bake import bake, make_plan
+from convert.stages.bake import bake, make_plan
 from convert.cli import main
-from convert.ruler_data import MODULES, ruler_module, ruler_samples
-from convert.source import open_source
+from convert.evaluate.ruler_data import MODULES, ruler_module, ruler_samples
+from convert.formats.checkpoint import open_source
 
 DATASETS = [(mod, fns[0]) for mod, (fns, _) in MODULES.items()]  # niah_single_1, vt, cwe, fwe
 
@@ -20,7 +20,7 @@ DATASETS = [(mod, fns[0]) for mod, (fns, _) in MODULES.items()]  # niah_single_1
 @pytest.fixture(scope="module")
 def smol_tokenizer():
     """SmolLM2's tokenizer (RULER's generators need a real vocabulary)."""
-    from convert.source import gguf_to_hf
+    from convert.formats.checkpoint import gguf_to_hf
     from test_smollm2 import smollm2_gguf
 
     return str(gguf_to_hf(smollm2_gguf()))
@@ -113,7 +113,7 @@ def test_loading_rulers_modules_prints_nothing_and_downloads_nothing():
     code = ("import nltk\n"
             "calls = []\n"
             "nltk.download = lambda *a, **k: calls.append(a)\n"  # what reaches NLTK's own download, if anything
-            "from convert.ruler_data import ruler_samples\n"
+            "from convert.evaluate.ruler_data import ruler_samples\n"
             "with ruler_samples(None, 1):\n"
             "    pass\n"
             "assert calls == [], calls\n")

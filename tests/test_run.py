@@ -1,6 +1,7 @@
 """`dprope run` never reports stale results: stages are fingerprinted by the content they read and the outputs they
 wrote, a run directory has one run at a time, and the manifest describes the final files."""
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -14,10 +15,10 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-import convert.run
+import convert.pipeline.run
 from convert.cli import main
 from convert.errors import ConvertError
-from convert.run import run_recipe
+from convert.pipeline.run import run_recipe
 from tiny import make_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,7 +53,7 @@ TRAIN = {"data": "pydoc:", "seq_len": 64, "steps": 1, "global_batch": 1, "save_s
 
 @pytest.mark.runtime
 def test_force_cpu_rerun_redoes_export_validate_verify(tiny_copy, tmp_path, monkeypatch):
-    monkeypatch.setattr("convert.run._gpu_available", lambda: False)
+    monkeypatch.setattr("convert.pipeline.run._gpu_available", lambda: False)
     recipe = _recipe(tmp_path, tiny_copy("llama"), train=TRAIN)
     run_dir = tmp_path / "run"
     s = run_recipe(recipe, run_dir, **quiet)
@@ -77,7 +78,7 @@ def test_force_cpu_rerun_redoes_export_validate_verify(tiny_copy, tmp_path, monk
     assert json.loads(manifest.read_text())["checkpoint"]["path"] == "../trained"
     assert (run_dir / "trained" / "verify.json").exists()
     assert "Continued training" in (run_dir / "trained" / "README.md").read_text()
-    from convert.export import manifest_entries, manifest_problems
+    from convert.stages.export import manifest_entries, manifest_problems
 
     files = {p.relative_to(run_dir).as_posix() for p in manifest_entries(manifest)}
     assert {"trained/README.md", "trained/verify.json", "trained/model.safetensors", "export/tiny-f32.gguf",
@@ -131,7 +132,8 @@ def test_missing_or_altered_output_reruns_that_stage(tiny_copy, tmp_path, monkey
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setitem(convert.run.STAGE_FUNCS, "bake", interrupted)
+    table = convert.pipeline.run.STAGE_TABLE
+    monkeypatch.setitem(table, "bake", dataclasses.replace(table["bake"], run=interrupted))
     with pytest.raises(KeyboardInterrupt):
         run_recipe(recipe, run_dir, stop="bake", **quiet)
     monkeypatch.undo()
@@ -164,7 +166,7 @@ def test_a_second_run_is_refused_while_the_directory_is_in_use(tiny_copy, tmp_pa
     run_dir = tmp_path / "run"
     # another process holds the directory
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom convert.run import RunLock\n"
+        [sys.executable, "-c", "import sys, time\nfrom convert.pipeline.run import RunLock\n"
                                "lock = RunLock(sys.argv[1]).__enter__()\nprint('locked', flush=True)\ntime.sleep(600)",
          str(run_dir)], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE, text=True)
     try:
@@ -184,7 +186,7 @@ def test_a_second_run_is_refused_while_the_directory_is_in_use(tiny_copy, tmp_pa
     assert s["stages"]["source"] == "run"
 
     # a second lock in this process (another open file description) is refused too
-    from convert.run import RunLock
+    from convert.pipeline.run import RunLock
 
     with RunLock(run_dir):
         with pytest.raises(ConvertError, match=rf"pid {os.getpid()}\b"):

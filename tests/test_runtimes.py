@@ -2,7 +2,7 @@
 
 MLX-lm runs here (mlx[cpu] on Linux, installed by `make setup`): `dprope verify` compares its logits with
 transformers' and fails, naming the reason, on a config MLX would misread.  vLLM, SGLang and ExLlamaV2 need CUDA
-and are not installed: `convert.readers` reads our config.json the way their source does (files named there) and
+and are not installed: `convert.runtimes.readers` reads our config.json the way their source does (files named there) and
 these tests check that each gets the factors, temperature and context the bake meant.
 """
 
@@ -16,15 +16,15 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from convert.bake import bake, make_plan
+from convert.stages.bake import bake, make_plan
 from convert.cli import main
-from convert.export import export_outputs
-from convert.mlx_runtime import mlx_version
-from convert.portable import PORTABLE_DIR, portable_split
-from convert.readers import (config_temperature, exllamav2_reads, longrope_default_scale, mlx_reads, qk_fold,
+from convert.stages.export import export_outputs
+from convert.runtimes.mlx import mlx_version
+from convert.formats.portable import PORTABLE_DIR, portable_split
+from convert.runtimes.readers import (config_temperature, exllamav2_reads, longrope_default_scale, mlx_reads, qk_fold,
                              sglang_reads, vllm_reads)
-from convert.source import open_source
-from convert.verify import verify
+from convert.formats.checkpoint import open_source
+from convert.stages.verify import verify
 from tiny import ORIGINAL, edit_config
 
 TARGET = 4 * ORIGINAL
@@ -123,7 +123,8 @@ def test_exllamav2_reads_the_portable_copy_right(outputs, case):
 
 @pytest.mark.parametrize("case", CASES)
 def test_portable_copy_is_the_same_model_in_transformers(outputs, case):
-    from convert.runtime import hf_logits, max_abs_diff
+    from convert.runtimes.base import max_abs_diff
+    from convert.runtimes.hf import hf_logits
 
     hf, port = outputs[case] / "hf", outputs[case] / "export" / PORTABLE_DIR
     t = _temperature(case[1])
@@ -181,7 +182,7 @@ def _mlx_check(report):
 @needs_mlx
 @pytest.mark.parametrize("case", CASES)
 def test_mlx_reading_from_source_matches_the_installed_module(outputs, case):
-    from convert.mlx_runtime import load_mlx, rope_of
+    from convert.runtimes.mlx import load_mlx, rope_of
 
     for d in (outputs[case] / "hf", outputs[case] / "export" / PORTABLE_DIR):
         want, got = mlx_reads(_cfg(d)), rope_of(load_mlx(d))
@@ -243,7 +244,7 @@ def test_mlx_parity_fails_when_short_factors_differ(tiny_models, tmp_path):
 
 
 def test_mlx_check_is_skipped_without_mlx(outputs, monkeypatch):
-    import convert.mlx_runtime as mr
+    import convert.runtimes.mlx as mr
 
     monkeypatch.setattr(mr, "mlx_version", lambda: None)
     report = verify(outputs[("qwen2", "pi")], write=False)

@@ -11,11 +11,11 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-from convert.bake import bake, make_plan
+from convert.stages.bake import bake, make_plan
 from convert.cli import main
 from convert.errors import ConvertError
-from convert.fitness import FitnessSpec, ProxyFitness, apply_factors, load_model, make_fitness
-from convert.source import open_source
+from convert.evaluate.fitness import FitnessSpec, ProxyFitness, apply_factors, load_model, make_fitness
+from convert.formats.checkpoint import open_source
 from dprope.freqs import RopeContext
 from dprope.search import is_valid
 from tiny import ORIGINAL, edit_config
@@ -79,14 +79,14 @@ def test_factors_in_memory_equal_a_real_bake(tiny_models, tiny_copy, tmp_path, b
 
 
 def test_ppl_fitness_equals_lm_eval_on_the_baked_checkpoint(tiny_models, tmp_path):
-    from convert.validate import Run, _load, model_hash, run_one
+    from convert.evaluate.engine import Run, load_hf_eval, model_hash, run_one
 
     src_dir = tiny_models[("llama", False)]
     out = _bake_factors(src_dir, tmp_path / "baked", FACTORS, 1.07)
     spec = open_source(src_dir).spec
     fit = make_fitness("ppl:samples=2", src_dir, spec, TARGET)
     value = fit(FACTORS, 1.07)
-    model, tok = _load(out)
+    model, tok = load_hf_eval(out)
     ref = run_one(model, tok, Run("x", out, model_hash(out)), "ppl", TARGET, 2, None, TARGET, tmp_path / "evals")
     assert value == pytest.approx(ref["metrics"]["token_perplexity"], rel=1e-6)
     assert fit.score(model) == pytest.approx(value, rel=1e-6)
@@ -232,8 +232,8 @@ def _recipe(tmp_path, src_dir, **options) -> Path:
 
 
 def test_recipe_runs_the_search_and_resumes_from_its_state(tiny_models, tmp_path):
-    from convert.recipe import load_recipe
-    from convert.run import run_recipe
+    from convert.pipeline.recipe import load_recipe
+    from convert.pipeline.run import run_recipe
 
     src_dir = tiny_models[("mistral", False)]
     opts = dict(fitness=PROXY, budget_evals=10, population=6, parents=3, mutations=2, crossovers=2)
@@ -255,8 +255,8 @@ def test_recipe_runs_the_search_and_resumes_from_its_state(tiny_models, tmp_path
 
 @pytest.mark.runtime
 def test_searched_factors_export_and_verify(tiny_models, tmp_path):
-    from convert.export import export_outputs
-    from convert.verify import verify
+    from convert.stages.export import export_outputs
+    from convert.stages.verify import verify
 
     src_dir = tiny_models[("llama", False)]
     out = tmp_path / "hf"

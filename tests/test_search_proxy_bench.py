@@ -38,14 +38,14 @@ def test_proxy_against_full_length_perplexity(bench, tiny_models, tmp_path, monk
     assert (tmp_path / "out" / "search_proxy.png").read_bytes()[:4] == b"\x89PNG"
 
     # a re-run reads every value back: no lm-eval run, no proxy evaluation
-    import convert.fitness
-    import convert.validate
+    import convert.evaluate.fitness
+    import convert.stages.validate
 
     def never(*a, **k):
         raise AssertionError("evaluated again")
 
-    monkeypatch.setattr(convert.validate, "run_one", never)
-    monkeypatch.setattr(convert.fitness.ModelFitness, "__call__", never)
+    monkeypatch.setattr(convert.stages.validate, "run_one", never)
+    monkeypatch.setattr(convert.evaluate.fitness.ModelFitness, "__call__", never)
     assert bench.main(args) == 0
     again = json.loads((tmp_path / "out" / "search_proxy.json").read_text())
     assert again["sets"] == rep["sets"] and again["correlation"] == rep["correlation"]

@@ -81,7 +81,7 @@ MIXED = "SmolLM2 costs $12,345.67 in 2024; naïve café — 東京 def f(x):\n\t
 
 @pytest.fixture(scope="module")
 def smol_ggufs(extended, tmp_path_factory):
-    from convert.gguf_export import export_gguf
+    from convert.formats.gguf_export import export_gguf
 
     d = tmp_path_factory.mktemp("smol-gguf")
     return {ot: export_gguf(extended, d / f"smollm2-16k-{ot}.gguf", ot, progress=False) for ot in ("f16", "q8_0")}
@@ -92,12 +92,12 @@ def smol_ggufs(extended, tmp_path_factory):
 def test_smollm2_gguf_runs_in_llama_cpp_at_the_target_context(extended, smol_ggufs, outtype):
     from transformers import AutoTokenizer
 
-    from convert.runtime import llama_cpp_tokenize, open_gguf
+    from convert.runtimes.llamacpp import llama_cpp_tokenize, open_gguf
 
     gg = smol_ggufs[outtype]
     hf = AutoTokenizer.from_pretrained(str(extended))(MIXED, add_special_tokens=False).input_ids
     assert llama_cpp_tokenize(gg, MIXED) == hf  # smollm pre-tokenizer: digits one by one, in both
-    with open_gguf(gg, 16384, logits_all=False, f32_kv=False) as llm:
+    with open_gguf(gg, 16384, f32_kv=False) as llm:
         assert llm.n_ctx() == 16384
         out = llm.create_completion("The capital of France is", max_tokens=8, temperature=0.0)
         text = out["choices"][0]["text"]
@@ -109,8 +109,8 @@ def test_smollm2_gguf_runs_in_llama_cpp_at_the_target_context(extended, smol_ggu
 
 @pytest.mark.runtime
 def test_smollm2_q4_1_gguf_to_gguf(extended, tmp_path):
-    from convert.modelinfo import gguf_fields
-    from convert.runtime import open_gguf
+    from convert.arch import gguf_fields
+    from convert.runtimes.llamacpp import open_gguf
 
     out = tmp_path / "smollm2-16k-q4_1.gguf"
     res = CliRunner().invoke(main, ["export-gguf", str(extended), str(out), "--base-gguf", str(smollm2_gguf())])
@@ -121,7 +121,7 @@ def test_smollm2_q4_1_gguf_to_gguf(extended, tmp_path):
     assert all(got[t.name].tensor_type == t.tensor_type and got[t.name].data.tobytes() == t.data.tobytes()
                for t in rin.tensors)
     assert meta["llama.context_length"] == 16384 and meta["tokenizer.ggml.pre"] == "smollm"
-    with open_gguf(out, 16384, logits_all=False, f32_kv=False) as llm:
+    with open_gguf(out, 16384, f32_kv=False) as llm:
         assert llm.n_ctx() == 16384
         text = llm.create_completion("1, 2, 3, 4,", max_tokens=6, temperature=0.0)["choices"][0]["text"]
     assert len(text.strip()) > 0

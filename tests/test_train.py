@@ -7,11 +7,11 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-from convert.bake import bake, make_plan
+from convert.stages.bake import bake, make_plan
 from convert.cli import main
 from convert.errors import ConvertError
-from convert.source import open_source
-from convert.train import PackedBlocks, TrainArgs, accelerate_config, grad_accumulation, memory_estimate_gb, pack, train
+from convert.formats.checkpoint import open_source
+from convert.stages.train import PackedBlocks, TrainArgs, accelerate_config, grad_accumulation, memory_estimate_gb, pack, train
 from tiny import ORIGINAL
 
 
@@ -162,7 +162,7 @@ def test_chunked_loss_equals_transformers_loss_and_gradients(tiny_models, model_
     ignored labels, chunks that do not divide the length, and the Trainer's num_items_in_batch."""
     from transformers import AutoModelForCausalLM
 
-    from convert.train import chunked_lm_loss
+    from convert.stages.train import chunked_lm_loss
 
     model = AutoModelForCausalLM.from_pretrained(str(tiny_models[(model_type, False)]), dtype=torch.float32)
     g = torch.Generator().manual_seed(0)
@@ -187,7 +187,7 @@ def test_chunked_loss_equals_transformers_loss_and_gradients(tiny_models, model_
 def test_training_with_the_chunked_loss_follows_transformers_loss(tiny_models, tmp_path, monkeypatch):
     """Two CPU runs, same data and seed: loss in chunks of 16 positions and transformers' own loss (0) log the same
     training and held-out losses."""
-    import convert.train as T
+    import convert.stages.train as T
 
     calls = []
     orig = T.chunked_lm_loss

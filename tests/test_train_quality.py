@@ -47,14 +47,14 @@ def test_every_initialisation_trained_and_scored(bench, tiny_models, tmp_path, m
     assert "RULER not run" in md and "passkey@256" in md
     assert (out / "train_quality.png").read_bytes()[:4] == b"\x89PNG"
     # a re-run computes nothing: every part is complete, so neither training nor lm-eval runs
-    import convert.train
-    import convert.validate
+    import convert.stages.train
+    import convert.stages.validate
 
     def boom(*a, **k):
         raise AssertionError("recomputed")
 
-    monkeypatch.setattr(convert.train, "train", boom)
-    monkeypatch.setattr(convert.validate, "run_one", boom)
+    monkeypatch.setattr(convert.stages.train, "train", boom)
+    monkeypatch.setattr(convert.stages.validate, "run_one", boom)
     again = list(args)
     again[again.index("--jobs") + 1] = "1"  # in this process, where the patches apply
     assert bench.main(again) == 0
@@ -62,7 +62,7 @@ def test_every_initialisation_trained_and_scored(bench, tiny_models, tmp_path, m
 
 
 def test_stdlib_training_data_leaves_out_the_evaluation_corpus():
-    from convert.train import STDLIB, iter_texts, stdlib_files
+    from convert.stages.train import STDLIB, iter_texts, stdlib_files
 
     files = stdlib_files()
     assert len(files) > 500 and not any("pydoc_data" in f.parts for f in files)

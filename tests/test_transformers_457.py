@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from convert.bake import bake, make_plan
-from convert.source import open_source
+from convert.stages.bake import bake, make_plan
+from convert.formats.checkpoint import open_source
 
 TF457 = Path(os.environ.get("DPROPE_TF457_DIR", Path.home() / ".cache" / "dprope-tests" / "transformers-4.57"))
 

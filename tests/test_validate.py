@@ -6,12 +6,13 @@ import math
 import pytest
 from click.testing import CliRunner
 
-from convert.bake import bake, make_plan
+from convert.stages.bake import bake, make_plan
 from convert.cli import main
 from convert.errors import ConvertError
-from convert.source import open_source
-from convert.tasks import passkey
-from convert.validate import Gate, check_gates, local_haystack, ppl_buckets, table_rows
+from convert.formats.checkpoint import open_source
+from convert.evaluate.tasks import passkey
+from convert.evaluate.engine import local_haystack
+from convert.evaluate.results import Gate, check_gates, ppl_buckets, table_rows
 from tiny import ORIGINAL
 
 
@@ -74,7 +75,7 @@ def test_table_rows_side_by_side():
 
 
 def test_local_haystack_swaps_and_restores():
-    from convert.validate import ruler_niah_module
+    from convert.evaluate.engine import ruler_niah_module
 
     nu = ruler_niah_module()  # the module object lm-eval's YAML loader calls
     pn = nu.generate_samples.__globals__
@@ -116,7 +117,7 @@ def test_validate_end_to_end_through_lm_eval(extended_llama, tiny_models, tmp_pa
         raise AssertionError("a model was loaded although every result is cached")
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("convert.runtime.load_hf", no_load)
+        mp.setattr("convert.runtimes.hf.load_hf", no_load)
         mp.setattr("transformers.AutoModelForCausalLM.from_pretrained", no_load)
         mp.setattr("lm_eval.simple_evaluate", no_load)
         res2 = CliRunner().invoke(main, args)
@@ -148,7 +149,7 @@ def test_ruler_tasks_offline_including_an_essay_task(tmp_path):
     model with SmolLM2's real-sized tokenizer (RULER's generators need a real vocabulary)."""
     from transformers import AutoTokenizer
 
-    from convert.source import gguf_to_hf
+    from convert.formats.checkpoint import gguf_to_hf
     from test_smollm2 import smollm2_gguf
     from tiny import make_tiny
 
@@ -168,7 +169,7 @@ def test_ruler_tasks_offline_including_an_essay_task(tmp_path):
 def test_validation_cache_is_keyed_by_content(tiny_copy, tmp_path):
     """A weight byte changed at the end of a file (the old key read only the first MB) or an edited corpus file
     is a cache miss."""
-    from convert.validate import Run, cache_file, model_hash
+    from convert.evaluate.engine import Run, cache_file, model_hash
 
     d = tiny_copy("llama")
     w = next(d.glob("*.safetensors"))

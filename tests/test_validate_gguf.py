@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from convert.bake import bake, make_plan
+from convert.stages.bake import bake, make_plan
 from convert.cli import main
-from convert.gguf_export import export_gguf
-from convert.source import open_source
+from convert.formats.gguf_export import export_gguf
+from convert.formats.checkpoint import open_source
 from tiny import ORIGINAL
 
 pytestmark = pytest.mark.runtime
@@ -51,7 +51,7 @@ def hf_reference(files):
     from pydoc_data.topics import topics
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from convert.lmeval import chunked_lm_class
+    from convert.evaluate.lmeval_hf import chunked_lm_class
 
     texts = [topics["assert"], topics["for"][:300], topics["if"]]
     ll = [(t[:200], t[200:260]) for t in texts]
@@ -68,7 +68,7 @@ def hf_reference(files):
 
 @pytest.mark.parametrize("kv_cache", ["f32", "f16"])
 def test_f32_gguf_scores_like_the_hf_path(files, hf_reference, kv_cache):
-    from convert.lmeval_gguf import GGUFLM
+    from convert.evaluate.lmeval_gguf import GGUFLM
 
     ref, tol = hf_reference, TOL[kv_cache]
     lm = GGUFLM(str(files["ext.gguf"]), max_length=TARGET, kv_cache=kv_cache, n_batch=48)
@@ -91,7 +91,7 @@ def test_f32_gguf_scores_like_the_hf_path(files, hf_reference, kv_cache):
 
 
 def test_generate_until_stops_at_the_stop_string_and_the_token_budget(files):
-    from convert.lmeval_gguf import GGUFLM
+    from convert.evaluate.lmeval_gguf import GGUFLM
 
     lm = GGUFLM(str(files["ext.gguf"]), max_length=128, kv_cache="f32")
     try:
@@ -112,7 +112,7 @@ def test_generate_until_stops_at_the_stop_string_and_the_token_budget(files):
 def test_registered_in_lm_evals_model_registry(files):
     from lm_eval.api.registry import get_model
 
-    from convert.lmeval_gguf import GGUFLM
+    from convert.evaluate.lmeval_gguf import GGUFLM
 
     cls = get_model("dprope-gguf")
     assert cls is GGUFLM
@@ -124,7 +124,7 @@ def test_registered_in_lm_evals_model_registry(files):
 
 
 def test_validate_gguf_end_to_end_cached_by_content(files, tmp_path, monkeypatch):
-    import convert.validate as V
+    import convert.stages.validate as V
 
     ext = tmp_path / "ext.gguf"
     shutil.copy(files["ext.gguf"], ext)
@@ -132,8 +132,8 @@ def test_validate_gguf_end_to_end_cached_by_content(files, tmp_path, monkeypatch
     args = ["validate", str(ext), "--base", str(files["base.gguf"]), "--lengths", "64,256", "--tasks",
             "passkey,ppl", "--limit", "2", "--out", str(out), "--gate", "ppl@0-64 <= 100x base"]
     loads = []
-    real = V._load_run
-    monkeypatch.setattr(V, "_load_run", lambda run: loads.append(run.label) or real(run))
+    real = V.load_run
+    monkeypatch.setattr(V, "load_run", lambda run: loads.append(run.label) or real(run))
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output
     assert loads == ["extended", "base"]
@@ -159,7 +159,7 @@ def test_validate_gguf_end_to_end_cached_by_content(files, tmp_path, monkeypatch
     assert loads == ["extended"]
 
     # the KV cache type is part of the identity; the thread count is not
-    from convert.llamacpp import LlamaCppOptions
+    from convert.runtimes.llamacpp import LlamaCppOptions
 
     h = lambda **o: V.gguf_run("x", ext, [64], LlamaCppOptions(**o)).hash  # noqa: E731
     assert h(kv_cache="f16") != h(kv_cache="f32")
@@ -189,7 +189,7 @@ def test_a_bad_gguf_gives_one_clear_error(files, tmp_path):
 
 def test_tokenizer_disagreement_is_an_error_not_a_wrong_perplexity(tmp_path):
     from convert.errors import ConvertError
-    from convert.validate import Run, _check_token_count
+    from convert.evaluate.engine import Run, _check_token_count
 
     run = Run("extended", tmp_path / "m.gguf", "h", "llama.cpp", tmp_path / "tok")
     _check_token_count(run, {0: np.zeros(10), 1: np.zeros(5)}, {"token_count": 15})
@@ -200,7 +200,7 @@ def test_tokenizer_disagreement_is_an_error_not_a_wrong_perplexity(tmp_path):
 def test_recipe_validates_the_checkpoint_and_its_gguf_and_the_card_shows_both(tiny_models, tmp_path):
     import yaml
 
-    from convert.run import run_recipe
+    from convert.pipeline.run import run_recipe
 
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text("# make tiny\n" + yaml.safe_dump({
@@ -221,7 +221,7 @@ def test_recipe_validates_the_checkpoint_and_its_gguf_and_the_card_shows_both(ti
     assert "### hf: hf/ in transformers" in section and "### f32: `tiny-f32.gguf` in llama.cpp" in section
     assert section.count("| ppl 64-128 |") == 2
     # the manifest still describes the card the validation rewrote; nothing is left to do
-    from convert.export import manifest_problems
+    from convert.stages.export import manifest_problems
 
     assert manifest_problems(run_dir / "export" / "manifest.json") == []
     s = run_recipe(recipe, run_dir, dry_run=True, echo=lambda *_: None)

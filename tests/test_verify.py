@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from convert.bake import bake, make_plan
+from convert.stages.bake import bake, make_plan
 from convert.cli import main
-from convert.export import export_outputs
-from convert.source import open_source
+from convert.stages.export import export_outputs
+from convert.formats.checkpoint import open_source
 from tiny import ORIGINAL, edit_config
 
 pytestmark = pytest.mark.runtime
@@ -137,7 +137,7 @@ def test_manifest_describes_the_final_files_and_verify_checks_it(good, tmp_path)
     res = _run(root)
     assert res.exit_code == 0, res.output
     assert "| manifest | manifest.json | pass |" in res.output
-    from convert.export import manifest_entries, manifest_problems
+    from convert.stages.export import manifest_entries, manifest_problems
 
     # verify rewrote the card and verify.json after the export hashed them: their entries follow
     listed = {p.resolve() for p in manifest_entries(manifest)}

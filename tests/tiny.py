@@ -20,7 +20,7 @@ def tiny_tokenizer(family: str = "gpt-2", vocab_size: int = 512):
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from convert.gguf_tokenizer import _LLAMA3_RE, _QWEN2_RE
+    from convert.io.gguf_tokenizer import _LLAMA3_RE, _QWEN2_RE
 
     texts = list(topics.values())[:200]
     if family == "spm":

@@ -1,0 +1,267 @@
+"""What a checkpoint says about its RoPE: architecture, base, head dim, window and effective frequencies.
+
+Reads Hugging Face config.json (4.x ``rope_scaling`` and 5.x ``rope_parameters`` forms) and GGUF metadata.
+The effective inverse frequencies include any scaling the base model already has (llama3, linear, yarn,
+longrope), because DPRoPE measures the distribution the model was actually trained with.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from convert.errors import ConvertError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Arch:
+    model_type: str
+    hf_class: str
+    gguf_arch: str
+
+
+# One registry of what the pipeline handles; lookups fail listing it.
+ARCHITECTURES: dict[str, Arch] = {
+    a.model_type: a
+    for a in (
+        Arch("llama", "LlamaForCausalLM", "llama"),
+        Arch("mistral", "MistralForCausalLM", "llama"),
+        Arch("qwen2", "Qwen2ForCausalLM", "qwen2"),
+    )
+}
+_BY_CLASS = {a.hf_class: a for a in ARCHITECTURES.values()}
+
+
+def supported_text() -> str:
+    return ", ".join(f"{a.model_type} ({a.hf_class})" for a in ARCHITECTURES.values())
+
+
+def lookup_arch(model_type: str | None, architectures: list[str] | None = None) -> Arch:
+    if model_type in ARCHITECTURES:
+        return ARCHITECTURES[model_type]
+    for c in architectures or []:
+        if c in _BY_CLASS:
+            return _BY_CLASS[c]
+    raise ConvertError(
+        f"unsupported architecture {model_type or architectures!r}: supported are {supported_text()}. "
+        "Other RoPE models need a registry entry in convert/arch.py"
+    )
+
+
+@dataclass
+class RopeSpec:
+    """RoPE facts of a base checkpoint, read from its config or GGUF metadata without importing torch; the
+    frequency tensors are computed on first use.
+
+    inv_freq: effective pre-trained inverse frequencies, float32 [head_dim/2]
+    plain_inv_freq: rope_theta ** (-2i/d), float32 [head_dim/2] (what HF longrope factors are relative to)
+    """
+
+    arch: Arch
+    rope_theta: float
+    head_dim: int
+    original_length: int
+    rope_type: str
+    params: dict[str, Any] = field(default_factory=dict)
+    attention_factor: float = 1.0
+    source_format: str = "hf"
+    gguf_factors: list[float] | None = None  # a GGUF base's rope_freqs tensor
+
+    @cached_property
+    def plain_inv_freq(self):
+        import dprope
+
+        return dprope.base_inv_freq(self.rope_theta, self.head_dim)
+
+    @cached_property
+    def inv_freq(self):
+        """Effective frequencies, including the scaling the base already has."""
+        import torch
+
+        import dprope
+
+        plain, p = self.plain_inv_freq, self.params
+        if self.rope_type in ("default", "dynamic"):
+            return plain
+        if self.rope_type == "linear":
+            return plain / float(p["factor"])
+        if self.rope_type in ("llama3", "yarn"):
+            orig = int(p.get("original_max_position_embeddings") or self.original_length / float(p["factor"]))
+            ctx = dprope.RopeContext(plain, self.rope_theta, orig, round(orig * float(p["factor"])))
+            if self.rope_type == "llama3":
+                return plain / dprope.llama3_factors(
+                    ctx, float(p.get("low_freq_factor", 1.0)), float(p.get("high_freq_factor", 4.0)))
+            return plain / dprope.yarn_factors(ctx, float(p.get("beta_fast", 32.0)), float(p.get("beta_slow", 1.0)))
+        if self.rope_type == "longrope":
+            return longrope_inv_freq(torch.tensor(p["long_factor"], dtype=torch.float32), self.rope_theta,
+                                     self.head_dim)
+        if self.rope_type == "rope_freqs":
+            return plain / torch.tensor(self.gguf_factors, dtype=torch.float32)
+        raise AssertionError(self.rope_type)  # rope_spec_* only build the types above
+
+    def with_window(self, original_length: int) -> "RopeSpec":
+        """The same base with a different pre-training window (when the config overstates it)."""
+        import dataclasses
+
+        return dataclasses.replace(self, original_length=int(original_length))
+
+    @property
+    def prior_factors(self):
+        """Factors already baked into the base (1 for plain RoPE): plain / effective."""
+        return self.plain_inv_freq / self.inv_freq
+
+
+def longrope_inv_freq(long_factor, rope_theta: float, head_dim: int):
+    """Inverse frequencies, float32 [head_dim/2], of a longrope config with these long factors, computed as
+    transformers computes them (modeling_rope_utils.py ``_compute_longrope_parameters``): 1 / (ext * b^(2i/d))."""
+    import torch
+
+    shape = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+    return 1.0 / (torch.as_tensor(long_factor, dtype=torch.float32) * float(rope_theta) ** shape)
+
+
+_BASE_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope", "dynamic")
+
+
+def rope_params(cfg: dict) -> dict:
+    """The scaling block in either config form, with rope_theta folded in."""
+    params = dict(cfg.get("rope_parameters") or {})
+    legacy = cfg.get("rope_scaling") or {}
+    for k, v in legacy.items():
+        params.setdefault(k, v)
+    if "rope_theta" not in params and "rope_theta" in cfg:
+        params["rope_theta"] = cfg["rope_theta"]
+    params.setdefault("rope_type", params.get("type", "default"))
+    return params
+
+
+def head_dim_of(cfg: dict) -> int:
+    """Per-head width of a HF config: ``head_dim`` when the config states it (Gemma, Qwen3, Mistral set it apart
+    from hidden_size / heads), else hidden_size / num_attention_heads (transformers' own fallback)."""
+    return int(cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"])
+
+
+def rope_spec_from_config(cfg: dict) -> RopeSpec:
+    arch = lookup_arch(cfg.get("model_type"), cfg.get("architectures"))
+    params = rope_params(cfg)
+    prf = params.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
+    if prf not in (None, 1, 1.0):
+        raise ConvertError(
+            f"partial rotary embeddings (partial_rotary_factor={prf}) are not supported: DPRoPE factors here cover "
+            "every head dimension"
+        )
+    theta = params.get("rope_theta")
+    if theta is None:
+        raise ConvertError("config.json has no rope_theta: this does not look like a RoPE model")
+    for key in ("hidden_size", "num_attention_heads", "max_position_embeddings"):
+        if key not in cfg:
+            raise ConvertError(f"config.json lacks '{key}': the checkpoint's config is incomplete")
+    head_dim = head_dim_of(cfg)
+    window = int(cfg["max_position_embeddings"])
+    rope_type = params["rope_type"]
+    if rope_type not in _BASE_ROPE_TYPES:
+        raise ConvertError(f"rope type '{rope_type}' is not supported as a base; supported: "
+                           f"{', '.join(_BASE_ROPE_TYPES)}")
+    attn = 1.0
+    if rope_type == "yarn":
+        attn = float(params.get("attention_factor") or 0.1 * math.log(float(params["factor"])) + 1.0)
+    elif rope_type == "longrope":
+        if len(params.get("long_factor") or []) != head_dim // 2:
+            raise ConvertError(f"config long_factor has {len(params.get('long_factor') or [])} values, "
+                               f"head_dim {head_dim} needs {head_dim // 2}")
+        attn = float(params.get("attention_factor") or 1.0)
+    elif rope_type == "dynamic":
+        log.warning("dynamic NTK base: using its unscaled frequencies inside the original window")
+    return RopeSpec(arch, float(theta), head_dim, window, rope_type, params, attn, "hf")
+
+
+def read_config(path: Path) -> dict:
+    cfg_path = path / "config.json" if path.is_dir() else path
+    if not cfg_path.exists():
+        raise ConvertError(f"{cfg_path} not found: a Hugging Face checkpoint directory needs a config.json")
+    try:
+        return json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConvertError(f"{cfg_path} is not valid JSON ({e}); restore the checkpoint's config.json") from None
+
+
+def gguf_fields(path: Path) -> tuple[dict[str, Any], Any]:
+    """(metadata dict, tensor table) of a GGUF file, from its header alone (see `ggufmeta`)."""
+    from convert.io.gguf_meta import read_gguf
+
+    info = read_gguf(Path(path))
+    return info.meta, info
+
+
+def rope_spec_from_gguf(path: Path) -> RopeSpec:
+    meta, reader = gguf_fields(path)
+    garch = meta.get("general.architecture")
+    arch = next((a for a in ARCHITECTURES.values() if a.gguf_arch == garch), None)
+    if arch is None:
+        raise ConvertError(f"GGUF architecture '{garch}' is not supported: supported are llama, qwen2")
+    g = lambda k, d=None: meta.get(f"{garch}.{k}", d)  # noqa: E731
+    n_head = g("attention.head_count")
+    emb = g("embedding_length")
+    head_dim = int(g("attention.key_length") or g("rope.dimension_count") or emb // n_head)
+    n_rot = int(g("rope.dimension_count", head_dim))
+    if n_rot != head_dim:
+        raise ConvertError(f"partial rotary embeddings (rope.dimension_count={n_rot} < head_dim {head_dim}) are not supported")
+    theta = float(g("rope.freq_base", 10000.0))
+    window = int(g("context_length"))
+    tensors = {t.name: t for t in reader.tensors}
+    if "rope_freqs.weight" in tensors:
+        ff = [float(x) for x in tensors["rope_freqs.weight"].data.flatten().tolist()]
+        if len(ff) != head_dim // 2:
+            raise ConvertError(f"rope_freqs.weight has {len(ff)} values, head_dim {head_dim} needs {head_dim // 2}")
+        return RopeSpec(arch, theta, head_dim, window, "rope_freqs", {}, 1.0, "gguf", ff)
+    if g("rope.scaling.type") == "linear" and g("rope.scaling.factor"):
+        return RopeSpec(arch, theta, head_dim, window, "linear", {"factor": float(g("rope.scaling.factor"))}, 1.0,
+                        "gguf")
+    if g("rope.scaling.type") not in (None, "none"):
+        raise ConvertError(f"GGUF rope.scaling.type '{g('rope.scaling.type')}' is not supported as a base")
+    return RopeSpec(arch, theta, head_dim, window, "default", {}, 1.0, "gguf")
+
+
+def rope_spec(path: Path) -> RopeSpec:
+    """RoPE facts of a HF directory, a config.json or a GGUF file."""
+    path = Path(path)
+    if not path.exists():
+        raise ConvertError(f"{path} does not exist: pass a checkpoint directory, a config.json or a .gguf file")
+    if path.is_file() and path.suffix == ".gguf":
+        return rope_spec_from_gguf(path)
+    return rope_spec_from_config(read_config(path))
+
+
+# ------------------------------------------------------------------------------------------- temperature
+def longrope_default_scale(max_position: int, original: int) -> float:
+    """Phi-3's longrope temperature, the default of transformers, vLLM, SGLang, MLX-lm and ExLlamaV2."""
+    s = max_position / original
+    return 1.0 if s <= 1.0 else math.sqrt(1 + math.log(s) / math.log(original))
+
+
+def scaling_block(cfg: dict) -> dict:
+    rs = cfg.get("rope_scaling")
+    return dict(rs) if isinstance(rs, dict) else {}
+
+
+def config_temperature(cfg: dict) -> float:
+    """The cos/sin multiplier transformers applies for this config (attention_factor, else its default)."""
+    rs = scaling_block(cfg) or dict(cfg.get("rope_parameters") or {})
+    if rs.get("attention_factor") is not None:
+        return float(rs["attention_factor"])
+    orig = rs.get("original_max_position_embeddings") or cfg.get("original_max_position_embeddings")
+    if (rs.get("rope_type") or rs.get("type")) == "longrope" and orig:
+        return longrope_default_scale(int(cfg["max_position_embeddings"]), int(orig))
+    return 1.0
+
+
+def qk_fold(cfg: dict) -> float:
+    """The temperature already multiplied into the q/k weights (`--fold-temperature`, the portable copy)."""
+    return float((cfg.get("dprope") or {}).get("temperature_folded") or 1.0)

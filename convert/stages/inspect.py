@@ -1,0 +1,62 @@
+"""`dprope inspect`: what a checkpoint carries, read from its files only (no weights loaded)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from convert.errors import ConvertError
+from convert.arch import gguf_fields, read_config, rope_spec
+
+
+def _factor_text(name: str, values) -> str:
+    t = np.asarray(values, dtype=np.float32).ravel()
+    uniq = sorted({round(float(x), 6) for x in t.tolist()})
+    if len(uniq) <= 4:
+        groups = ", ".join(f"{u:g} x{int((np.abs(t - u) < 1e-6).sum())}" for u in uniq)
+    else:
+        groups = f"min {float(t.min()):.4g}, max {float(t.max()):.4g}, mean {float(t.mean()):.4g}"
+    return f"  {name}: {t.size} values ({groups})"
+
+
+def describe(path: Path) -> str:
+    path = Path(path)
+    if not path.exists():
+        raise ConvertError(f"{path} does not exist")
+    spec = rope_spec(path)
+    lines = [f"{path}"]
+    if path.suffix == ".gguf":
+        meta, reader = gguf_fields(path)
+        arch = meta.get("general.architecture")
+        lines.append(f"  format: GGUF v{meta.get('GGUF.version')}, architecture {arch}, name {meta.get('general.name')}")
+        for key in ("context_length", "rope.freq_base", "rope.dimension_count", "rope.scaling.type",
+                    "rope.scaling.original_context_length", "rope.scaling.attn_factor", "rope.scaling.factor"):
+            if f"{arch}.{key}" in meta:
+                lines.append(f"  {key}: {meta[f'{arch}.{key}']}")
+        for t in reader.tensors:
+            if t.name.startswith("rope_"):
+                lines.append(f"  tensor {t.name} {t.tensor_type.name} shape {[int(x) for x in t.shape]}")
+                lines.append(_factor_text(t.name, t.data))
+        for key in ("general.base_model.0.name", "dprope.method", "dprope.target_length"):
+            if key in meta:
+                lines.append(f"  {key}: {meta[key]}")
+    else:
+        cfg = read_config(path)
+        sc = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
+        lines.append(f"  format: Hugging Face, {spec.arch.hf_class} (model_type {spec.arch.model_type})")
+        lines.append(f"  max_position_embeddings: {cfg.get('max_position_embeddings')}")
+        orig = cfg.get("original_max_position_embeddings") or sc.get("original_max_position_embeddings")
+        lines.append(f"  original_max_position_embeddings: {orig if orig else 'not set (not extended)'}")
+        lines.append(f"  rope_theta: {spec.rope_theta:g}, head_dim: {spec.head_dim}, rope type: {spec.rope_type}")
+        for k in ("factor", "attention_factor"):
+            if k in sc:
+                lines.append(f"  {k}: {sc[k]}")
+        for k in ("long_factor", "short_factor"):
+            if k in sc:
+                lines.append(_factor_text(k, sc[k]))
+        if "dprope" in cfg:
+            lines.append(f"  dprope: {cfg['dprope']}")
+        if (path / "rope_factors.safetensors").exists():
+            lines.append("  rope_factors.safetensors: present")
+    return "\n".join(lines)
