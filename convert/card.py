@@ -25,8 +25,30 @@ def versions() -> dict[str, str]:
     return out
 
 
+def _form_text(config: dict | None) -> str:
+    """Which form the RoPE extension takes in config.json, and what a GGUF of this arch carries."""
+    own = (config or {}).get("dprope") or {}
+    form = own.get("rope_form", "longrope")
+    if form == "yarn-fit":
+        f = own["yarn_fit"]
+        return (f"- RoPE form: YaRN (factor {f['factor']:.4g}, original_max_position_embeddings {f['original_length']}), "
+                f"the YaRN closest to the method's per-pair factors (rms log error {f['rms_log_error']:.3g}; "
+                f"disturbance {f['fit_disturbance']:.4g} nats vs the exact method's {f['exact_disturbance']:.4g}), "
+                "because llama.cpp's graph for this architecture reads no factor tensor: this checkpoint and its "
+                "GGUF run the same model. Its temperature is YaRN's own (1 + 0.1 ln factor); the method's was "
+                f"{f['method_temperature']:.6g}. `--hf-form exact` keeps the per-pair factors here instead.")
+    text = "- RoPE form: per-pair factors (`longrope`), exactly the method's"
+    if own.get("gguf_form"):
+        g = own["gguf_form"]
+        text += (f"; a GGUF of this architecture cannot carry them (llama.cpp's graph reads no factor tensor) and "
+                 f"carries the closest YaRN instead (factor {g['factor']:.4g}, original {g['original_length']}, "
+                 f"disturbance {g['fit_disturbance']:.4g} nats vs {g['exact_disturbance']:.4g}): it runs a "
+                 "different model from this checkpoint")
+    return text
+
+
 def write_card(out: Path, src, plan, result: DPRoPEResult, long: torch.Tensor, attn: float,
-               has_plot: bool = False) -> Path:
+               has_plot: bool = False, config: dict | None = None) -> Path:
     spec = plan.spec_for(src.spec)
     s = plan.target_length / spec.original_length
     name = Path(src.given).name or src.given
@@ -37,9 +59,10 @@ def write_card(out: Path, src, plan, result: DPRoPEResult, long: torch.Tensor, a
     opts = ", ".join(f"{k}={v}" for k, v in plan.options.items()) or "none"
     if abs(attn - 1.0) > 1e-9:
         temp_text = (f"- Attention temperature: {attn:.6g} on cos/sin (attention logits x {attn * attn:.4g}). Carried as "
-                     "`attention_factor` (transformers), `short_mscale`/`long_mscale` (vLLM, SGLang) and "
-                     "`rope.scaling.attn_factor` in the GGUF (llama.cpp). MLX-lm and ExLlamaV2 read none of these "
-                     "and apply their own default: load the `hf-portable/` copy `dprope export` writes for them. "
+                     "`attention_factor` (transformers) and `rope.scaling.attn_factor` in the GGUF (llama.cpp). "
+                     "MLX-lm, ExLlamaV2, vLLM and SGLang read neither and apply Phi-3's default "
+                     "sqrt(1 + ln s / ln L): where the temperature differs from it, load the `hf-portable/` copy "
+                     "`dprope export` writes for them. "
                      "Ollama's Go engine and older llama.cpp "
                      "builds read no temperature key: for those, `dprope extend --fold-temperature` writes it into "
                      "the q/k projection weights instead.")
@@ -60,10 +83,12 @@ def write_card(out: Path, src, plan, result: DPRoPEResult, long: torch.Tensor, a
         f"- Base model: `{src.given}` ({spec.arch.hf_class}, source {src.kind})",
         f"- Method: {method_text}",
         f"- Method options: {opts}",
+        *([f"- Factors from: {result.params['provenance']}"] if result.params.get("provenance") else []),
         temp_text,
         f"- Window: {spec.original_length} -> {plan.target_length} tokens (scale {s:.4g})",
         f"- RoPE: theta {spec.rope_theta:g}, head_dim {spec.head_dim}, base rope type `{spec.rope_type}`, "
         f"attention factor {attn:g}",
+        _form_text(config),
         f"- Short factor: `{plan.short_factor}` ({'the long factors at every length' if plan.short_factor == 'same' else 'the base RoPE inside the original window'})",
         "- Weights: unchanged from the base (byte-identical files); only the RoPE frequencies differ.",
         "",

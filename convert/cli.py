@@ -43,10 +43,11 @@ def _factor_options(fn):
 
 
 def _search_options(fn):
-    """Options of search methods (longrope-search): the budget, the fitness and the seed."""
+    """Options of search methods (longrope-search, dprope-fit): the budget, the fitness and the seed."""
     opts = [
         click.option("--budget", type=click.IntRange(min=1), help="Search methods: stop after N fitness evaluations "
-                     "(LongRoPE's full search is about 1,300). A search needs --budget and/or --time-budget."),
+                     "(LongRoPE's full search is about 1,300), or N steps of dprope-fit. A search needs --budget "
+                     "and/or --time-budget."),
         click.option("--time-budget", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
                      help="Search methods: stop after this many seconds of searching (summed over resumed runs)."),
         click.option("--fitness", metavar="KIND[:KEY=VALUE...]",
@@ -156,6 +157,9 @@ def factors(model_path, rope_theta, head_dim, original_length, target_length, me
               help="Factors used inside the original window: the long ones, or the base RoPE.")
 @click.option("--original-length", type=int, help="The pre-training window, when the config's "
               "max_position_embeddings overstates it (default: read from the checkpoint).")
+@click.option("--hf-form", type=click.Choice(["auto", "exact"]), default="auto", show_default=True,
+              help="auto: for an arch whose GGUF can carry only YaRN (qwen3, gemma3), write the closest YaRN to the "
+              "HF output too, so every runtime runs the same model; exact: the per-pair factors in the HF output.")
 @click.option("--plot", is_flag=True, help="Also write dprope_factors.png.")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 @click.option("--link", is_flag=True, help="Hard-link weight files instead of copying (same filesystem only; "
@@ -167,7 +171,7 @@ def factors(model_path, rope_theta, head_dim, original_length, target_length, me
               "the config; the weight files are then rewritten, not copied.")
 @_search_options
 def extend(source, out, target_length, method, method_opts, bins, candidates, selection, short_factor,
-           original_length, plot, force, link, allow_pickle, fold_temperature, budget, time_budget, fitness, seed):
+           original_length, hf_form, plot, force, link, allow_pickle, fold_temperature, budget, time_budget, fitness, seed):
     """Extend SOURCE (HF dir, .gguf, pkg://PACKAGE/FILE or cached hub id) to --target-length and write the
     checkpoint to OUT."""
     from convert.stages.bake import bake, make_plan
@@ -176,14 +180,48 @@ def extend(source, out, target_length, method, method_opts, bins, candidates, se
     from convert.formats.checkpoint import open_source
 
     options = _method_options(method_opts)
-    search_flags = {"budget_evals": budget, "budget_seconds": time_budget, "fitness": fitness, "seed": seed}
-    given = {k: v for k, v in search_flags.items() if v is not None}
-    if given and not is_search(method):
-        raise ConvertError(f"--budget, --time-budget, --fitness and --seed apply to search methods "
-                           f"(--method longrope-search), not to '{method}'")
+    from convert.stages.search import search_flag_options
+
+    given = search_flag_options(method, budget=budget, time_budget=time_budget, fitness=fitness, seed=seed)
     plan = make_plan(method, target_length, _candidates(candidates) if candidates else None, selection, bins,
-                     short_factor, original_length, options={**options, **given})
-    src = open_source(resolve_source(source), allow_pickle=allow_pickle)
+                     short_factor, original_length, options={**options, **given}, hf_form=hf_form)
+    given_src = resolve_source(source)
+    if Path(given_src).suffix == ".gguf" and Path(out).suffix == ".gguf":  # GGUF in, GGUF out: nothing dequantised
+        from convert.arch import gguf_fields
+        from convert.stages.bake import bake_gguf
+
+        meta, _ = gguf_fields(Path(given_src))
+        if meta.get("dprope.method"):  # an extended output given back as a source: its factors are the base's
+            first = int(meta.get("dprope.original_length") or 0)
+            done = int(meta.get("dprope.target_length") or 0)
+            click.echo(f"{Path(given_src).name} is already extended ({meta['dprope.method']}, {first or '?'} -> {done} "
+                       f"tokens): composing" + (f", {first} -> {target_length} in total "
+                                                f"({target_length / first:.3g}x)" if first else ""), err=True)
+        s = bake_gguf(Path(given_src), Path(out), plan, force=force)
+        click.echo(f"extended {out} in place ({s['form']}): {s['tensors_kept']} tensors copied as they are, "
+                   f"{s['bytes_written'] / 1e6:.1f} MB in {s['seconds']:.2f} s")
+        if s.get("yarn_fit"):
+            f = s["yarn_fit"]
+            click.echo(f"  YaRN fit (llama.cpp's {s['arch']} graph reads no factor tensor): factor {f['factor']:.4g}, "
+                       f"original_context_length {f['original_length']}, rms log error {f['rms_log_error']:.3g}")
+        from convert.stages.inspect import describe
+
+        click.echo(describe(Path(out)))
+        return
+    if Path(given_src).suffix == ".gguf":
+        from convert.formats.checkpoint import dequantised_bytes
+
+        click.echo(f"{Path(given_src).name} is dequantised to float32 once for a Hugging Face output: about "
+                   f"{dequantised_bytes(Path(given_src)) / 1e9:.2f} GB in the cache and as much again in {out}; "
+                   "to keep it quantised, extend it in place (an OUT ending in .gguf)", err=True)
+    src = open_source(given_src, allow_pickle=allow_pickle)
+    own = src.config.get("dprope") or {}
+    if own.get("method"):  # an extended checkpoint given back as a source: its factors are the base's
+        first = int(own.get("original_length") or 0)
+        click.echo(f"{src.path.name} is already extended ({own['method']}, {first or '?'} -> "
+                   f"{own.get('target_length')} tokens): composing" + (
+                       f", {first} -> {target_length} in total ({target_length / first:.3g}x)" if first else ""),
+                   err=True)
     result = None
     if is_search(plan.method):
         if Path(out).exists() and not force:  # before hours of search, not after
@@ -291,13 +329,24 @@ def export(checkpoint, out_dir, outtypes, rope_layout, base_gguf, name, portable
 @click.option("--checkpoint", type=click.Path(path_type=Path, exists=True),
               help="The baked HF directory a lone .gguf was exported from.")
 @click.option("--base", type=click.Path(path_type=Path, exists=True),
-              help="The base model, for the negative control (default: the extended model with plain RoPE).")
+              help="The base model, for the negative control (default: the extended model with plain RoPE); for a "
+                   "GGUF extended in place, its source GGUF.")
 def verify(path, checkpoint, base):
     """Prove that every output runs with the baked factors: HF reload, GGUF metadata and factor tensors,
     llama.cpp vs transformers logits inside and past the original window.  Exits 1 naming failed checks."""
     from convert.stages.verify import control_text
     from convert.stages.verify import verify as run_verify
 
+    if path.suffix == ".gguf" and checkpoint is None and base is not None and base.suffix == ".gguf":
+        from convert.stages.verify import verify_gguf  # a GGUF extended in place, against its source GGUF
+
+        report = verify_gguf(path, base)
+        click.echo(report.table())
+        if not report.ok:
+            click.secho(f"error: verify failed: {'; '.join(sorted(c.name for c in report.failed()))}", fg="red",
+                        err=True)
+            sys.exit(1)
+        return
     report = run_verify(path, checkpoint, base=base)
     click.echo(report.table())
     click.echo("negative control (no factors): " + control_text(getattr(report, "control", {})))
@@ -418,10 +467,10 @@ def train(checkpoint, out, data, seq_len, steps, global_batch, micro_batch, lr, 
     if write_launch_config:
         import yaml
 
-        from convert.arch import read_config
+        from convert.arch import lookup_arch, read_config
 
-        cls = {"llama": "LlamaDecoderLayer", "mistral": "MistralDecoderLayer", "qwen2": "Qwen2DecoderLayer"}.get(
-            read_config(checkpoint).get("model_type"), "LlamaDecoderLayer")
+        cfg = read_config(checkpoint)
+        cls = lookup_arch(cfg.get("model_type"), cfg.get("architectures")).decoder_layer
         write_launch_config.write_text(yaml.safe_dump(accelerate_config(num_gpus, layer_cls=cls), sort_keys=False))
         click.echo(f"accelerate config: {write_launch_config}")
         return

@@ -124,19 +124,39 @@ def attn_implementation(config) -> str | None:
     return config._attn_implementation
 
 
+def rotary_prefix(rot) -> str:
+    """The attribute prefix of the scaled rotary tables: "" for one table (``inv_freq``, ``attention_scaling``), or
+    "full_attention_" where a module keeps one table per layer type (Gemma 3 in transformers 5.x:
+    ``full_attention_inv_freq``, ``sliding_attention_inv_freq``; models/gemma3/modeling_gemma3.py)."""
+    return "full_attention_" if "full_attention" in (getattr(rot, "layer_types", None) or ()) else ""
+
+
+def rotary_table(rot, layer_type: str | None = None):
+    """(inv_freq, attention_scaling) a transformers rotary module uses for ``layer_type`` (None: the scaled one)."""
+    p = f"{layer_type}_" if layer_type else rotary_prefix(rot)
+    return getattr(rot, f"{p}inv_freq"), float(getattr(rot, f"{p}attention_scaling", 1.0))
+
+
 def set_rotary_frequencies(rot, inv_freq, attention_scaling: float) -> None:
     """Make a transformers rotary embedding module (``LlamaRotaryEmbedding`` and kin) compute cos/sin from
     ``inv_freq`` times ``attention_scaling`` at every position, in place: its ``inv_freq`` buffer and
     ``attention_scaling``, which its forward reads, and the bookkeeping of ``dynamic_rope_update``
     (transformers modeling_rope_utils.py): ``original_inv_freq`` (restored inside the original window),
-    ``rope_type`` "default" (no dynamic update at all) and the cached ``long_inv_freq`` dropped."""
-    rot.inv_freq.copy_(inv_freq.to(rot.inv_freq.device, rot.inv_freq.dtype))
-    if isinstance(getattr(rot, "original_inv_freq", None), type(rot.inv_freq)):
-        rot.original_inv_freq.copy_(inv_freq.to(rot.original_inv_freq.device, rot.original_inv_freq.dtype))
-    rot.attention_scaling = attention_scaling
-    rot.rope_type = "default"
-    if hasattr(rot, "long_inv_freq"):
-        del rot.long_inv_freq
+    ``rope_type`` "default" (no dynamic update at all) and the cached ``long_inv_freq`` dropped.  A module with one
+    table per layer type has its scaled (full-attention) table set."""
+    p = rotary_prefix(rot)
+    buf = getattr(rot, f"{p}inv_freq")
+    buf.copy_(inv_freq.to(buf.device, buf.dtype))
+    orig = getattr(rot, f"{p}original_inv_freq", None)
+    if isinstance(orig, type(buf)):
+        orig.copy_(inv_freq.to(orig.device, orig.dtype))
+    setattr(rot, f"{p}attention_scaling", attention_scaling)
+    if p:
+        rot.rope_type[p[:-1]] = "default"
+    else:
+        rot.rope_type = "default"
+    if hasattr(rot, f"{p}long_inv_freq"):
+        delattr(rot, f"{p}long_inv_freq")
 
 
 @contextlib.contextmanager
@@ -145,17 +165,53 @@ def rotary_frequencies_replaced(rot, inv_freq) -> Iterator:
     [n_pairs]), and afterwards as before: its ``inv_freq`` buffer and the ``original_inv_freq`` / cached
     ``long_inv_freq`` that ``dynamic_rope_update`` (transformers modeling_rope_utils.py) switches between by sequence
     length are replaced, then put back.  A longrope module that has not yet run past its original window has no
-    cached ``long_inv_freq``, and computes its own there."""
-    saved = (rot.inv_freq.clone(), getattr(rot, "original_inv_freq", None), getattr(rot, "long_inv_freq", None))
+    cached ``long_inv_freq``, and computes its own there.  A module with one table per layer type has its scaled
+    (full-attention) table replaced."""
+    p = rotary_prefix(rot)
+    names = (f"{p}inv_freq", f"{p}original_inv_freq", f"{p}long_inv_freq")
+    saved = (getattr(rot, names[0]).clone(), getattr(rot, names[1], None), getattr(rot, names[2], None))
     try:
-        rot.inv_freq = inv_freq.clone()
-        rot.original_inv_freq = inv_freq.clone()
+        setattr(rot, names[0], inv_freq.clone())
+        setattr(rot, names[1], inv_freq.clone())
         if saved[2] is not None:
-            rot.long_inv_freq = inv_freq.clone()
+            setattr(rot, names[2], inv_freq.clone())
         yield rot
     finally:
-        rot.inv_freq = saved[0]
+        setattr(rot, names[0], saved[0])
         if saved[1] is not None:
-            rot.original_inv_freq = saved[1]
+            setattr(rot, names[1], saved[1])
         if saved[2] is not None:
-            rot.long_inv_freq = saved[2]
+            setattr(rot, names[2], saved[2])
+
+@contextlib.contextmanager
+def rotary_computed_from(rot, inv_freq, attention_scaling) -> Iterator:
+    """For the duration of the block a transformers rotary embedding module returns cos/sin computed from the given
+    tensors, differentiably: ``inv_freq`` (float [n_pairs]) and ``attention_scaling`` (a number or a 0-d tensor) may
+    require grad, and the model's loss then reaches them through every attention layer.  The module's own forward
+    reads its ``inv_freq`` buffer through ``dynamic_rope_update`` (and, in transformers 4.x, under
+    ``torch.no_grad``), so no gradient leaves it; this replaces the instance's ``forward`` with the computation of
+    ``LlamaRotaryEmbedding.forward`` (transformers models/llama/modeling_llama.py: angles position x inv_freq in
+    float32, the pair halves concatenated, cos and sin times the scaling, cast to the input's dtype), the layout
+    every decoder's ``apply_rotary_pos_emb`` reads, and puts the class's forward back afterwards.  A module with one
+    table per layer type (Gemma 3) computes its scaled (full-attention) table so and the others as before."""
+    import torch
+
+    p = rotary_prefix(rot)
+    scaled = p[:-1] if p else None
+    own = rot.forward
+
+    def forward(x, position_ids, *args, **kwargs):
+        layer_type = args[0] if args else kwargs.get("layer_type")
+        if scaled is not None and layer_type is not None and layer_type != scaled:
+            return own(x, position_ids, *args, **kwargs)
+        freqs = position_ids[..., None].float() * inv_freq.to(device=x.device, dtype=torch.float)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = emb.cos() * attention_scaling
+        sin = emb.sin() * attention_scaling
+        return cos.to(dtype=x.dtype), sin.to(dtype=x.dtype)
+
+    rot.forward = forward
+    try:
+        yield rot
+    finally:
+        del rot.forward

@@ -12,7 +12,8 @@ Families:
            the selection rule.  ``dprope`` is the project default: the variant that measured best (README).
   search   methods that measure the model, through a callable the pipeline supplies, so not standalone
            (``available_methods(standalone=True)`` leaves them out): LongRoPE's evolutionary search
-           (``longrope-search``, :mod:`dprope.search`, a ``fitness``) and DPE's needle sweep of per-group scales
+           (``longrope-search``, :mod:`dprope.search`, a ``fitness``), the same objective descended by gradient
+           (``dprope-fit``, :mod:`dprope.fit`, a ``loss_and_grad``) and DPE's needle sweep of per-group scales
            (``dpe``, :mod:`dprope.dpe`, a ``scorer``).
 """
 
@@ -209,6 +210,55 @@ register_method("longrope-search", "LongRoPE's evolutionary search of per-pair f
                 bins=DEFAULT_BINS, **_search_defaults())(_longrope_search)
 
 
+# Options of the loss the pipeline builds for `dprope-fit` (convert/evaluate/fit.py): declared here so that recipes,
+# --opt and the report carry them; the fit itself (dprope/fit.py) reads only the FitConfig fields.
+FIT_LOSS_OPTIONS = dict(corpus=None, samples=1, length=None, score_from=None, batch=None, seed=0, dtype="auto",
+                        device="auto", gradient_checkpointing=True, loss_chunk=1024)
+
+
+def _dprope_fit(ctx, *, loss_and_grad=None, state_path=None, progress=None, write_state=True, bins=DEFAULT_BINS,
+                **options):
+    """Per-pair factors fitted by gradient (:func:`dprope.fit.fit`); scored by the angle-distribution disturbance
+    like every method; params["search"] holds the trace (the loss per step) in the form a search's takes."""
+    if loss_and_grad is None:
+        raise DPRoPEError(
+            "dprope-fit needs loss_and_grad: a callable loss_and_grad(log_factors, temperature, step) -> (loss, "
+            "gradient of the log-factors, gradient of the temperature or None) that runs the model with those "
+            "factors on long text (the next-token loss past the original window). Pass it as an option, "
+            "run_method('dprope-fit', ctx, loss_and_grad=my_loss, budget_steps=N), or use dprope.fit.fit(ctx, "
+            "my_loss, FitConfig(...)); on the command line, `dprope extend MODEL OUT --method dprope-fit --budget "
+            "STEPS` builds one that runs the model (convert/evaluate/fit.py)")
+    if not callable(loss_and_grad):
+        raise DPRoPEError(f"loss_and_grad must be callable, got {type(loss_and_grad).__name__}")
+    from .fit import FitConfig, config_fields, fit
+
+    names = set(config_fields())
+    cfg = FitConfig(**{k: v for k, v in options.items() if k in names})
+    res = fit(ctx, loss_and_grad, cfg, state_path=state_path, progress=progress, write_state=write_state)
+    r = _compute(ctx, candidates=[], extra_candidates={"dprope-fit": res.factors}, bins=int(bins))
+    r.temperature = float(res.temperature)
+    r.params["search"] = {"kind": "fit", "fitness": res.loss, "evals": res.steps, "stopped": res.stopped,
+                          "trace": res.trace, "config": res.config, "critical_pair": None, "elapsed": res.elapsed,
+                          "best_step": res.best_step, "init": res.init, "fixed_pairs": res.fixed_pairs}
+    return r
+
+
+def _fit_defaults() -> dict[str, Any]:
+    from dataclasses import fields
+
+    from .fit import FitConfig
+
+    return {f.name: f.default for f in fields(FitConfig)}
+
+
+register_method("dprope-fit", "per-pair factors fitted by gradient, the weights frozen: Adam on the log-factors "
+                "against the next-token loss past the original window on long text, from the default's factors, "
+                "monotone within 1..1+s as LongRoPE's search; needs a loss callable that runs the model "
+                "(LongRoPE's objective, Ding et al. 2024, descended instead of searched)", "search",
+                loss_and_grad=None, state_path=None, progress=None, write_state=True, bins=DEFAULT_BINS,
+                **_fit_defaults(), **FIT_LOSS_OPTIONS)(_dprope_fit)
+
+
 # ----------------------------------------------------------------------------------------------- DPE
 # Options of the needle scorer the pipeline builds for `dpe` (convert/evaluate/needle.py): declared here so that recipes,
 # --opt and the report carry them; the detection itself reads only groups, held, multipliers and min_scale.
@@ -268,8 +318,27 @@ def _load_factors(value: Any) -> list[float]:
     return [float(x) for x in data]
 
 
-def _given(ctx, *, long=None, temperature="none", bins=DEFAULT_BINS):
-    """Factors given as they are (a search's result found elsewhere, a paper's table), scored like every method."""
+def _file_provenance(value: Any) -> str | None:
+    """Where a factors file says its factors came from: its "provenance" or "found_with" string, if any."""
+    import json
+    from pathlib import Path
+
+    if isinstance(value, (list, tuple)) or not Path(str(value)).is_file():
+        return None
+    try:
+        data = json.loads(Path(str(value)).read_text())
+    except ValueError:
+        return None
+    if not isinstance(data, dict):
+        return None
+    text = data.get("provenance") or data.get("found_with")
+    return str(text) if text else None
+
+
+def _given(ctx, *, long=None, temperature="none", bins=DEFAULT_BINS, provenance=None):
+    """Factors given as they are (a search's result found elsewhere, a paper's table), scored like every method.
+    ``provenance``: where they came from (method, corpus, budget, seed, hardware), carried into the report and the
+    model card; by default the file's own "provenance" or "found_with" string."""
     import torch
 
     if long is None:
@@ -283,9 +352,12 @@ def _given(ctx, *, long=None, temperature="none", bins=DEFAULT_BINS):
     r = _compute(ctx, candidates=[], extra_candidates={"given": torch.tensor(vals, dtype=torch.float32)},
                  bins=int(bins))
     r.temperature = _temp(temperature, ctx)
+    prov = provenance if provenance not in (None, "") else _file_provenance(long)
+    if prov:
+        r.params["provenance"] = str(prov)
     return r
 
 
 register_method("factors", "per-pair factors given as they are (long=[...] or a JSON file / config.json with "
                 "long_factor), e.g. a search's result from another machine; scored like every method", "given",
-                long=None, temperature="none", bins=DEFAULT_BINS)(_given)
+                long=None, temperature="none", bins=DEFAULT_BINS, provenance=None)(_given)

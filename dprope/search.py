@@ -373,7 +373,9 @@ def search(ctx: RopeContext, fitness: Fitness, config: SearchConfig | None = Non
     """Run (or resume, when ``state_path`` holds a state) LongRoPE's evolutionary search.
 
     fitness(factors: float32 [n_pairs], temperature: float) -> float, lower is better; non-finite values count as
-    +inf.  progress(entry) is called with each trace entry.  An exception from ``fitness`` (Ctrl-C included)
+    +inf.  A fitness with a method ``evaluate_many([(factors, temperature), ...]) -> [float, ...]`` gets each
+    generation's individuals in one call (in the order one-at-a-time calls would take them, so the search ends the
+    same), for a fitness that scores them in parallel.  progress(entry) is called with each trace entry.  An exception from ``fitness`` (Ctrl-C included)
     saves the state and propagates; call again with the same ``state_path`` to continue.
     """
     cfg = config or SearchConfig()
@@ -395,6 +397,9 @@ def search(ctx: RopeContext, fitness: Fitness, config: SearchConfig | None = Non
               "ctx": _ctx_dict(ctx), "evals": 0, "elapsed": 0.0, "cache": {}, "population": [], "survivors": [],
               "pending": None, "trace": []}
     cache: dict[str, float | None] = st["cache"]
+    # a fitness that scores several individuals at once (spread over processes): each generation goes to it whole
+    many = getattr(fitness, "evaluate_many", None)
+    many = many if callable(many) else None
     started = time.monotonic() - float(st["elapsed"])
     since_save = 0
 
@@ -427,20 +432,27 @@ def search(ctx: RopeContext, fitness: Fitness, config: SearchConfig | None = Non
                 st["pending"] = [_kstr(k) for k in pending]
                 st["rng"] = rng.bit_generator.state
                 snapshot()
-            for k in st["pending"]:
-                if k in cache:
-                    continue
+            todo = [k for k in dict.fromkeys(st["pending"]) if k not in cache]
+            while todo:
                 if cfg.budget_evals is not None and st["evals"] >= cfg.budget_evals:
                     stopped = "budget_evals"
                     break
                 if cfg.budget_seconds is not None and time.monotonic() - started >= cfg.budget_seconds:
                     stopped = "budget_seconds"
                     break
-                factors, temp = space.expand(_kparse(k))
-                v = float(fitness(factors, temp))
-                cache[k] = v if math.isfinite(v) else None
-                st["evals"] += 1
-                since_save += 1
+                if many is None:
+                    batch = todo[:1]
+                    values = [fitness(*space.expand(_kparse(batch[0])))]
+                else:  # the rest of the generation at once, within the evaluation budget
+                    room = len(todo) if cfg.budget_evals is None else cfg.budget_evals - st["evals"]
+                    batch = todo[:room]
+                    values = list(many([space.expand(_kparse(k)) for k in batch]))
+                for k, v in zip(batch, values):
+                    v = float(v)
+                    cache[k] = v if math.isfinite(v) else None
+                    st["evals"] += 1
+                    since_save += 1
+                todo = todo[len(batch):]
                 if since_save >= cfg.save_every:
                     snapshot()
                     since_save = 0

@@ -273,6 +273,55 @@ def test_rotary_frequencies_replaced_for_a_block_then_restored():
     assert not _rotates_by(rot, plain, rot.attention_scaling)
 
 
+def test_rotary_computed_from_tensors_is_the_module_s_own_computation_with_gradients():
+    """For the same frequencies and multiplier the patched forward returns the module's own cos/sin (set in place
+    with set_rotary_frequencies), in the input's dtype; gradients reach the tensors; the class's forward is back
+    afterwards."""
+    import torch
+
+    rot = _longrope_rotary()
+    pos = torch.tensor([[3, 10, 200, 255]])
+    x = torch.zeros(1, 4, HEAD_DIM, dtype=torch.bfloat16)
+    inv = (_plain_inv_freq() / torch.linspace(1, 4, HEAD_DIM // 2)).requires_grad_(True)
+    scale = torch.tensor(1.25, dtype=torch.float64, requires_grad=True)
+    with compat.rotary_computed_from(rot, inv, scale):
+        cos, sin = rot(x, pos)
+        (cos.float().sum() + sin.float().sum()).backward()
+    assert cos.dtype == torch.bfloat16 and inv.grad is not None and scale.grad is not None
+    assert bool((inv.grad != 0).all())
+    compat.set_rotary_frequencies(rot, inv.detach(), 1.25)
+    with torch.no_grad():
+        own = rot(x, pos)
+    assert all(torch.equal(a, b) for a, b in zip(own, (cos, sin)))
+    assert "forward" not in vars(rot)  # the instance's patch is gone
+    # the gradient is the calculus one: d/d inv_i of sum cos + sin over both halves and every position
+    p = pos[0].double()[:, None]
+    want = (2 * 1.25 * p * (-(p * inv.detach().double()).sin() + (p * inv.detach().double()).cos())).sum(0)
+    assert torch.allclose(inv.grad.double(), want, rtol=0.05, atol=0.5)
+
+
+def test_rotary_computed_from_leaves_the_unscaled_table_of_a_gemma3_module():
+    import torch
+    from transformers import Gemma3TextConfig
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RotaryEmbedding
+
+    cfg = Gemma3TextConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=HEAD_DIM,
+                           num_hidden_layers=2, vocab_size=64, max_position_embeddings=256,
+                           layer_types=["sliding_attention", "full_attention"])
+    rot = Gemma3RotaryEmbedding(cfg)
+    if compat.rotary_prefix(rot) != "full_attention_":
+        pytest.skip("this transformers keeps one rotary table per module")
+    x, pos = torch.zeros(1, 2, HEAD_DIM), torch.tensor([[5, 100]])
+    with torch.no_grad():
+        sliding = rot(x, pos, "sliding_attention")
+    inv = _plain_inv_freq() / 7.0
+    with torch.no_grad(), compat.rotary_computed_from(rot, inv, 1.5):
+        assert all(torch.equal(a, b) for a, b in zip(rot(x, pos, "sliding_attention"), sliding))
+        cos, _ = rot(x, pos, "full_attention")
+    angle = torch.cat([inv, inv]).double() * 100
+    assert torch.allclose(cos[0, 1].double(), angle.cos() * 1.5, atol=1e-5)
+
+
 # ------------------------------------------------------------------------------------------- one list per concept
 def test_stage_and_gguf_type_lists_are_the_canonical_ones():
     import typing
@@ -419,5 +468,5 @@ def test_the_private_api_check_passes_public_and_own_names(snippet):
 def test_the_private_api_check_sees_every_private_use_compat_wraps():
     found = "\n".join(private_uses((ROOT / "convert" / "compat.py").read_text(), "convert/compat.py"))
     for use in ("lm_eval.tasks._yaml_loader", "from llama_cpp import _logger", "AttentionInterface._global_mapping",
-                "config._attn_implementation", "rope._freqs", "__globals__", "rot.long_inv_freq"):
+                "config._attn_implementation", "rope._freqs", "__globals__"):
         assert use in found, f"{use} not seen in convert/compat.py:\n{found}"

@@ -227,13 +227,13 @@ def _with_config(src: Path, dst: Path, **rope_scaling) -> Path:
 
 
 def test_temperature_travels_to_llama_cpp_with_rope_freqs(tiny_models, tmp_path):
-    """A method's attention temperature: attention_factor + short/long_mscale in config.json, and
+    """A method's attention temperature: attention_factor in config.json, and
     rope.scaling.attn_factor next to rope_freqs.weight in the GGUF, which llama.cpp applies (parity past the
     window); the same GGUF without the key runs a different model (negative control)."""
     ckpt = bake(open_source(tiny_models[("llama", False)]), tmp_path / "ext",
                 make_plan("pi", TARGET, options={"temperature": 1.3}), progress=False)
     rs = json.loads((ckpt / "config.json").read_text())["rope_scaling"]
-    assert rs["attention_factor"] == rs["short_mscale"] == rs["long_mscale"] == pytest.approx(1.3)
+    assert rs["attention_factor"] == pytest.approx(1.3)
     ids = _ids()
     ref = hf_logits(ckpt, ids)
     gg = export_gguf(ckpt, tmp_path / "t.gguf", "f32", progress=False)
@@ -243,7 +243,7 @@ def test_temperature_travels_to_llama_cpp_with_rope_freqs(tiny_models, tmp_path)
     got, _ = llama_cpp_logits(gg, ids, TARGET)
     assert max_abs_diff(ref, got) < F32_TOL
     # negative control: the same factors, no temperature key
-    plain = _with_config(ckpt, tmp_path / "no-t", attention_factor=1.0, short_mscale=1.0, long_mscale=1.0)
+    plain = _with_config(ckpt, tmp_path / "no-t", attention_factor=1.0)
     gg0 = export_gguf(plain, tmp_path / "no-t.gguf", "f32", progress=False)
     assert "llama.rope.scaling.attn_factor" not in gguf_fields(gg0)[0]
     bad, _ = llama_cpp_logits(gg0, ids, TARGET)

@@ -97,3 +97,70 @@ def test_bad_files_are_refused_naming_the_problem(f32_gguf, tmp_path):
         open_llama(junk, 64)
     with pytest.raises(ConvertError, match="KV cache type 'q4' is not offered"):
         LlamaCppOptions(kv_cache="q4")
+
+
+@pytest.mark.parametrize("flash_attn", [False, True])
+def test_a_kept_prefix_is_not_decoded_again_and_changes_no_number(f32_gguf, flash_attn):
+    """Decoder.reuse keeps the cached prefix two sequences share (cut to a multiple of n_ubatch) and forgets the rest;
+    the rows decoded after it equal a decode from an empty cache bit for bit, with the fused attention (whose sums
+    depend on how a ubatch's rows are tiled) as without it."""
+    a, b = _ids(), _ids()
+    b[100:] = _ids(N - 100, seed=1)  # shares its first 100 tokens with a
+    opts = LlamaCppOptions(kv_cache="f16", flash_attn=flash_attn, n_ubatch=16)
+    llm = open_llama(f32_gguf, 256, opts)
+    d = Decoder(llm)
+    try:
+        d.clear()
+        fresh = np.concatenate([r.copy() for _, r in d.decode(b)])
+        assert d.n_calls == N // 16 + 1  # all rows asked for: n_ubatch rows per call
+        d.clear()
+        list(d.decode(a, 0, np.zeros(N, dtype=bool)))
+        assert d.held == a
+        before = d.n_decoded
+        k = d.reuse(b)
+        assert k == 96 and d.held == a[:96]  # 100 shared, cut to 6 ubatches of 16
+        got = np.concatenate([r.copy() for _, r in d.decode(b[k:], k)])
+        assert d.n_decoded - before == N - 96 and d.held == b
+        assert np.array_equal(got, fresh[96:])
+        # the whole sequence again: all of it is kept but the last ubatch, at most `most` tokens
+        assert d.reuse(b, most=N - 1) == (N - 1) // 16 * 16
+        # a failed decode (llama.cpp refuses a gap after cached positions) leaves the cache's contents unknown:
+        # nothing is kept then, and the memory is cleared
+        with pytest.raises(ConvertError, match="llama_decode returned"):
+            list(d.decode([5], 200))
+        assert d.held is None and d.reuse(b) == 0 and d.held == []
+        assert np.array_equal(np.concatenate([r.copy() for _, r in d.decode(b)]), fresh)
+    finally:
+        d.close()
+        llm.close()
+
+
+def test_a_prompt_goes_in_one_call_with_only_its_last_row(f32_gguf):
+    llm = open_llama(f32_gguf, 256, LlamaCppOptions(kv_cache="f32", n_ubatch=16))
+    d = Decoder(llm)
+    try:
+        assert d.n_batch == 256 and d.n_ubatch == 16  # n_batch defaults to the context
+        last = np.zeros(N, dtype=bool)
+        last[-1] = True
+        d.clear()
+        parts = [(i.copy(), r.copy()) for i, r in d.decode(_ids(), 0, last)]
+        assert d.n_calls == 1 and [i.tolist() for i, _ in parts] == [[N - 1]] and parts[0][1].shape == (1, 512)
+        # rows asked for anywhere: calls cut at ubatch edges, never more than n_ubatch rows at once
+        some = np.zeros(N, dtype=bool)
+        some[[3, 40, 41, 42, 149]] = True
+        some[60:100] = True
+        d.clear()
+        sizes = [len(i) for i, _ in d.decode(_ids(), 0, some)]
+        assert sum(sizes) == int(some.sum()) and max(sizes) <= 16
+    finally:
+        d.close()
+        llm.close()
+
+
+def test_options_flash_attention_follows_the_cache_type_and_batch_sizes_are_part_of_the_key():
+    assert LlamaCppOptions().flash_attn is True and LlamaCppOptions(kv_cache="f32").flash_attn is False
+    assert LlamaCppOptions(kv_cache="f32", flash_attn=True).flash_attn is True
+    key = LlamaCppOptions(n_threads=3).key()
+    assert key == {"kv_cache": "f16", "flash_attn": True, "n_batch": None, "n_ubatch": 512}
+    with pytest.raises(ConvertError, match="must be positive"):
+        LlamaCppOptions(n_ubatch=0)

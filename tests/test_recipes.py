@@ -21,7 +21,7 @@ SHIPPED = sorted((ROOT / "recipes").glob("*/*.yaml"))
 def test_the_recipes_the_issue_names_are_shipped():
     names = {f"{p.parent.name}/{p.stem}" for p in SHIPPED}
     assert {"smollm2/135m_16k", "smollm2/135m_32k", "llama2/7b_8k", "llama2/7b_16k", "llama3/8b_32k",
-            "mistral/7b_32k", "qwen2/7b_32k"} <= names
+            "mistral/7b_32k", "qwen2/7b_32k", "smollm2/135m_32k_searched"} <= names
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=[f"{p.parent.name}/{p.stem}" for p in SHIPPED])
@@ -210,7 +210,8 @@ def test_recipes_accept_every_registered_method_and_plugin_candidates(tmp_path):
     from convert.stages.search import is_search
 
     for name in available_methods():
-        method = {"name": name, **({"options": {"budget_evals": 8}} if is_search(name) else {})}  # a search: a budget
+        budget = "budget_steps" if name == "dprope-fit" else "budget_evals"  # the fit's budget is in steps
+        method = {"name": name, **({"options": {budget: 8}} if is_search(name) else {})}  # a search: a budget
         r = load_recipe(ROOT / "recipes/smollm2/135m_16k.yaml", {"method": method})
         assert r.method.name == name
     plugin = tmp_path / "my_candidates.py"

@@ -68,33 +68,35 @@ def test_config_carries_every_key_the_runtimes_read(outputs, case):
     rs = cfg["rope_scaling"]
     t = _temperature(case[1])
     assert rs["type"] == rs["rope_type"] == "longrope"  # ExLlamaV2 and MLX-lm read `type`, the others rope_type
-    assert rs["attention_factor"] == rs["short_mscale"] == rs["long_mscale"] == pytest.approx(t)
+    assert rs["attention_factor"] == pytest.approx(t)
+    assert "short_mscale" not in rs and "long_mscale" not in rs  # transformers 5.x warns on them at every load
     assert cfg["original_max_position_embeddings"] == rs["original_max_position_embeddings"] == ORIGINAL
     assert cfg["max_position_embeddings"] == TARGET and cfg["head_dim"] == 16 and cfg["rope_theta"] == 10000.0
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_vllm_reads_our_factors_temperature_and_context(outputs, case):
-    cfg = _cfg(outputs[case] / "hf")
+    cfg, port = _cfg(outputs[case] / "hf"), _cfg(outputs[case] / "export" / PORTABLE_DIR)
     t, long = _temperature(case[1]), cfg["rope_scaling"]["long_factor"]
     r = vllm_reads(cfg, max_model_len=TARGET)
     assert (r.rope, r.factors, r.context, r.original, r.theta) == ("longrope", long, TARGET, ORIGINAL, 10000.0)
-    assert r.scale == pytest.approx(t) and not r.notes  # long_mscale, not its default
+    # vLLM reads no attention_factor: its default on hf/, the method's temperature on the portable copy
+    assert r.scale == pytest.approx(DEFAULT_T) and "long_mscale missing" in r.notes[0]
+    p = vllm_reads(port, max_model_len=TARGET)
+    assert p.factors == long and p.scale * qk_fold(port) == pytest.approx(t)
     # the pitfall: without --max-model-len recent vLLM caps a longrope model at the original window
     r = vllm_reads(cfg)
-    assert r.context == ORIGINAL and r.scale == pytest.approx(t) and "defaults to 64" in r.notes[0]
-    # without our mscale keys vLLM would apply its default, not the method's temperature
-    rs = {k: v for k, v in cfg["rope_scaling"].items() if not k.endswith("_mscale")}
-    assert vllm_reads({**cfg, "rope_scaling": rs}, TARGET).scale == pytest.approx(DEFAULT_T)
+    assert r.context == ORIGINAL and "defaults to 64" in r.notes[0]
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_sglang_reads_our_factors_temperature_and_context(outputs, case):
-    cfg = _cfg(outputs[case] / "hf")
+    cfg, port = _cfg(outputs[case] / "hf"), _cfg(outputs[case] / "export" / PORTABLE_DIR)
     t, rs = _temperature(case[1]), cfg["rope_scaling"]
     past, inside = sglang_reads(cfg, TARGET - 1), sglang_reads(cfg, ORIGINAL - 1)
     assert past.factors == rs["long_factor"] and inside.factors == rs["short_factor"]
-    assert past.scale == inside.scale == pytest.approx(t)
+    assert past.scale == pytest.approx(DEFAULT_T)
+    assert sglang_reads(port, TARGET - 1).scale * qk_fold(port) == pytest.approx(t)
     assert past.context == TARGET and past.original == ORIGINAL
     # without rope_scaling.original_max_position_embeddings SGLang multiplies the context by `factor`
     cut = {k: v for k, v in rs.items() if k != "original_max_position_embeddings"}
@@ -130,7 +132,7 @@ def test_portable_copy_is_the_same_model_in_transformers(outputs, case):
     t = _temperature(case[1])
     cfg = _cfg(port)
     assert config_temperature(cfg) == pytest.approx(DEFAULT_T) and qk_fold(cfg) == pytest.approx(t / DEFAULT_T)
-    assert cfg["rope_scaling"]["long_mscale"] == cfg["rope_scaling"]["short_mscale"] == pytest.approx(DEFAULT_T)
+    assert cfg["rope_scaling"]["attention_factor"] == pytest.approx(DEFAULT_T) and "long_mscale" not in cfg["rope_scaling"]
     assert portable_split(cfg) is None  # the copy already carries the default
     manifest = json.loads((outputs[case] / "export" / "manifest.json").read_text())
     assert manifest["portable"]["qk_scale"] == pytest.approx(t / DEFAULT_T)
@@ -211,17 +213,11 @@ def test_mlx_parity_fails_on_the_hf_directory_naming_the_temperature(outputs, ca
     assert res.exit_code == 1
     t = _temperature(case[1])
     assert f"MLX applies cos/sin scale {DEFAULT_T:.6g}, config temperature {t:.6g}" in res.output
-    assert "does not pass long_mscale" in res.output and "hf-portable" in res.output
+    assert "reads no attention_factor" in res.output and "hf-portable" in res.output
 
 
 @needs_mlx
-def test_mlx_parity_fails_without_long_mscale_and_on_rope_parameters_only(outputs, tmp_path):
-    ck = tmp_path / "hf"
-    shutil.copytree(outputs[("llama", "yarn")] / "hf", ck)
-    cfg = _cfg(ck)
-    edit_config(ck, rope_scaling={k: v for k, v in cfg["rope_scaling"].items() if k != "long_mscale"})
-    c = _mlx_check(verify(ck, write=False))
-    assert not c.ok and "long_mscale missing" in c.detail and "its default" in c.detail
+def test_mlx_parity_fails_on_rope_parameters_only(outputs, tmp_path):
     # a transformers 5 re-save keeps only rope_parameters: mlx-lm reads rope_scaling, so it runs plain RoPE
     port = tmp_path / "port"
     shutil.copytree(outputs[("llama", "yarn")] / "export" / PORTABLE_DIR, port)

@@ -232,3 +232,46 @@ def test_recipe_validates_the_checkpoint_and_its_gguf_and_the_card_shows_both(ti
     recipe.write_text("# make tiny\n" + yaml.safe_dump(data))
     s = run_recipe(recipe, run_dir, echo=lambda *_: None)
     assert s["stages"]["validate"] == "run" and not (run_dir / "validation" / "f32").exists()
+
+
+@pytest.mark.parametrize("kv_cache", ["f32", "f16"])
+def test_generate_until_decodes_a_shared_prefix_once_with_the_same_answers(files, monkeypatch, kv_cache):
+    """Passkey-like prompts (one filler, a key at several depths): requests run in token order, each keeping the
+    cache of the prefix it shares with the one before, so the shared filler is decoded once; the answers are those
+    of an empty cache for every request (f16: with the fused attention, whose sums depend on the ubatch tiling)."""
+    from pydoc_data.topics import topics
+
+    from convert.evaluate.lmeval_gguf import GGUFLM
+    from convert.runtimes.llamacpp import Decoder
+
+    filler = topics["for"][:400]
+    contexts = [filler[:cut] + f" The key is {key}. " + filler[cut:] + "\nThe key is"
+                for cut, key in [(330, 123), (60, 456), (330, 789), (200, 321)]]
+    reqs = _requests("generate_until", [(c, {"until": ["\n\n"], "max_gen_toks": 6}) for c in contexts])
+    lm = GGUFLM(str(files["ext.gguf"]), max_length=TARGET, kv_cache=kv_cache, n_ubatch=16)
+    try:
+        prompts = [lm.tok_encode(c) for c in contexts]
+        assert 100 < min(map(len, prompts)) and max(map(len, prompts)) <= TARGET - 6  # none truncated
+        d = lm.model.decoder
+        calls = []
+        real = Decoder.decode
+        monkeypatch.setattr(Decoder, "decode", lambda self, t, start=0, outputs=None:
+                            calls.append((start, len(t))) or real(self, t, start, outputs))
+        got = lm.generate_until(reqs, True)
+        prompt_calls = [c for c in calls if c[1] > 1]
+        assert len(prompt_calls) == 4  # one call per prompt: the part after the kept prefix
+        order = sorted(range(4), key=lambda i: prompts[i])
+        for (start, n), i, prev in zip(prompt_calls, order, [None] + order[:-1]):
+            shared = 0 if prev is None else next(j for j, (x, y) in enumerate(zip(prompts[i], prompts[prev]))
+                                                 if x != y)
+            assert start == shared // 16 * 16 and start + n == len(prompts[i])
+        assert sum(n for _, n in prompt_calls) < sum(map(len, prompts)) - 2 * 16
+
+        # the same requests, each from an empty cache, in the order given
+        monkeypatch.setattr(Decoder, "reuse", lambda self, tokens, most=None: self.clear() or 0)
+        calls.clear()
+        want = [lm.generate_until([r], True)[0] for r in reqs]
+        assert [n for _, n in calls if n > 1] == [len(p) for p in prompts]
+        assert got == want and all(want)
+    finally:
+        lm.close()

@@ -119,14 +119,17 @@ def test_verify_checks_the_temperature(good, tmp_path):
     assert "rope.scaling.attn_factor 1 != temperature" in res.output and "parity [hf-f32.gguf" in res.output
 
 
-def test_verify_fails_on_a_config_vllm_would_misread(good, tmp_path):
+def test_verify_fails_on_keys_transformers_warns_about_or_a_wrong_temperature(good, tmp_path):
     ck = tmp_path / "hf"
     shutil.copytree(good / "hf", ck)
     cfg = json.loads((ck / "config.json").read_text())
-    rs = {k: v for k, v in cfg["rope_scaling"].items() if k not in ("short_mscale", "long_mscale")}
-    edit_config(ck, rope_scaling=rs)
+    t = cfg["rope_scaling"]["attention_factor"]
+    edit_config(ck, rope_scaling={**cfg["rope_scaling"], "short_mscale": t, "long_mscale": t})
     res = _run(ck)
-    assert res.exit_code == 1 and "temperature-config" in res.output and "short_mscale missing" in res.output
+    assert res.exit_code == 1 and "rope_scaling.short_mscale present: transformers 5.x warns" in res.output
+    edit_config(ck, rope_scaling={**cfg["rope_scaling"], "attention_factor": 2 * t})
+    res = _run(ck)
+    assert res.exit_code == 1 and "temperature-config" in res.output and "!= temperature" in res.output
 
 
 def test_manifest_describes_the_final_files_and_verify_checks_it(good, tmp_path):

@@ -50,17 +50,37 @@ def tiny_tokenizer(family: str = "gpt-2", vocab_size: int = 512):
                                    unk_token="<|endoftext|>", pad_token="<|endoftext|>")
 
 
-def tiny_config(model_type: str, vocab_size: int = 512, max_pos: int = ORIGINAL, **extra):
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+# every architecture of convert/arch.py, built from transformers' own config classes; "llama3" is a Llama with
+# Llama 3.1's rope scaling (factor 2 over a 32-token original window here), "phi3" a Phi-3 with its own longrope
+# factors (short and long, original window 32)
+TINY_ARCHES = ("llama", "llama3", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3")
 
-    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[model_type]
+
+def tiny_config(model_type: str, vocab_size: int = 512, max_pos: int = ORIGINAL, **extra):
+    import transformers
+
+    cls = {"llama": "LlamaConfig", "llama3": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config",
+           "qwen3": "Qwen3Config", "gemma3_text": "Gemma3TextConfig", "phi3": "Phi3Config"}[model_type]
     kw = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=max_pos,
               bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=(model_type == "llama"))
     if model_type == "mistral":
         kw["sliding_window"] = None
+    if model_type == "llama3":
+        kw["rope_scaling"] = {"rope_type": "llama3", "factor": 2.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                              "original_max_position_embeddings": max_pos // 2}
+    if model_type == "qwen3":
+        kw.update(head_dim=16, tie_word_embeddings=True)
+    if model_type == "gemma3_text":  # Gemma 3's pattern: five sliding layers (window 16, their own base), one global
+        kw.update(head_dim=16, num_hidden_layers=6, sliding_window=16, rope_theta=10000.0,
+                  rope_local_base_freq=1000.0, query_pre_attn_scalar=16)
+    if model_type == "phi3":
+        n = 64 // 4 // 2
+        kw.update(rope_scaling={"type": "longrope", "short_factor": [1.0 + 0.1 * i for i in range(n)],
+                                "long_factor": [1.0 + 0.5 * i for i in range(n)]},
+                  original_max_position_embeddings=max_pos // 2, pad_token_id=0)
     kw.update(extra)
-    return cls(**kw)
+    return getattr(transformers, cls)(**kw)
 
 
 def make_tiny(path: Path, model_type: str = "llama", sharded: bool = False, seed: int = 0,

@@ -401,10 +401,13 @@ def make_fitness(fitness: Any, model_dir: Path, spec: RopeSpec, target_length: i
 
 
 # ------------------------------------------------------------------------------------------- search plans
-# the registered methods this module runs (a search that measures the model through a fitness callable)
-SEARCH_METHODS = ("longrope-search",)
+# the registered methods that measure the model through a callable the pipeline builds: LongRoPE's search (a fitness
+# callable, this module) and the gradient fit (a loss-and-gradient callable, convert/evaluate/fit.py)
+SEARCH_METHODS = ("longrope-search", "dprope-fit")
+FIT_METHOD = "dprope-fit"
 # plan options the pipeline supplies itself
 _INTERNAL = ("progress",)
+_FIT_INTERNAL = ("progress", "loss_and_grad", "state_path", "write_state")
 
 
 def is_search(method: str) -> bool:
@@ -416,6 +419,8 @@ def check_options(method: str, options: Mapping[str, Any]) -> None:
     settings the search rejects."""
     from dprope.search_config import SearchConfig
 
+    if method.lower() == FIT_METHOD:
+        return check_fit_options(options)
     problems = []
     fit = options.get("fitness")
     if not callable(fit):
@@ -450,3 +455,155 @@ def _config_options(options: Mapping[str, Any]) -> dict[str, Any]:
 
     names = {f.name for f in fields(SearchConfig)}
     return {k: v for k, v in options.items() if k in names}
+
+
+def fit_loss_problems(options: Mapping[str, Any]) -> list[str]:
+    """What is wrong with the loss options of a ``dprope-fit`` plan (convert/evaluate/fit.py reads them)."""
+    problems = []
+    for name in ("samples", "loss_chunk"):
+        v = options.get(name)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            problems.append(f"dprope-fit option {name} must be a whole number >= 1, got {v!r}")
+    for name in ("length", "score_from", "batch"):
+        v = options.get(name)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "score_from" else 1)):
+            problems.append(f"dprope-fit option {name} must be a whole number (or unset), got {v!r}")
+    seed = options.get("seed")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        problems.append(f"dprope-fit option seed must be a whole number, got {seed!r}")
+    if options.get("dtype") not in ("auto", "float32", "bfloat16", "float16"):
+        problems.append(f"dprope-fit option dtype must be auto, float32, bfloat16 or float16, got "
+                        f"{options.get('dtype')!r}")
+    dev = options.get("device")
+    if not isinstance(dev, str) or not (dev in ("auto", "cpu") or dev.startswith("cuda")):
+        problems.append(f"dprope-fit option device must be auto, cpu or cuda[:N], got {dev!r}")
+    if not isinstance(options.get("gradient_checkpointing"), bool):
+        problems.append("dprope-fit option gradient_checkpointing must be true or false")
+    corpus = options.get("corpus")
+    if corpus is not None and not isinstance(corpus, str):
+        problems.append(f"dprope-fit option corpus must be a text file's path (or unset: Python's docs), got "
+                        f"{corpus!r}")
+    return problems
+
+
+def check_fit_options(options: Mapping[str, Any]) -> None:
+    """Refuse, with one message naming the fix, a ``dprope-fit`` plan that cannot run: no budget, bad settings."""
+    from dprope.fit import FitConfig, config_fields
+
+    problems = []
+    if options.get("budget_steps") is None and options.get("budget_seconds") is None:
+        problems.append("dprope-fit needs a budget: --budget STEPS (Adam steps, one forward and backward pass over "
+                        "the fit's text each; ~40 at 32k cost about a tenth of LongRoPE's 1,344-evaluation search) "
+                        "and/or --time-budget SECONDS (recipes: method.options budget_steps / budget_seconds)")
+    for k in _FIT_INTERNAL:
+        if k == "write_state":
+            if options.get(k, True) is not True:
+                problems.append("option write_state is supplied by the pipeline; leave it unset")
+        elif options.get(k) is not None:
+            problems.append(f"option {k} is supplied by the pipeline; leave it unset")
+    names = set(config_fields())
+    try:
+        FitConfig(**{k: v for k, v in options.items() if k in names})
+    except (dprope.DPRoPEError, TypeError, ValueError) as e:
+        problems.append(str(e))
+    problems += fit_loss_problems(options)
+    if problems:
+        raise ConvertError("; ".join(problems))
+
+
+# ------------------------------------------------------------------------------------------- several processes
+def process_group() -> tuple[int, int]:
+    """(rank, world size) of this process: a torch.distributed group already set up (a test's, a launcher's), or
+    one set up here over gloo when the environment of a launcher says so (``torchrun`` sets WORLD_SIZE, RANK,
+    MASTER_ADDR and MASTER_PORT); (0, 1) for one process.  Gloo carries the little the fit and the search exchange
+    (a gradient of a few dozen numbers per step, a generation's factors and fitness values) on CPU and GPU machines
+    alike; each process keeps its own model on its own device."""
+    import os
+
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        return 0, 1
+    if not dist.is_initialized():
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            return 0, 1
+        dist.init_process_group("gloo", init_method="env://")
+        log.info("process group: rank %d of %d (gloo)", dist.get_rank(), dist.get_world_size())
+    return dist.get_rank(), dist.get_world_size()
+
+
+def rank_device(device: str) -> str:
+    """``device`` for this process: with several processes on a GPU machine, "cuda" becomes this process's own GPU
+    (``LOCAL_RANK``, as torchrun numbers them)."""
+    import os
+
+    if device == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return device
+
+
+class PopulationFitness:
+    """A fitness spread over a process group: on rank 0, ``evaluate_many`` (which :func:`dprope.search.search`
+    calls with a generation's individuals) sends the individuals to every rank, each rank scores individuals
+    rank, rank + world, ... with its own copy of the model, and rank 0 gathers the values in order; the other ranks
+    run :func:`serve_fitness` meanwhile.  The values are the ones one process would compute (each individual is
+    scored whole, by the same code on the same weights), so the search ends the same for any number of ranks."""
+
+    def __init__(self, fitness, rank: int, world: int):
+        self.fitness, self.rank, self.world = fitness, rank, world
+        self.closed = False
+
+    def __call__(self, factors, temperature: float) -> float:
+        return self.evaluate_many([(factors, temperature)])[0]
+
+    def evaluate_many(self, items) -> list[float]:
+        import torch.distributed as dist
+
+        work = [([float(x) for x in f.tolist()], float(t)) for f, t in items]
+        dist.broadcast_object_list([work], src=0)
+        mine = _score_slice(self.fitness, work, self.rank, self.world)
+        gathered = [None] * self.world
+        dist.gather_object(mine, gathered, dst=0)
+        merged: dict[int, float] = {}
+        for part in gathered:
+            merged.update(part)
+        return [merged[i] for i in range(len(work))]
+
+    def close(self) -> None:
+        """Tell the other ranks the search is over (their serve_fitness returns)."""
+        import torch.distributed as dist
+
+        if not self.closed:
+            dist.broadcast_object_list([None], src=0)
+            self.closed = True
+
+    def identity(self) -> dict:
+        return self.fitness.identity() if hasattr(self.fitness, "identity") else {}
+
+    @property
+    def seconds(self) -> list[float]:
+        return list(getattr(self.fitness, "seconds", []) or [])
+
+
+def _score_slice(fitness, work, rank: int, world: int) -> dict[int, float]:
+    import torch
+
+    return {i: float(fitness(torch.tensor(f, dtype=torch.float32), t))
+            for i, (f, t) in enumerate(work) if i % world == rank}
+
+
+def serve_fitness(fitness, rank: int, world: int) -> int:
+    """The part of a rank other than 0 in a population-parallel search: score its slice of every generation rank 0
+    sends, until rank 0 says the search is over.  Returns the number of individuals it scored."""
+    import torch.distributed as dist
+
+    done = 0
+    while True:
+        box = [None]
+        dist.broadcast_object_list(box, src=0)
+        work = box[0]
+        if work is None:
+            return done
+        mine = _score_slice(fitness, work, rank, world)
+        done += len(mine)
+        dist.gather_object(mine, None, dst=0)

@@ -10,12 +10,16 @@ lm-eval ships no GGUF model that runs without a server (EleutherAI/lm-evaluation
 - ``loglikelihood`` and ``loglikelihood_rolling`` follow lm-eval's ``HFLM`` (lm_eval/models/huggingface.py): the
   same left truncation to ``max_length``, the same rolling windows (``utils.get_rolling_token_windows`` +
   ``make_disjoint_window``), the same prefix token (BOS, else EOS).  Each window is decoded from an empty cache and
-  only the rows that are scored come back from llama.cpp, ``n_batch`` at a time (``convert.runtimes.llamacpp``), so
-  memory holds one batch of logits, never ``n_ctx x n_vocab``.  Per-token log-probabilities are kept by
+  only the rows that are scored come back from llama.cpp, ``n_ubatch`` at a time (``convert.runtimes.llamacpp``), so
+  memory holds one batch of logits, never ``n_ctx x n_vocab``; the tokens before the first scored one go in one
+  ``llama_decode`` call.  Per-token log-probabilities are kept by
   ``doc_id`` (``token_logprobs``) like ``ChunkedHFLM``'s.
 - ``generate_until`` decodes greedily (argmax), stopping at an end-of-generation token, a stop string or
   ``max_gen_toks``, like ``HFLM`` with ``do_sample=False``; prompts are left-truncated to ``max_length -
-  max_gen_toks``.
+  max_gen_toks``.  A prompt goes in one ``llama_decode`` call with only its last row of logits.  Requests are run in
+  the order of their token sequences, and each keeps the KV cache of the prefix it shares with the one before
+  (passkey prompts share their filler up to the key, RULER's the haystack up to the first needle), decoding only
+  from the first differing token; the answers are the same as from an empty cache.
 - Text is tokenised by the GGUF's own tokenizer (llama.cpp), adding BOS where the file says to
   (``tokenizer.ggml.add_bos_token``), as transformers does from the same setting.
 
@@ -77,18 +81,19 @@ class GGUFModel:
         offset = len(inputs) - n
         for idx, rows in self.decoder.decode(inputs, 0, flags):
             j = idx - offset
-            lps[j], greedy[j] = log_softmax_at(rows, tgt[j])
+            lps[j], greedy[j] = log_softmax_at(rows, tgt[j], scratch=True)  # llama.cpp's buffer, read once
         return lps, greedy
 
     def greedy(self, prompt: list[int], max_new: int, stop) -> list[int]:
         """Greedy continuation of ``prompt``: at most ``max_new`` tokens, ending before an end-of-generation token
-        or once ``stop(tokens)`` is true."""
+        or once ``stop(tokens)`` is true.  The cached prefix ``prompt`` shares with what was decoded last is kept;
+        the rest of the prompt (at least its last token, whose logits start the answer) goes in one call."""
         d = self.decoder
-        d.clear()
+        start = d.reuse(prompt, len(prompt) - 1)
         out: list[int] = []
-        flags = np.zeros(len(prompt), dtype=bool)
+        flags = np.zeros(len(prompt) - start, dtype=bool)
         flags[-1] = True
-        rows = [r for _, r in d.decode(prompt, 0, flags)][-1]
+        rows = [r for _, r in d.decode(prompt[start:], start, flags)][-1]
         while len(out) < max_new:
             nxt = int(np.argmax(rows[0]))
             if d.is_eog(nxt):
@@ -100,10 +105,11 @@ class GGUFModel:
         return out
 
 
-def _options(kv_cache: str, flash_attn, n_batch, n_threads) -> LlamaCppOptions:
-    truthy = flash_attn if isinstance(flash_attn, bool) else str(flash_attn).lower() in ("1", "true", "yes")
-    return LlamaCppOptions(kv_cache=str(kv_cache), flash_attn=truthy, n_batch=int(n_batch),
-                           n_threads=int(n_threads) if n_threads else None)
+def _options(kv_cache: str, flash_attn, n_batch, n_ubatch, n_threads) -> LlamaCppOptions:
+    truthy = flash_attn if flash_attn is None or isinstance(flash_attn, bool) else \
+        str(flash_attn).lower() in ("1", "true", "yes", "on")
+    return LlamaCppOptions(kv_cache=str(kv_cache), flash_attn=truthy, n_batch=int(n_batch) if n_batch else None,
+                           n_ubatch=int(n_ubatch), n_threads=int(n_threads) if n_threads else None)
 
 
 @register_model(MODEL_NAME)
@@ -112,12 +118,14 @@ class GGUFLM(TemplateLM):
 
     model_args: ``pretrained`` (a .gguf path, or an open ``GGUFModel`` to share), ``max_length`` (longest scored
     prompt; default n_ctx), ``n_ctx`` (default: the file's context_length, at least max_length), ``kv_cache``
-    (f16 | f32), ``flash_attn``, ``n_batch``, ``n_threads``, ``max_gen_toks``.
+    (f16 | f32), ``flash_attn``, ``n_batch``, ``n_ubatch``, ``n_threads`` (``convert.runtimes.llamacpp``'s
+    ``LlamaCppOptions``), ``max_gen_toks``.
     """
 
     def __init__(self, pretrained: str | Path | GGUFModel, max_length: int | None = None, n_ctx: int | None = None,
-                 kv_cache: str = "f16", flash_attn: bool | str = False, n_batch: int = 512,
-                 n_threads: int | None = None, max_gen_toks: int = 256, batch_size: Any = 1, device: str = "cpu",
+                 kv_cache: str = "f16", flash_attn: bool | str | None = None, n_batch: int | None = None,
+                 n_ubatch: int = 512, n_threads: int | None = None, max_gen_toks: int = 256, batch_size: Any = 1,
+                 device: str = "cpu",
                  **kwargs):
         super().__init__()
         if kwargs:
@@ -128,7 +136,7 @@ class GGUFLM(TemplateLM):
             want = max(int(n_ctx or 0), int(max_length or 0)) or None
             if want is not None and not n_ctx:
                 want = max(want, gguf_context_length(Path(pretrained)))
-            self.model = GGUFModel(pretrained, want, _options(kv_cache, flash_attn, n_batch, n_threads))
+            self.model = GGUFModel(pretrained, want, _options(kv_cache, flash_attn, n_batch, n_ubatch, n_threads))
             self._owns = True
         self._max_length = int(max_length or self.model.n_ctx)
         if self._max_length > self.model.n_ctx:
@@ -207,9 +215,9 @@ class GGUFLM(TemplateLM):
         return rolling_loglikelihoods(self, requests, lambda ids, cont: self.model.score(ids, cont)[0], disable_tqdm)
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        out = []
         eos_text = self.tok_decode([self._eos], special=True)
-        for req in tqdm(requests, desc="generate", leave=False, disable=disable_tqdm or self.rank != 0):
+        jobs = []
+        for req in requests:
             context, gen_kwargs = req.args
             kw = normalize_gen_kwargs(dict(gen_kwargs), self.max_gen_toks)
             if kw.get("do_sample"):
@@ -219,12 +227,16 @@ class GGUFLM(TemplateLM):
             if max_new >= self.max_length:
                 raise ConvertError(f"max_gen_toks {max_new} leaves no room for a prompt in max_length "
                                    f"{self.max_length}")
-            prompt = self.tok_encode(context, left_truncate_len=self.max_length - max_new)
+            jobs.append((self.tok_encode(context, left_truncate_len=self.max_length - max_new), max_new, until))
+        # in token order, so neighbours share the longest prefixes and each keeps its predecessor's cache
+        order = sorted(range(len(jobs)), key=lambda i: jobs[i][0])
+        out: list[str] = [""] * len(jobs)
+        for i in tqdm(order, desc="generate", leave=False, disable=disable_tqdm or self.rank != 0):
+            prompt, max_new, until = jobs[i]
             stops = [u for u in until if u]
             toks = self.model.greedy(prompt, max_new, lambda t: any(u in self.tok_decode(t) for u in stops))
-            s = postprocess_generated_text(self.tok_decode(toks), until, None)
-            out.append(s)
-            self.cache_hook.add_partial("generate_until", (context, gen_kwargs), s)
+            out[i] = postprocess_generated_text(self.tok_decode(toks), until, None)
+            self.cache_hook.add_partial("generate_until", requests[i].args, out[i])
         return out
 
 

@@ -119,8 +119,9 @@ def plot_result(r: DPRoPEResult, path: Path, pairs: tuple[int, int] | None = Non
 
 # ------------------------------------------------------------------------------------------- search trace
 def write_trace(out: Path, result: DPRoPEResult, plot: bool = True) -> list[Path]:
-    """search_trace.json (best and median fitness per iteration, and how the search ran) and search_trace.png in
-    ``out``, for a result that carries a search (``params["search"]``); nothing otherwise."""
+    """search_trace.json (best and median fitness per iteration, and how the search ran; for a gradient fit, the
+    loss per step) and search_trace.png in ``out``, for a result that carries a search (``params["search"]``);
+    nothing otherwise."""
     s = result.params.get("search")
     if not s:
         return []
@@ -128,7 +129,8 @@ def write_trace(out: Path, result: DPRoPEResult, plot: bool = True) -> list[Path
     data = {"method": result.method, "fitness": s.get("fitness_spec"), "best_fitness": s.get("fitness"),
             "evals": s.get("evals"), "stopped": s.get("stopped"), "seconds_per_eval": s.get("seconds_per_eval"),
             "temperature": result.temperature, "critical_pair": s.get("critical_pair"),
-            "config": s.get("config"), "trace": s.get("trace", [])}
+            "config": s.get("config"), "trace": s.get("trace", []),
+            **{k: s[k] for k in ("kind", "best_step", "init", "tokens_per_step", "processes", "device") if k in s}}
     (out / TRACE_JSON).write_text(json.dumps(data, indent=1, default=str) + "\n")
     made = [out / TRACE_JSON]
     if plot:
@@ -138,7 +140,8 @@ def write_trace(out: Path, result: DPRoPEResult, plot: bool = True) -> list[Path
 
 
 def plot_trace(data: dict, path: Path) -> None:
-    """Best and median fitness per iteration (log scale), evaluations on a second axis."""
+    """Best and median fitness per iteration (log scale); for a gradient fit, the loss per step and the best so
+    far."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -146,10 +149,16 @@ def plot_trace(data: dict, path: Path) -> None:
     import matplotlib.ticker
 
     trace = data.get("trace") or []
+    fitted = bool(trace) and "loss" in trace[0]  # a gradient fit (dprope-fit): the loss per step
     fig, ax = plt.subplots(figsize=(7, 4))
-    if trace:
+    finite = lambda xs: [x if x is not None and math.isfinite(x) else float("nan") for x in xs]  # noqa: E731
+    if fitted:
+        steps = [e["step"] for e in trace]
+        ax.plot(steps, finite([e["loss"] for e in trace]), ".-", label="loss at the step")
+        ax.plot(steps, finite([e["best"] for e in trace]), "k--", lw=1, label="best so far")
+        ax.legend()
+    elif trace:
         it = [e["iteration"] for e in trace]
-        finite = lambda xs: [x if x is not None and math.isfinite(x) else float("nan") for x in xs]  # noqa: E731
         ax.plot(it, finite([e["best"] for e in trace]), "o-", label="best")
         ax.plot(it, finite([e["median"] for e in trace]), "s--", label="median")
         ax.set_yscale("log")
@@ -158,9 +167,15 @@ def plot_trace(data: dict, path: Path) -> None:
         ax.text(0.5, 0.5, "stopped before the first iteration finished", ha="center", va="center",
                 transform=ax.transAxes)
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    ax.set_xlabel("iteration (0: the initial population)")
-    ax.set_ylabel(f"fitness ({data.get('fitness') or 'lower is better'})")
-    ax.set_title(f"{data.get('method')}: best {data.get('best_fitness'):.4g} after {data.get('evals')} evaluations "
+    if fitted:
+        ax.set_xlabel("step (Adam on the log-factors; 0: the start)")
+        ax.set_ylabel(f"loss, nats per token ({data.get('fitness') or 'lower is better'})", fontsize=8)
+        unit = "steps"
+    else:
+        ax.set_xlabel("iteration (0: the initial population)")
+        ax.set_ylabel(f"fitness ({data.get('fitness') or 'lower is better'})")
+        unit = "evaluations"
+    ax.set_title(f"{data.get('method')}: best {data.get('best_fitness'):.4g} after {data.get('evals')} {unit} "
                  f"({data.get('stopped')})", fontsize=9)
     ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -11,6 +11,8 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from convert.errors import ConvertError
 from convert.io.files import atomic_dir, cache_root, file_digest
 from convert.arch import RopeSpec, read_config, rope_spec_from_config, rope_spec_from_gguf
@@ -72,19 +74,37 @@ def open_hf_dir(d: Path, allow_pickle: bool = False, kind: str | None = None, gi
     return Source(d, spec, cfg, files, idx, kind or wkind, given or str(d), tensor_names=names)
 
 
+def gguf_source(gguf_path: Path, given: str | None = None) -> Source:
+    """A GGUF opened for extension in place: its RoPE facts from the header, nothing dequantised (``path`` is the
+    file itself; no weight files, no HF config)."""
+    gguf_path = Path(gguf_path)
+    spec = rope_spec_from_gguf(gguf_path)
+    return Source(gguf_path, spec, {}, [], None, "gguf", given or str(gguf_path), gguf_path=gguf_path)
+
+
+def dequantised_bytes(gguf_path: Path) -> int:
+    """The float32 size of a GGUF's tensors: what dequantising it writes (from its header alone)."""
+    from convert.arch import gguf_fields
+
+    _, info = gguf_fields(gguf_path)
+    return sum(4 * int(np.prod([int(x) for x in t.shape])) for t in info.tensors)
+
+
 def gguf_to_hf(gguf_path: Path, cache: Path | None = None) -> Path:
     """Dequantise a GGUF into a cached HF directory (weights, config, tokenizer); reused by later runs."""
     spec = rope_spec_from_gguf(gguf_path)  # refuses unsupported files before any heavy work
     if spec.rope_type != "default":
         raise ConvertError(
             f"{gguf_path} already carries RoPE scaling ({spec.rope_type}); transformers ignores GGUF factor tensors "
-            "when dequantising, so start from the HF checkpoint of this model instead")
+            "when dequantising, so a Hugging Face output would lose them: extend the GGUF in place (an output "
+            "ending in .gguf), or start from the model's HF checkpoint")
     digest = file_digest(gguf_path)[:16]
     dest = (cache or cache_root()) / "gguf" / f"{gguf_path.stem}-{digest}"
     if (dest / "config.json").exists() and (dest / SINGLE_NAME).exists():
         log.info("reusing dequantised %s", dest)
         return dest
-    log.info("dequantising %s into %s (once)", gguf_path, dest)
+    log.warning("dequantising %s to float32 once: about %.2f GB in %s", gguf_path.name,
+                dequantised_bytes(gguf_path) / 1e9, dest)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -28,7 +28,7 @@ from convert.compat import gguf_write_tensor_blocks as _write_raw
 from convert.errors import ConvertError
 from convert.io.files import atomic_file
 from convert.io.gguf_tokenizer import write_tokenizer
-from convert.arch import head_dim_of, lookup_arch, read_config
+from convert.arch import ARCHES, head_dim_of, lookup_arch, read_config
 from convert.names import OUTTYPES, ROPE_LAYOUTS
 
 log = logging.getLogger(__name__)
@@ -264,7 +264,11 @@ def export_gguf(ckpt: Path, out: Path, outtype: str = "f16", rope_layout: str = 
     if out.exists() and not force:
         raise ConvertError(f"{out} already exists; pass --force to replace it")
     cfg = read_config(ckpt)
-    lookup_arch(cfg.get("model_type"), cfg.get("architectures"))
+    arch = lookup_arch(cfg.get("model_type"), cfg.get("architectures"))
+    if not arch.export_gguf:
+        raise ConvertError(f"`dprope export-gguf` writes the llama graph's tensors ({', '.join(a.model_type for a in ARCHES if a.export_gguf)}); "
+                           f"{arch} has its own: convert {ckpt} with llama.cpp's convert_hf_to_gguf.py (its YaRN keys "
+                           "carry over), or extend the model's own GGUF in place (dprope extend MODEL.gguf OUT.gguf)")
     meta = RopeMeta.from_config(cfg)
     tensors = _plan_tensors(ckpt, cfg, outtype)
     n_vocab = int(cfg["vocab_size"])

@@ -8,13 +8,14 @@ and 5.x both read: 5.x converts it (transformers/modeling_rope_utils.py), 4.57 i
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import dprope
 
-from convert.arch import RopeSpec
+from convert.arch import RopeSpec, longrope_default_scale
 from convert.errors import ConvertError
 from convert.io.safetensors_io import safetensors_layout
 from convert.names import FACTORS_FILE
@@ -31,11 +32,16 @@ def attention_factor(spec: RopeSpec, result: DPRoPEResult) -> float:
 
 
 def hf_factors(spec: RopeSpec, result: DPRoPEResult, short: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(long, short) factors relative to the plain base b^(-2i/d), as HF longrope and llama.cpp expect."""
+    """(long, short) factors relative to the plain base b^(-2i/d), as HF longrope and llama.cpp expect.  A longrope
+    base (Phi-3) keeps its own short factors: they serve inside its own original window, where it was trained with
+    them."""
     import torch
 
     long = (spec.prior_factors * result.factors).float()
-    short_t = long.clone() if short == "same" else spec.prior_factors.float().clone()
+    if spec.rope_type == "longrope":
+        short_t = torch.tensor(spec.params.get("short_factor") or spec.params["long_factor"], dtype=torch.float32)
+    else:
+        short_t = long.clone() if short == "same" else spec.prior_factors.float().clone()
     n = spec.head_dim // 2
     for name, t in (("long", long), ("short", short_t)):
         if t.numel() != n or not bool(torch.isfinite(t).all()) or not bool((t > 0).all()):
@@ -44,31 +50,139 @@ def hf_factors(spec: RopeSpec, result: DPRoPEResult, short: str) -> tuple[torch.
     return long, short_t
 
 
+def longrope_window(spec: RopeSpec) -> int:
+    """Where long factors take over from short ones: a longrope base's own original window (Phi-3: 4096), else
+    the window the model is extended from."""
+    if spec.rope_type == "longrope" and spec.params.get("original_max_position_embeddings"):
+        return int(spec.params["original_max_position_embeddings"])
+    return int(spec.original_length)
+
+
+def _base_config(cfg: dict, spec: RopeSpec, plan: Any) -> dict:
+    """The source's config.json without its rope blocks, in the 4.x form both transformers 4.57 and 5.x read:
+    top-level rope_theta (the scaled layers' base), and for Gemma 3 rope_local_base_freq (its sliding layers')."""
+    out = {k: v for k, v in cfg.items() if k not in ("rope_parameters", "rope_scaling", "dprope")}
+    out["rope_theta"] = spec.rope_theta
+    if spec.arch.layers == "global":
+        rp = cfg.get("rope_parameters") or {}
+        local = (rp.get("sliding_attention") or {}).get("rope_theta") or cfg.get("rope_local_base_freq") or 10000.0
+        out["rope_local_base_freq"] = float(local)
+    out["max_position_embeddings"] = plan.target_length
+    out["head_dim"] = spec.head_dim
+    return out
+
+
+def _provenance(spec: RopeSpec, plan: Any, attn: float, form: dict) -> dict:
+    return {"method": plan.method, "options": dict(plan.options), "version": dprope.__version__,
+            "base_rope_type": spec.rope_type, "original_length": spec.original_length,
+            "target_length": plan.target_length, "temperature": attn, **form}
+
+
 def longrope_config(cfg: dict, spec: RopeSpec, plan: Any, long: torch.Tensor, short: torch.Tensor,
                     attn: float) -> dict:
     """config.json in the portable longrope form: 4.x `rope_scaling` + top-level rope_theta, which transformers 4.57
-    and 5.x both read (5.x converts it in transformers/modeling_rope_utils.py; 4.57 ignores `rope_parameters`)."""
-    out = {k: v for k, v in cfg.items() if k not in ("rope_parameters", "rope_scaling", "dprope")}
-    out["rope_theta"] = spec.rope_theta
+    and 5.x both read (5.x converts it in transformers/modeling_rope_utils.py; 4.57 ignores `rope_parameters`).
+
+    No short_mscale / long_mscale: transformers 5.x warns on them on every load (its longrope validation,
+    modeling_rope_utils.py ``_check_received_keys``), and the runtimes that read them (vLLM, SGLang) or apply their
+    own default (MLX-lm, ExLlamaV2) all compute Phi-3's sqrt(1 + ln s / ln L) without them: the default method's
+    temperature is that value, and `dprope export` writes the portable copy for any other."""
+    orig = longrope_window(spec)
+    out = _base_config(cfg, spec, plan)
+    if spec.rope_type == "longrope":
+        # a longrope base (Phi-3): its own config form, which transformers 4.57's Phi3Config insists on (exactly
+        # type, short_factor, long_factor: models/phi3/configuration_phi3.py _rope_scaling_validation) and 5.x reads;
+        # both then scale cos/sin by Phi-3's sqrt(1 + ln(target / original) / ln original), which stands for the
+        # base's own temperature at the new length and the method's
+        default = longrope_default_scale(plan.target_length, orig)
+        out["rope_scaling"] = {"type": "longrope", "long_factor": [float(x) for x in long.tolist()],
+                               "short_factor": [float(x) for x in short.tolist()]}
+        out["original_max_position_embeddings"] = orig
+        out["dprope"] = _provenance(spec, plan, default, {"rope_form": "longrope", "method_temperature": attn})
+        return out
     out["rope_scaling"] = {
         "rope_type": "longrope",
         "type": "longrope",
         "long_factor": [float(x) for x in long.tolist()],
         "short_factor": [float(x) for x in short.tolist()],
-        "factor": plan.target_length / spec.original_length,
-        "original_max_position_embeddings": spec.original_length,
+        "factor": plan.target_length / orig,
+        "original_max_position_embeddings": orig,
         "attention_factor": attn,
-        # vLLM and SGLang ignore attention_factor and read these (vllm/model_executor/layers/rotary_embedding/
-        # phi3_long_rope_scaled_rope.py); MLX-lm's SuScaledRoPE reads long_mscale (mlx_lm/models/rope_utils.py)
-        "short_mscale": attn,
-        "long_mscale": attn,
     }
-    out["original_max_position_embeddings"] = spec.original_length
-    out["max_position_embeddings"] = plan.target_length
-    out["head_dim"] = spec.head_dim
-    out["dprope"] = {"method": plan.method, "options": dict(plan.options), "version": dprope.__version__,
-                     "base_rope_type": spec.rope_type, "target_length": plan.target_length, "temperature": attn}
+    out["original_max_position_embeddings"] = orig
+    out["dprope"] = _provenance(spec, plan, attn, {"rope_form": "longrope"})
     return out
+
+
+def fit_yarn_for(spec: RopeSpec, plan: Any, result: DPRoPEResult, long: torch.Tensor):
+    """The YaRN parametrisation closest to the total factors ``long`` (relative to the plain base), and the
+    angle-distribution disturbance of both (:mod:`dprope`'s criterion, in nats): (fit, {exact_disturbance,
+    fit_disturbance})."""
+    import torch
+
+    from dprope.freqs import RopeContext
+    from dprope.methods import run_method
+    from dprope.yarn_fit import fit_yarn
+
+    fit = fit_yarn(long.double().numpy(), spec.head_dim, spec.rope_theta, spec.original_length,
+                   plan.target_length)
+    rel = torch.tensor(fit.factors, dtype=torch.float32) / spec.prior_factors.float()
+    ctx = RopeContext(spec.inv_freq, spec.rope_theta, spec.original_length, plan.target_length)
+    fit_d = run_method("factors", ctx, long=[float(x) for x in rel.tolist()]).disturbance["selected"]
+    return fit, {"exact_disturbance": float(result.disturbance["selected"]), "fit_disturbance": float(fit_d)}
+
+
+def yarn_temperature(fit) -> float:
+    """The cos/sin scale of a YaRN form: YaRN's own 1 + 0.1 ln f on the scaled layers, as llama.cpp applies it with
+    attn_factor 1 (src/llama-context.cpp, ggml-cpu/ops.cpp rope_yarn), MLX-lm's YarnRoPE computes it, and
+    transformers with attention_factor unset.  A method's own temperature is not carried: llama.cpp's attn_factor
+    would also scale the layers YaRN leaves alone (Gemma 3's sliding ones), and MLX-lm reads no attention_factor."""
+    return 1.0 + 0.1 * math.log(fit.factor)
+
+
+def yarn_config(cfg: dict, spec: RopeSpec, plan: Any, fit, attn: float, exact: dict) -> dict:
+    """config.json with the YaRN block ``fit`` (:func:`dprope.yarn_fit.fit_yarn`) stands for: the one form a GGUF
+    of this arch can carry, so transformers and llama.cpp run the same model.  ``exact``: what the exact method's
+    factors would have been (kept in the provenance block with the fit's error)."""
+    hf_t = yarn_temperature(fit)
+    out = _base_config(cfg, spec, plan)
+    out["rope_scaling"] = {
+        "rope_type": "yarn",
+        "type": "yarn",
+        "factor": float(fit.factor),
+        "original_max_position_embeddings": int(fit.original_length),
+        "attention_factor": hf_t,
+        "beta_fast": 32.0,
+        "beta_slow": 1.0,
+    }
+    out["dprope"] = _provenance(spec, plan, hf_t, {"rope_form": "yarn-fit", "yarn_fit": {
+        "factor": fit.factor, "original_length": fit.original_length, "rms_log_error": fit.rms_log_error,
+        "max_log_error": fit.max_log_error, "method_temperature": attn, **exact}})
+    return out
+
+
+HF_FORMS = ("auto", "exact")
+
+
+def rope_config(cfg: dict, spec: RopeSpec, plan: Any, result: DPRoPEResult, long: torch.Tensor, short: torch.Tensor,
+                attn: float) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """(config.json, long, short factors it runs) of the extension in the form every output of the arch can carry
+    (``plan.hf_form``): the exact per-pair factors (longrope), or, for an arch whose GGUF can carry only YaRN (qwen3,
+    gemma3; convert/arch.py), the YaRN fit and its factors, unless ``hf_form`` is "exact" (then the provenance
+    block records how far a GGUF will differ)."""
+    import torch
+
+    if not spec.arch.hf_yarn:
+        return longrope_config(cfg, spec, plan, long, short, attn), long, short
+    fit, exact = fit_yarn_for(spec, plan, result, long)
+    if getattr(plan, "hf_form", "auto") == "exact":
+        out = longrope_config(cfg, spec, plan, long, short, attn)
+        out["dprope"]["gguf_form"] = {"rope_form": "yarn-fit", "factor": fit.factor,
+                                      "original_length": fit.original_length, "rms_log_error": fit.rms_log_error,
+                                      "temperature": yarn_temperature(fit), **exact}
+        return out, long, short
+    fitted = torch.tensor(fit.factors, dtype=torch.float32)
+    return yarn_config(cfg, spec, plan, fit, attn, exact), fitted, fitted.clone()
 
 
 def write_safetensors(path: Path, tensors: dict, metadata: dict[str, str]) -> None:

@@ -1,13 +1,14 @@
 """The portable copy of an extended checkpoint, for runtimes that apply their own longrope temperature.
 
-MLX-lm (mlx_lm/models/rope_utils.py) and ExLlamaV2 (exllamav2/rope.py) read no temperature key: for a longrope
-config they scale q and k by Phi-3's default d = sqrt(1 + ln s / ln L).  The HF directory carries the method's own
-temperature t (YaRN's 0.1 ln s + 1 for the default method, 1 for PI), so those two runtimes run it with d instead.
+MLX-lm (mlx_lm/models/rope_utils.py) and ExLlamaV2 (exllamav2/rope.py) read no temperature key, and vLLM and SGLang
+read only short_mscale / long_mscale (which transformers 5.x warns about, so no output carries them): for a longrope
+config they all scale q and k by Phi-3's default d = sqrt(1 + ln s / ln L).  The HF directory carries the method's
+own temperature t as attention_factor, which only transformers reads; for the default method t = d, for others (YaRN's
+0.1 ln s + 1, PI's 1) those runtimes would run it with d instead.
 
-The copy keeps every file of the HF directory but states d in config.json (attention_factor, short_mscale,
-long_mscale) and multiplies every q_proj / k_proj weight and bias by t / d.  RoPE is linear in q and k, so each
-runtime computes d x (t / d) = t: transformers, vLLM and SGLang from the keys, MLX-lm and ExLlamaV2 from their
-default, llama.cpp from a GGUF exported from it.  The HF directory itself stays byte-identical to the base.
+The copy keeps every file of the HF directory but states d in config.json (attention_factor) and multiplies every
+q_proj / k_proj weight and bias by t / d.  RoPE is linear in q and k, so each runtime computes d x (t / d) = t:
+transformers from the key, the others from their default, llama.cpp from a GGUF exported from it.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ def write_portable(ckpt: Path, out: Path, force: bool = True) -> dict | None:
         d = split["config_temperature"]
         new = dict(cfg)
         rs = dict(new["rope_scaling"])
-        rs.update(attention_factor=d, short_mscale=d, long_mscale=d)
+        rs.update(attention_factor=d)
         new["rope_scaling"] = rs
         own = dict(new.get("dprope") or {})
         own.update(temperature=d, temperature_folded=qk_fold(cfg) * split["qk_scale"],
@@ -81,8 +82,8 @@ def write_portable(ckpt: Path, out: Path, force: bool = True) -> dict | None:
         (tmp / "config.json").write_text(json.dumps(new, indent=2) + "\n")
         (tmp / "README.md").write_text(
             f"# Portable copy of `{ckpt.name}`\n\n"
-            f"The same model for runtimes that apply their own longrope temperature (MLX-lm, ExLlamaV2): "
-            f"config.json states their default {d:.6g} (attention_factor, short_mscale, long_mscale) and the "
+            f"The same model for runtimes that apply their own longrope temperature (MLX-lm, ExLlamaV2, vLLM, "
+            f"SGLang): config.json states their default {d:.6g} (attention_factor) and the "
             f"q_proj / k_proj weights are multiplied by {split['qk_scale']:.6g}, so every runtime computes the "
             f"method's temperature {split['temperature']:.6g}. Everything else is `{ckpt.name}` unchanged.\n")
     log.info("portable copy %s: config temperature %.6g, q/k x %.6g (%d tensors)", out, d, split["qk_scale"],

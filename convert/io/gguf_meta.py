@@ -5,6 +5,14 @@ Llama-3-sized vocabulary (128k token strings and 280k merges).  The checks, ``in
 need the scalar metadata, the tensor table and a few small tensors, so this reader walks the header with
 ``struct`` over a memory map, skips the big token arrays without decoding them, and reads tensor data only when
 asked for.
+
+``read_layout`` is the same walk for a byte-level rewrite (convert/io/gguf_rewrite.py): where each metadata entry
+and each tensor-info entry lies in the file, so untouched entries can be copied as they are, with no array decoded.
+
+The format (ggml-org/ggml docs/gguf.md): magic ``GGUF``, uint32 version, uint64 tensor count, uint64 metadata count
+(v2 onwards; v1 used uint32 counts), then the metadata (key: uint64 length + UTF-8 bytes, uint32 value type,
+value), the tensor infos (name, uint32 n_dims, uint64 dims, uint32 ggml type, uint64 offset relative to the data
+section), padding to ``general.alignment`` (default 32), and the data section.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from convert.errors import ConvertError
 _SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _NP = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32, 6: np.float32, 7: np.bool_,
        10: np.uint64, 11: np.int64, 12: np.float64}
+_U64 = struct.Struct("<Q")  # a string's length prefix; precompiled: a vocabulary has 10^5 of them
 # arrays never decoded into the metadata dict (vocabulary-sized); their lengths are kept as "<key>#len"
 BIG_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type", "tokenizer.ggml.scores")
 
@@ -57,41 +66,89 @@ class GGUFInfo:
     tensors: list[GGUFTensor]
 
 
+@dataclass
+class KVEntry:
+    """One metadata entry and the bytes it occupies, ``[start, end)``: its key, value type and value."""
+
+    key: str
+    vtype: int  # GGUFValueType id
+    start: int  # absolute offset of the key's length prefix
+    end: int  # just past the value
+    value: Any = None  # scalars and strings; None for arrays
+    count: int | None = None  # arrays: their length
+
+
+@dataclass
+class TensorEntry:
+    """One tensor-info entry, the bytes it occupies in the header ``[start, end)`` (the last 8 are its offset) and
+    the extent of its data."""
+
+    name: str
+    dims: tuple[int, ...]
+    ttype: int  # GGMLQuantizationType id
+    offset: int  # relative to the start of the data section
+    n_bytes: int
+    start: int
+    end: int
+
+
+@dataclass
+class GGUFLayout:
+    """Where everything lies in a GGUF file (checked against its size: no entry or tensor runs past the end)."""
+
+    path: Path
+    size: int
+    version: int
+    kvs: list[KVEntry]
+    tensors: list[TensorEntry]
+    alignment: int
+    header_end: int  # just past the last tensor info
+    data_start: int  # header_end rounded up to the alignment
+
+
+SUPPORTED_VERSIONS = (2, 3)
+
+
 class _Cursor:
     def __init__(self, buf, path: Path):
         self.buf, self.pos, self.path = buf, 0, path
+
+    def cut(self) -> ConvertError:
+        return ConvertError(f"{self.path} ends inside its GGUF header: the file is truncated or not a GGUF; "
+                            "re-download or re-export it")
 
     def take(self, fmt: str):
         try:
             (v,) = struct.unpack_from(fmt, self.buf, self.pos)
         except struct.error:
-            raise ConvertError(f"{self.path} ends inside its GGUF header: the file is truncated or not a GGUF") \
-                from None
+            raise self.cut() from None
         self.pos += struct.calcsize(fmt)
         return v
 
     def string(self) -> str:
         n = self.take("<Q")
         if self.pos + n > len(self.buf):
-            raise ConvertError(f"{self.path} ends inside its GGUF header: the file is truncated or not a GGUF")
+            raise self.cut()
         s = bytes(self.buf[self.pos:self.pos + n])
         self.pos += n
         return s.decode("utf-8", errors="replace")
 
     def skip_strings(self, count: int) -> None:
-        buf, pos, unpack = self.buf, self.pos, struct.unpack_from
+        buf, pos, unpack = self.buf, self.pos, _U64.unpack_from
         try:
             for _ in range(count):
-                pos += 8 + unpack("<Q", buf, pos)[0]
+                pos += 8 + unpack(buf, pos)[0]
         except struct.error:
-            raise ConvertError(f"{self.path} ends inside its GGUF header: the file is truncated") from None
+            raise self.cut() from None
+        if pos > len(buf):
+            raise self.cut()
         self.pos = pos
 
     def numbers(self, sub: int, count: int) -> np.ndarray:
         """A numeric array's values (a view of the buffer), bounds-checked; the cursor moves past them."""
         end = self.pos + count * np.dtype(_NP[sub]).itemsize
         if end > len(self.buf):
-            raise ConvertError(f"{self.path} ends inside its GGUF header: the file is truncated")
+            raise self.cut()
         arr = np.frombuffer(self.buf, dtype=_NP[sub], count=count, offset=self.pos)
         self.pos = end
         return arr
@@ -99,8 +156,11 @@ class _Cursor:
     def skip_array(self, sub: int, count: int) -> None:
         if sub == 8:
             self.skip_strings(count)
-        elif sub in _NP:
-            self.numbers(sub, count)
+        elif sub in _NP:  # bounds only: no view of the buffer is made
+            end = self.pos + count * np.dtype(_NP[sub]).itemsize
+            if end > len(self.buf):
+                raise self.cut()
+            self.pos = end
         else:
             for _ in range(count):
                 self.value(sub, decode=False)
@@ -126,58 +186,137 @@ class _Cursor:
         raise ConvertError(f"{self.path}: unknown GGUF value type {vtype}; the file is corrupt")
 
 
-def read_gguf(path: Path) -> GGUFInfo:
-    """Metadata (vocabulary-sized arrays left out) and the tensor table of a GGUF file."""
-    import gguf
-
-    path = Path(path)
+def _open_map(path: Path) -> tuple[mmap.mmap, int]:
+    """A read-only map of the whole file (pages are read only where the walk touches them: the header)."""
+    if not path.exists():
+        raise ConvertError(f"{path} does not exist: pass a .gguf model file")
+    if path.is_dir():
+        raise ConvertError(f"{path} is a directory: pass a .gguf model file")
     try:
         with open(path, "rb") as f:
             size = f.seek(0, 2)
             if size < 24:
-                raise ConvertError(f"{path} is not a readable GGUF file ({size} bytes)")
-            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                raise ConvertError(f"{path} is not a readable GGUF file ({size} bytes): the file is truncated or not "
+                                   "a GGUF; pass a .gguf model file")
+            return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), size
     except OSError as e:
         raise ConvertError(f"{path} cannot be read ({e})") from None
-    try:
-        c = _Cursor(mm, path)
-        if bytes(mm[:4]) != b"GGUF":
-            raise ConvertError(f"{path} is not a GGUF file (no GGUF magic); pass a .gguf model file")
-        c.pos = 4
-        version = c.take("<I")
-        if version < 2:
-            raise ConvertError(f"{path} is GGUF v{version}; only v2 and later are read")
-        n_tensors, n_kv = c.take("<Q"), c.take("<Q")
-        meta: dict[str, Any] = {"GGUF.version": version, "GGUF.tensor_count": n_tensors, "GGUF.kv_count": n_kv}
-        for _ in range(n_kv):
-            key = c.string()
-            vtype = c.take("<I")
-            if key in BIG_ARRAYS and vtype == 9:
-                sub, count = c.take("<I"), c.take("<Q")
-                c.skip_array(sub, count)
-                meta[f"{key}#len"] = count
+
+
+def _walk(mm, path: Path, decode_array, min_version: int = 2, max_version: int | None = None):
+    """One pass over the header: (version, [KVEntry], [(name, dims, ttype, offset, start, end)], header_end).
+    ``decode_array(key)``: True to decode that array's values into ``KVEntry.value``, False to skip them."""
+    c = _Cursor(mm, path)
+    if bytes(mm[:4]) != b"GGUF":
+        raise ConvertError(f"{path} is not a GGUF file (no GGUF magic); pass a .gguf model file")
+    c.pos = 4
+    version = c.take("<I")
+    if version < min_version:
+        raise ConvertError(f"{path} is GGUF v{version}; only v2 and later are read")
+    if max_version is not None and version > max_version:
+        swapped = int.from_bytes(version.to_bytes(4, "little"), "big")
+        what = (f"a big-endian GGUF v{swapped}" if swapped in SUPPORTED_VERSIONS else f"GGUF version {version}")
+        raise ConvertError(f"{path} is {what}; only little-endian GGUF v{min_version} to v{max_version} can be "
+                           "rewritten. Re-convert the model with a current llama.cpp (convert_hf_to_gguf.py), or "
+                           "update dprope")
+    n_tensors, n_kv = c.take("<Q"), c.take("<Q")
+    kvs: list[KVEntry] = []
+    for _ in range(n_kv):
+        start = c.pos
+        key = c.string()
+        vtype = c.take("<I")
+        if vtype == 9:
+            at = c.pos
+            sub, count = c.take("<I"), c.take("<Q")
+            if decode_array(key):
+                c.pos = at
+                value = c.value(9)
             else:
-                meta[key] = c.value(vtype)
-        infos = []
-        for _ in range(n_tensors):
-            name = c.string()
-            dims = tuple(c.take("<Q") for _ in range(c.take("<I")))
-            ttype, offset = c.take("<I"), c.take("<Q")
-            infos.append((name, dims, ttype, offset))
-        align = int(meta.get("general.alignment", 32))
-        start = -(-c.pos // align) * align
+                c.skip_array(sub, count)
+                value = None
+            kvs.append(KVEntry(key, vtype, start, c.pos, value, count))
+        else:
+            kvs.append(KVEntry(key, vtype, start, 0, c.value(vtype)))
+            kvs[-1].end = c.pos
+    infos = []
+    for _ in range(n_tensors):
+        start = c.pos
+        name = c.string()
+        dims = tuple(c.take("<Q") for _ in range(c.take("<I")))
+        ttype, offset = c.take("<I"), c.take("<Q")
+        infos.append((name, dims, ttype, offset, start, c.pos))
+    return version, kvs, infos, c.pos
+
+
+def _tensor_bytes(path: Path, name: str, dims: tuple[int, ...], ttype: int):
+    """(GGMLQuantizationType, byte size) of one tensor, from gguf-py's GGML_QUANT_SIZES (block size, type size)."""
+    import gguf
+
+    try:
+        qt = gguf.GGMLQuantizationType(ttype)
+        block, tsize = gguf.GGML_QUANT_SIZES[qt]
+    except (ValueError, KeyError):
+        raise ConvertError(f"{path}: tensor {name} has unknown type id {ttype}; the file is corrupt or newer than "
+                           "this gguf-py (update the gguf package)") from None
+    n = int(np.prod(dims, dtype=np.int64)) if dims else 1
+    return qt, n // block * tsize
+
+
+def _alignment(path: Path, value: Any) -> int:
+    """general.alignment: a power of two (llama.cpp refuses any other, ggml/src/gguf.cpp), 32 when absent."""
+    if value is None:
+        return 32
+    if not isinstance(value, int) or value <= 0 or value & (value - 1):
+        raise ConvertError(f"{path}: general.alignment is {value!r}, not a power of two; the file is corrupt")
+    return value
+
+
+def read_gguf(path: Path) -> GGUFInfo:
+    """Metadata (vocabulary-sized arrays left out) and the tensor table of a GGUF file."""
+    path = Path(path)
+    mm, size = _open_map(path)
+    try:
+        version, kvs, infos, header_end = _walk(mm, path, lambda key: key not in BIG_ARRAYS)
     finally:
         mm.close()
+    meta: dict[str, Any] = {"GGUF.version": version, "GGUF.tensor_count": len(infos), "GGUF.kv_count": len(kvs)}
+    for kv in kvs:
+        if kv.key in BIG_ARRAYS and kv.vtype == 9:
+            meta[f"{kv.key}#len"] = kv.count
+        else:
+            meta[kv.key] = kv.value
+    align = int(meta.get("general.alignment", 32))
+    start = -(-header_end // align) * align
     tensors = []
-    for name, dims, ttype, offset in infos:
-        try:
-            qt = gguf.GGMLQuantizationType(ttype)
-            block, tsize = gguf.GGML_QUANT_SIZES[qt]
-        except (ValueError, KeyError):
-            raise ConvertError(f"{path}: tensor {name} has unknown type id {ttype}") from None
-        n = int(np.prod(dims, dtype=np.int64)) if dims else 1
-        n_bytes = n // block * tsize
+    for name, dims, ttype, offset, _, _ in infos:
+        qt, n_bytes = _tensor_bytes(path, name, dims, ttype)
         if start + offset + n_bytes > size:
             raise ConvertError(f"{path} ends inside tensor {name}: the file is truncated; re-download or re-export it")
         tensors.append(GGUFTensor(name, qt, dims, start + offset, n_bytes, path))
     return GGUFInfo(meta, tensors)
+
+
+def read_layout(path: Path) -> GGUFLayout:
+    """Where each metadata entry, tensor info and tensor's data lies in a GGUF file; no array is decoded.  Refuses
+    what a byte-level rewrite cannot keep whole: a missing or foreign file, GGUF versions other than 2 and 3
+    (v1 has 32-bit counts; big-endian files are named as such), a header or data section shorter than the tensor
+    table says, and an alignment that is not a power of two."""
+    path = Path(path)
+    mm, size = _open_map(path)
+    try:
+        version, kvs, infos, header_end = _walk(mm, path, lambda key: False,
+                                                min_version=SUPPORTED_VERSIONS[0], max_version=SUPPORTED_VERSIONS[-1])
+    finally:
+        mm.close()
+    align_kv = next((kv for kv in kvs if kv.key == "general.alignment"), None)
+    alignment = _alignment(path, align_kv.value if align_kv else None)
+    data_start = -(-header_end // alignment) * alignment
+    tensors = []
+    for name, dims, ttype, offset, start, end in infos:
+        _, n_bytes = _tensor_bytes(path, name, dims, ttype)
+        if data_start + offset + n_bytes > size:
+            raise ConvertError(f"{path} ends inside tensor {name} ({size} bytes, the tensor table needs "
+                               f"{data_start + offset + n_bytes}): the file is truncated; re-download or re-export "
+                               "it")
+        tensors.append(TensorEntry(name, dims, ttype, offset, n_bytes, start, end))
+    return GGUFLayout(path, size, version, kvs, tensors, alignment, header_end, data_start)

@@ -25,13 +25,14 @@ def _files(d: Path) -> dict:
             if f.is_file() and not f.name.startswith(".") and f.name != MANIFEST}
 
 
-def write_manifest(out_dir: Path, ckpt: Path, ggufs: list[dict], portable: dict | None = None) -> dict:
+def write_manifest(out_dir: Path, ckpt: Path | None, ggufs: list[dict], portable: dict | None = None) -> dict:
     """(Re)write ``out_dir/manifest.json`` from the files as they are now: the checkpoint's files, the export
     folder's files, the GGUF list (``ggufs``: file, type, ... ; sha256 and bytes are filled in) and the portable
     copy's files (``portable``: its path and split, files filled in)."""
-    out_dir, ckpt = Path(out_dir), Path(ckpt)
+    out_dir = Path(out_dir)
     manifest = {
-        "checkpoint": {"path": os.path.relpath(ckpt, out_dir), "files": _files(ckpt)},
+        # None: no checkpoint (a GGUF extended in place has only its source file)
+        "checkpoint": None if ckpt is None else {"path": os.path.relpath(ckpt, out_dir), "files": _files(Path(ckpt))},
         "files": _files(out_dir),
         "gguf": [{**g, **_entry(out_dir / g["file"])} for g in ggufs],
         "portable": None if portable is None else {

@@ -48,6 +48,9 @@ class Method(_Strict):
     bins: int | None = Field(None, ge=2)
     options: dict = Field(default_factory=dict)
     short_factor: Literal["same", "original"] = "same"
+    # auto: the YaRN fit in the HF output where a GGUF of the arch can carry nothing else (qwen3, gemma3);
+    # exact: the per-pair factors in the HF output always
+    hf_form: Literal["auto", "exact"] = "auto"
 
     @model_validator(mode="before")
     @classmethod
@@ -109,7 +112,7 @@ class Method(_Strict):
 
     def plan_args(self) -> dict:
         return dict(method=self.name, candidates=self.candidates, selection=self.select, bins=self.bins,
-                    short_factor=self.short_factor, options=dict(self.options))
+                    short_factor=self.short_factor, options=dict(self.options), hf_form=self.hf_form)
 
 
 class Train(_Strict):
@@ -151,7 +154,7 @@ def _check_tasks(v):
 def _check_outputs(v):
     if v is None:
         return v
-    known = ("hf", *OUTTYPES, "base-quant")
+    known = ("hf", *OUTTYPES, "base-quant", "in-place")
     bad = [x for x in v if x not in known]
     if bad:
         raise ValueError(f"unknown output(s) {bad}; validate.outputs takes {', '.join(known)}")
@@ -226,6 +229,9 @@ class Export(_Strict):
     gguf: list[Literal[OUTTYPES]] = Field(default_factory=lambda: ["f16", "q8_0"])
     rope_layout: Literal[ROPE_LAYOUTS] = "freqs"
     base_quant: bool = Field(False, description="also re-emit a GGUF source with its own quantisation")
+    in_place: bool = Field(False, description="a .gguf source extended in place into export/<name>-in-place.gguf: "
+                           "its tensors copied as they are, nothing dequantised (no hf/, so no training and no "
+                           "transformers validation; validate.outputs: [in-place])")
 
     @field_validator("safetensors")
     @classmethod
@@ -293,6 +299,26 @@ def cross_errors(d: dict) -> list[str]:
                         "export.gguf")
         if "base-quant" in on and not get("export", "base_quant", False):
             errs.append(f"{where} lists base-quant but export.base_quant is off")
+    if get("export", "in_place", False):
+        src = d.get("source")
+        if isinstance(src, str) and not src.endswith(".gguf"):
+            errs.append(f"export.in_place extends a .gguf source; source {src} is not one")
+        if d.get("train"):
+            errs.append("export.in_place writes no hf/ checkpoint to train: drop the train section, or in_place")
+        if gguf:
+            errs.append(f"export.in_place keeps the source's own tensors: export.gguf must be [] (got {gguf})")
+        if get("export", "base_quant", False):
+            errs.append("export.in_place already keeps the source's quantisation: drop export.base_quant")
+        for where, on in (("validate.outputs", get("validate", "outputs", ["hf"])),
+                          ("validate.release.outputs", release.get("outputs") if isinstance(release, dict) else None)):
+            if isinstance(on, list) and [x for x in on if x != "in-place"]:
+                errs.append(f"{where} {on}: with export.in_place only the in-place GGUF can be validated "
+                            "(outputs: [in-place])")
+    else:
+        for where, on in (("validate.outputs", get("validate", "outputs", ["hf"])),
+                          ("validate.release.outputs", release.get("outputs") if isinstance(release, dict) else None)):
+            if isinstance(on, list) and "in-place" in on:
+                errs.append(f"{where} lists in-place but export.in_place is off")
     orig = d.get("original_length")
     if isinstance(orig, int) and orig >= target:
         errs.append(f"original_length {orig} is not below target_length {target}")

@@ -31,7 +31,7 @@ import dprope
 from convert.io.files import Memo, combine, run_memo, write_atomic
 from convert.errors import ConvertError
 from convert.pipeline.recipe import Recipe, load_recipe, resolve_source
-from convert.names import (CARD_FILE, MANIFEST, RUN_EXPORT, RUN_FACTORS, RUN_HF, RUN_SEARCH, RUN_STAGES, RUN_TRAINED,
+from convert.names import (CARD_FILE, MANIFEST, gguf_file_name, RUN_EXPORT, RUN_FACTORS, RUN_HF, RUN_SEARCH, RUN_STAGES, RUN_TRAINED,
                            RUN_VALIDATION, STAGES, VERIFY_FILE)
 
 log = logging.getLogger(__name__)
@@ -210,6 +210,8 @@ class Inputs:
 
     def model(self, d: Path) -> str | None:
         def digest():
+            if d.is_file():  # a GGUF extended in place: the later stages read the source file itself
+                return self.memo.file_digest(d)
             files = self.memo.tree(d, exclude=DOC_FILES)
             return combine({"dir": d.name, "files": files}) if files else None
 
@@ -294,7 +296,7 @@ def reads(stage: str, recipe: Recipe, release: bool) -> tuple[str, ...]:
 
 def validated_ggufs(recipe: Recipe, run: RunDir, release: bool) -> list[tuple[str, Path]]:
     """(form, GGUF path) for every exported GGUF the run validates (validate.outputs other than hf)."""
-    from convert.names import gguf_file_name
+    from convert.names import gguf_file_name  # noqa: F811
 
     return [(form, run.export / gguf_file_name(recipe.name, form))
             for form in recipe.validate_.resolved(release).outputs if form != "hf"]
@@ -317,11 +319,16 @@ def plan(recipe: Recipe, run: RunDir, start: str | None = None, stop: str | None
     memo = memo or run_memo(run.stages / "digests.json")
     ins = Inputs(recipe, run, memo, release)
     model, model_stage = run.hf, "bake"
+    if recipe.export.in_place:
+        model, model_stage = _source_path(recipe) or run.hf, "source"
     actions: dict[str, str] = {}
     out = []
     for i, s in enumerate(STAGES):
         if s == "train" and recipe.train is None:
             out.append(StagePlan(s, "", "skip (not in recipe)"))
+            continue
+        if s == "bake" and recipe.export.in_place:
+            out.append(StagePlan(s, "", "skip (export.in_place: the export stage extends the GGUF itself)"))
             continue
         inputs = ins.of(s, model)
         if "model" in inputs:
@@ -431,12 +438,17 @@ def _summary(recipe, run: RunDir, stages: list[StagePlan]) -> dict:
 
 
 # ------------------------------------------------------------------------------------------- stages
-def _stage_source(recipe: Recipe, run: RunDir, **_) -> dict:
-    from convert.formats.checkpoint import open_source
+def _open(recipe: Recipe, given: str):
+    """The source as the recipe uses it: a GGUF extended in place is never dequantised."""
+    from convert.formats.checkpoint import gguf_source, open_source
 
+    return gguf_source(Path(given), given) if recipe.export.in_place else open_source(given)
+
+
+def _stage_source(recipe: Recipe, run: RunDir, **_) -> dict:
     given = resolve_source(recipe.source)
     try:
-        src = open_source(given)
+        src = _open(recipe, given)
     except ConvertError as e:
         hint = f"\n{recipe.source_hint}" if recipe.source_hint else ""
         raise ConvertError(f"{e}{hint}") from None
@@ -445,10 +457,8 @@ def _stage_source(recipe: Recipe, run: RunDir, **_) -> dict:
 
 
 def _source(recipe: Recipe, run: RunDir):
-    from convert.formats.checkpoint import open_source
-
     info = run.done("source")
-    return open_source(info["source"] if info else resolve_source(recipe.source))
+    return _open(recipe, info["source"] if info else resolve_source(recipe.source))
 
 
 def _plan_of(recipe: Recipe):
@@ -545,6 +555,14 @@ def _stage_export(recipe: Recipe, run: RunDir, **_) -> dict:
     from convert.stages.export import export_outputs
 
     src = _source(recipe, run)
+    if recipe.export.in_place:
+        from convert.stages.export import export_in_place
+
+        result = dprope.DPRoPEResult.from_dict(json.loads((run.root / RUN_FACTORS).read_text()))
+        if run.export.exists():
+            shutil.rmtree(run.export)
+        m = export_in_place(src.gguf_path, run.export, _plan_of(recipe), result, name=recipe.name)
+        return {"gguf": [g["file"] for g in m["gguf"]]}
     base_gguf = src.gguf_path if recipe.export.base_quant and src.gguf_path else None
     if run.export.exists():
         shutil.rmtree(run.export)
@@ -555,6 +573,9 @@ def _stage_export(recipe: Recipe, run: RunDir, **_) -> dict:
 
 def _stage_verify(recipe: Recipe, run: RunDir, echo=print, **_) -> dict:
     from convert.stages.verify import verify
+
+    if recipe.export.in_place:
+        return _verify_in_place(recipe, run, echo)
 
     from convert.io.manifest import refresh_manifest
 
@@ -615,7 +636,7 @@ def _inputs_verify(ins: Inputs, model: Path) -> dict:
 
 
 def _verify_outputs(run: RunDir, model: Path, memo: Memo) -> dict:
-    f = model / VERIFY_FILE
+    f = run.root / VERIFY_FILE if model.is_file() else model / VERIFY_FILE
     return {f.relative_to(run.root).as_posix(): memo.file_digest(f)} if f.is_file() else {}
 
 
@@ -646,3 +667,26 @@ STAGE_TABLE: dict[str, Stage] = {s.name: s for s in (
     Stage("verify", ("model", "export"), _inputs_verify, _verify_outputs, _stage_verify),
 )}
 assert tuple(STAGE_TABLE) == STAGES, "the stage table and convert.names.STAGES list the same stages in order"
+
+
+def _verify_in_place(recipe: Recipe, run: RunDir, echo) -> dict:
+    """verify_gguf on the GGUF extended in place, with the factors the factors stage decided; the record goes to
+    <run>/verify.json."""
+    from convert.formats.hf import attention_factor, hf_factors
+    from convert.stages.verify import verify_gguf
+
+    src = _source(recipe, run)
+    plan = _plan_of(recipe)
+    spec = plan.spec_for(src.spec)
+    result = dprope.DPRoPEResult.from_dict(json.loads((run.root / RUN_FACTORS).read_text()))
+    long, _ = hf_factors(spec, result, plan.short_factor)
+    out = run.export / gguf_file_name(recipe.name, "in-place")
+    report = verify_gguf(out, src.gguf_path, factors=long.double().tolist(), temperature=attention_factor(spec, result),
+                         write=False)
+    echo(report.table())
+    write_atomic(run.root / VERIFY_FILE, json.dumps({"ok": report.ok, "gguf": out.name, "checks": [
+        {"name": c.name, "target": c.target, "ok": c.ok, "detail": c.detail} for c in report.checks]}, indent=1))
+    if not report.ok:
+        raise ConvertError("verify failed: " + "; ".join(f"{c.name} [{c.target}]: {c.detail}"
+                                                       for c in report.failed()))
+    return {"ok": True}

@@ -41,7 +41,6 @@ from convert.runtimes.hf import TransformersRuntime
 log = logging.getLogger(__name__)
 
 ATTN_NAME = "dprope_dpe"
-SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 SCORE_BUDGET = 1 << 25  # float32 scores held per chunk (128 MiB)
 SCORE_BUDGET_CUDA = 1 << 28  # 1 GiB
 QUERY_CHUNK = 256  # queries per chunk at most on a CPU (measured: 1.6x plain sdpa's CPU time at 4k tokens)
@@ -189,7 +188,7 @@ def _rotary(model):
     rot = getattr(base, "rotary_emb", None)
     if rot is None or not hasattr(rot, "inv_freq"):
         raise ConvertError(f"{type(model).__name__} has no rotary embedding at .{model.base_model_prefix}.rotary_emb; "
-                           f"DPE's attention supports {', '.join(SUPPORTED)}")
+                           "DPE's attention supports the architectures marked dpe in convert/arch.py")
     return rot
 
 
@@ -198,8 +197,11 @@ def enable_dpe(model, pair_scales: torch.Tensor | Sequence[float], window: int):
     returns the model.  Calling it again updates the settings; :func:`disable_dpe` restores the previous
     attention."""
     cfg = model.config
-    if getattr(cfg, "model_type", None) not in SUPPORTED:
-        raise ConvertError(f"DPE's attention supports {', '.join(SUPPORTED)}, not '{cfg.model_type}'")
+    from convert.arch import ARCHES, lookup_arch
+
+    if not lookup_arch(getattr(cfg, "model_type", None), getattr(cfg, "architectures", None)).dpe:
+        raise ConvertError(f"DPE's attention supports {', '.join(a.model_type for a in ARCHES if a.dpe)}, not "
+                           f"'{cfg.model_type}'")
     if getattr(cfg, "sliding_window", None) and (cfg.model_type == "mistral"
                                                  or "sliding_attention" in (getattr(cfg, "layer_types", None) or [])):
         raise ConvertError(f"this {cfg.model_type} model uses sliding-window attention (sliding_window "

@@ -5,9 +5,10 @@ clearing the context's memory, and routing llama.cpp's own log lines into Python
 ``logits_all=True``, and then keeps them all in ``Llama.scores``, an ``n_ctx x n_vocab`` float32 array (6.4 GB at
 32k tokens and a 49k vocabulary; abetlen/llama-cpp-python ``llama_cpp/llama.py``, ``Llama.__init__`` and
 ``Llama.eval``).  Here a model is created with ``logits_all=False`` and batches are decoded through llama.cpp's C
-API (``llama_batch_init``, ``llama_decode``, ``llama_get_logits``, ``llama_memory_clear``: ggml-org/llama.cpp
-``include/llama.h``, bound one to one in ``llama_cpp/llama_cpp.py``), asking for the rows a caller needs, so at
-most ``n_batch`` rows of logits exist at a time.  Everything else (loading, tokenising, detokenising) uses
+API (``llama_batch_init``, ``llama_decode``, ``llama_get_logits``, ``llama_memory_clear``, ``llama_memory_seq_rm``:
+ggml-org/llama.cpp ``include/llama.h``, bound one to one in ``llama_cpp/llama_cpp.py``), asking for the rows a
+caller needs, so at most ``n_ubatch`` rows of logits exist at a time, and a prompt whose logits are not needed goes
+in one ``llama_decode`` call.  Everything else (loading, tokenising, detokenising) uses
 ``Llama``'s public methods.  ``tests/test_llamacpp.py`` pins this module to the installed llama-cpp-python: its
 logits equal ``Llama.eval``'s with ``logits_all=True``.
 """
@@ -53,21 +54,32 @@ def import_llama_cpp():
 
 @dataclass(frozen=True)
 class LlamaCppOptions:
-    """How a GGUF is run.  ``kv_cache``: f16 is llama-cpp-python's default (what its users get); f32 keeps
-    the cache exact, so an f32 GGUF gives transformers' numbers up to float32 summation order.  ``flash_attn``:
-    llama.cpp's CPU flash attention rounds K and V to f16 whatever the cache type."""
+    """How a GGUF is run.  ``kv_cache``: f16 is llama.cpp's default (what its users get); f32 keeps the cache
+    exact, so an f32 GGUF gives transformers' numbers up to float32 summation order.  ``flash_attn``: llama.cpp's
+    fused attention, the faster path at long contexts; it casts an f32 cache to f16 (ggml-org/llama.cpp
+    ``src/llama-graph.cpp``, ``build_attn_mha``), so by default (None) it is on with an f16 cache, as llama.cpp's
+    own tools resolve ``--flash-attn auto`` on a CPU, and off with an f32 one; its numbers differ from the unfused
+    path's by rounding.  ``n_batch``: tokens per ``llama_decode`` call (default: the whole context, so a prompt goes
+    in one call); ``n_ubatch``: tokens per graph computation inside a call (llama.cpp's physical batch), and so the
+    most rows of logits held at once.  ``n_threads``: default every core."""
 
     kv_cache: Literal["f16", "f32"] = "f16"
-    flash_attn: bool = False
-    n_batch: int = 512  # tokens per llama_decode call, and so the most rows of logits held at once
-    n_threads: int | None = None  # default: every core
+    flash_attn: bool | None = None  # None: on with an f16 cache, off with f32; resolved at construction
+    n_batch: int | None = None
+    n_ubatch: int = 512
+    n_threads: int | None = None
 
     def __post_init__(self):
         if self.kv_cache not in KV_TYPES:
             raise ConvertError(f"KV cache type '{self.kv_cache}' is not offered; choose {', '.join(KV_TYPES)}")
+        if (self.n_batch is not None and self.n_batch < 1) or self.n_ubatch < 1:
+            raise ConvertError(f"n_batch ({self.n_batch}) and n_ubatch ({self.n_ubatch}) must be positive")
+        resolved = self.kv_cache == "f16" if self.flash_attn is None else bool(self.flash_attn)
+        object.__setattr__(self, "flash_attn", resolved)  # frozen: set once, here
 
     def key(self) -> dict:
-        """What changes the numbers (thread count does not: ggml splits rows, not sums, across threads)."""
+        """What changes the numbers (thread count does not: ggml splits rows, not sums, across threads; the batch
+        sizes can, through the fused attention's tiling: see ``Decoder.decode``)."""
         d = asdict(self)
         d.pop("n_threads")
         return d
@@ -129,20 +141,45 @@ def native_logs() -> Iterator[_NativeLog]:
             nl.callback = None
 
 
-def open_llama(path: Path, n_ctx: int, options: LlamaCppOptions = LlamaCppOptions(), vocab_only: bool = False):
+def _batch_cap(n_ctx: int, n_vocab: int) -> int:
+    """The largest ``n_batch`` whose side allocations in llama-cpp-python stay small enough.  ``Llama.__init__``
+    allocates an ``n_batch x n_vocab`` float32 ``scores`` array (never written with ``logits_all=False``, so never
+    resident) and a ``llama_batch`` of ``n_batch`` tokens with ``n_ctx`` sequence ids each (abetlen/llama-cpp-python
+    ``llama_cpp/llama.py``; ggml-org/llama.cpp ``src/llama-batch.cpp`` ``llama_batch_init``: one malloc per token,
+    whose header page is resident, 4 KiB per token).  Their address space is kept under half the physical memory,
+    so a kernel that refuses obvious overcommits (vm.overcommit_memory 0) still gives it."""
+    try:
+        ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return n_ctx
+    per_token = 4 * (int(n_vocab) + int(n_ctx))
+    return max(1, min(int(n_ctx), ram // 2 // max(1, per_token)))
+
+
+def open_llama(path: Path, n_ctx: int, options: LlamaCppOptions = LlamaCppOptions(), vocab_only: bool = False,
+               **rope_overrides):
     """A ``Llama`` with ``logits_all=False`` and context ``n_ctx``.  The file's header and tensor extents are
-    checked first, so a truncated or foreign file is refused naming the problem, not llama.cpp's 'failed to load'."""
+    checked first, so a truncated or foreign file is refused naming the problem, not llama.cpp's 'failed to load'.
+    ``rope_overrides``: llama.cpp's own context parameters for RoPE (``rope_scaling_type``, ``rope_freq_scale``,
+    ``yarn_orig_ctx``, ...: llama_cpp/llama.py ``Llama.__init__``), for controls that let llama.cpp compute a
+    scaling itself."""
     from convert.io.gguf_meta import read_gguf
 
     path = Path(path)
     if not path.is_file():
         raise ConvertError(f"{path} does not exist: pass a .gguf model file")
-    read_gguf(path)
+    meta = read_gguf(path).meta
     llama_cpp = import_llama_cpp()
     threads = options.n_threads or max(1, os.cpu_count() or 1)
-    kw = dict(n_ctx=int(n_ctx), n_batch=min(int(n_ctx), options.n_batch), logits_all=False, verbose=False,
-              vocab_only=vocab_only, n_threads=threads, n_threads_batch=threads, flash_attn=options.flash_attn,
-              type_k=KV_TYPES[options.kv_cache], type_v=KV_TYPES[options.kv_cache])
+    n_ctx = int(n_ctx)
+    n_batch = min(n_ctx, options.n_batch or n_ctx, _batch_cap(n_ctx, meta.get("tokenizer.ggml.tokens#len", 0)))
+    n_ubatch = min(n_batch, options.n_ubatch)
+    if n_batch < n_ctx:  # a whole number of ubatches per call (Decoder.decode cuts calls at ubatch edges)
+        n_batch = n_batch // n_ubatch * n_ubatch
+    kw = dict(n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_ubatch, logits_all=False,
+              verbose=False, vocab_only=vocab_only, n_threads=threads, n_threads_batch=threads,
+              flash_attn=options.flash_attn, type_k=KV_TYPES[options.kv_cache], type_v=KV_TYPES[options.kv_cache],
+              **rope_overrides)
     with native_logs() as nl:
         nl.recent.clear()
         try:
@@ -154,24 +191,43 @@ def open_llama(path: Path, n_ctx: int, options: LlamaCppOptions = LlamaCppOption
 
 
 class Decoder:
-    """Decodes one sequence (seq 0) into a ``Llama`` context, returning the logits of the rows asked for."""
+    """Decodes one sequence (seq 0) into a ``Llama`` context, returning the logits of the rows asked for.
+
+    It remembers the tokens the context's memory holds (``held``), so a next sequence that shares a prefix with
+    them keeps it and is decoded from the first differing position (:meth:`reuse`).  ``n_decoded`` counts the tokens
+    sent to ``llama_decode``, ``n_calls`` the calls."""
 
     def __init__(self, llm):
         self.llama_cpp = import_llama_cpp()
         self.llm = llm
-        self.n_batch = int(llm.n_batch)
+        self.n_batch = int(llm.n_batch)  # tokens per llama_decode call (the context's n_batch)
+        self.n_ubatch = int(llm.context_params.n_ubatch)  # rows of logits per call, at most
         self.n_ctx = int(llm.n_ctx())
         self.n_vocab = int(llm.n_vocab())
-        self._batch = self.llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+        self.n_decoded = self.n_calls = 0
+        self._held: list[int] | None = None  # tokens at positions 0.. of the memory; None: not known
+        b = self._batch = self.llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+        for i in range(self.n_batch):  # one sequence: every token in seq 0, set once
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = 0
+        self._token = np.ctypeslib.as_array(b.token, shape=(self.n_batch,))
+        self._pos = np.ctypeslib.as_array(b.pos, shape=(self.n_batch,))
+        self._want = np.ctypeslib.as_array(b.logits, shape=(self.n_batch,))
 
     def close(self) -> None:
         if self._batch is not None:
+            self._token = self._pos = self._want = None
             self.llama_cpp.llama_batch_free(self._batch)
             self._batch = None
 
     def __del__(self):
         with contextlib.suppress(Exception):
             self.close()
+
+    @property
+    def held(self) -> list[int] | None:
+        """The tokens the memory holds at positions 0.. (None when not known, e.g. after a decode at a gap)."""
+        return None if self._held is None else list(self._held)
 
     def is_eog(self, token: int) -> bool:
         """An end-of-generation token (EOS, EOT, ...) by the GGUF's vocabulary."""
@@ -183,12 +239,44 @@ class Decoder:
         mem = self.llama_cpp.llama_get_memory(self.llm.ctx)
         if mem is not None:
             self.llama_cpp.llama_memory_clear(mem, True)
+        self._held = []
+
+    def reuse(self, tokens: Sequence[int], most: int | None = None) -> int:
+        """Keep the longest prefix of ``tokens`` (at most ``most`` tokens) that the memory holds, cut to a multiple of
+        ``n_ubatch``, and forget every position after it (``llama_memory_seq_rm``, ggml-org/llama.cpp
+        ``include/llama.h``); returns its length, the position to decode the rest of ``tokens`` from.  The cut keeps
+        the rest in the same ubatches as a decode from position 0 (see :meth:`decode`), so the numbers are those of
+        an empty cache.  Without a common prefix that long, or where the memory cannot drop part of a sequence (it
+        says so by returning false), everything is forgotten and 0 returned."""
+        held = self._held
+        n = min(len(held) if held else 0, len(tokens), len(tokens) if most is None else max(0, int(most)))
+        k = 0
+        if n:
+            diff = np.flatnonzero(np.asarray(held[:n], dtype=np.int64) != np.asarray(tokens[:n], dtype=np.int64))
+            k = (int(diff[0]) if len(diff) else n) // self.n_ubatch * self.n_ubatch
+        if k == 0:
+            self.clear()
+            return 0
+        if k < len(held):
+            lc = self.llama_cpp
+            if not lc.llama_memory_seq_rm(lc.llama_get_memory(self.llm.ctx), 0, k, -1):
+                self.clear()
+                return 0
+            del held[k:]
+        return k
 
     def decode(self, tokens: Sequence[int], start: int = 0, outputs: Sequence[bool] | None = None
                ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Decode ``tokens`` at positions start.. after what is cached, ``n_batch`` at a time.  Yields, per batch
-        that has any, (indices into ``tokens``, logits [k, n_vocab] float32) for the tokens whose ``outputs`` flag
-        is set (default: all).  The logits array is llama.cpp's own buffer: valid until the next decode."""
+        """Decode ``tokens`` at positions start.. after what is cached, in as few ``llama_decode`` calls as
+        ``n_batch`` allows with at most ``n_ubatch`` rows of logits each.  Yields, per call that has any, (indices
+        into ``tokens``, logits [k, n_vocab] float32) for the tokens whose ``outputs`` flag is set (default: all).
+        The logits array is llama.cpp's own buffer: valid until the next decode.
+
+        Calls start only at positions that are multiples of ``n_ubatch``, so llama.cpp's ubatches (``n_ubatch``
+        tokens from each call's start: ggml-org/llama.cpp ``src/llama-batch.cpp``, ``split_simple``) are the same
+        whichever rows are asked for and wherever a kept prefix ends.  That matters for the numbers: the CPU's fused
+        attention tiles a ubatch's rows (``ggml/src/ggml-cpu/ops.cpp``, ``ggml_compute_forward_flash_attn_ext_f16``),
+        and its sums depend on the tiling; the unfused path's do not."""
         lc, b = self.llama_cpp, self._batch
         if b is None:
             raise ConvertError("this decoder was closed")
@@ -196,34 +284,53 @@ class Decoder:
         if start + n > self.n_ctx:
             raise ConvertError(f"positions up to {start + n} do not fit the context of {self.n_ctx} tokens; "
                                "load the model with a larger n_ctx")
+        ids = np.asarray(tokens, dtype=np.int32).reshape(-1)
         flags = np.ones(n, dtype=bool) if outputs is None else np.asarray(outputs, dtype=bool)
-        for s in range(0, n, self.n_batch):
-            chunk = tokens[s : s + self.n_batch]
-            want = flags[s : s + len(chunk)]
-            b.n_tokens = len(chunk)
-            for i, t in enumerate(chunk):
-                b.token[i] = int(t)
-                b.pos[i] = start + s + i
-                b.n_seq_id[i] = 1
-                b.seq_id[i][0] = 0
-                b.logits[i] = int(want[i])
+        if self._held is not None and start != len(self._held):
+            self._held = None  # a gap or an overlap: what the memory holds is no longer a known prefix
+        ub = self.n_ubatch
+        s = 0
+        while s < n:
+            # whole ubatches (cut at multiples of n_ubatch), up to n_batch tokens and n_ubatch rows of logits
+            e = min(n, (start + s) // ub * ub + ub - start)
+            rows = int(flags[s:e].sum())
+            while e < n:
+                nxt = min(n, e + ub)
+                more = int(flags[e:nxt].sum())
+                if nxt - s > self.n_batch or rows + more > ub:
+                    break
+                e, rows = nxt, rows + more
+            m = e - s
+            self._token[:m] = ids[s:e]
+            self._pos[:m] = np.arange(start + s, start + e, dtype=np.int32)
+            self._want[:m] = flags[s:e]
+            b.n_tokens = m
             rc = lc.llama_decode(self.llm.ctx, b)
+            self.n_decoded += m
+            self.n_calls += 1
             if rc != 0:
-                raise ConvertError(f"llama_decode returned {rc} at positions {start + s}..{start + s + len(chunk)} "
+                self._held = None
+                raise ConvertError(f"llama_decode returned {rc} at positions {start + s}..{start + e} "
                                    f"(context {self.n_ctx}): " + ("no free slot in the KV cache" if rc == 1 else
                                                                 "see the log file"))
-            k = int(want.sum())
-            if k:
-                rows = np.ctypeslib.as_array(lc.llama_get_logits(self.llm.ctx), shape=(k * self.n_vocab,))
-                yield np.flatnonzero(want) + s, rows.reshape(k, self.n_vocab)
+            if self._held is not None:
+                self._held.extend(ids[s:e].tolist())
+            idx = np.flatnonzero(flags[s:e]) + s
+            s = e
+            if len(idx):
+                got = np.ctypeslib.as_array(lc.llama_get_logits(self.llm.ctx), shape=(len(idx) * self.n_vocab,))
+                yield idx, got.reshape(len(idx), self.n_vocab)
 
 
-def log_softmax_at(logits: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def log_softmax_at(logits: np.ndarray, targets: np.ndarray, scratch: bool = False
+                   ) -> tuple[np.ndarray, np.ndarray]:
     """log p(targets[j]) under softmax(logits[j]) (float32 [k]) and whether each target is the argmax
-    (bool [k]); ``logits`` [k, vocab]."""
+    (bool [k]); ``logits`` [k, vocab].  ``scratch``: ``logits`` may be overwritten (llama.cpp's output buffer, read
+    once), which saves a [k, vocab] temporary."""
     m = logits.max(axis=1)
     picked = logits[np.arange(len(targets)), targets]
-    tmp = np.subtract(logits, m[:, None])  # one [k, vocab] temporary, exponentiated in place
+    tmp = logits if scratch else np.empty_like(logits)
+    np.subtract(logits, m[:, None], out=tmp)  # exponentiated in place
     np.exp(tmp, out=tmp)
     lse = m.astype(np.float64) + np.log(tmp.sum(axis=1, dtype=np.float64))
     return (picked - lse).astype(np.float32), picked >= m
@@ -231,9 +338,10 @@ def log_softmax_at(logits: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray,
 
 @contextlib.contextmanager
 def open_gguf(path: Path, n_ctx: int, *, f32_kv: bool = True, vocab_only: bool = False) -> Iterator:
-    """:func:`open_llama` as a context manager, by default with an F32 KV cache (so parity is not limited by cache
-    rounding); the model is closed on exit."""
-    llm = open_llama(path, n_ctx, LlamaCppOptions(kv_cache="f32" if f32_kv else "f16"), vocab_only=vocab_only)
+    """:func:`open_llama` as a context manager, by default with an F32 KV cache and unfused attention (so parity is
+    not limited by cache rounding); the model is closed on exit."""
+    llm = open_llama(path, n_ctx, LlamaCppOptions(kv_cache="f32" if f32_kv else "f16", flash_attn=False),
+                     vocab_only=vocab_only)
     try:
         yield llm
     finally:
@@ -267,9 +375,11 @@ class LlamaCppRuntime(Runtime):
              "rope_factors_long.weight / rope_factors_short.weight (rope.scaling.type longrope)")
     source = "ggml-org/llama.cpp: src/llama-model.cpp (llama_model::load_hparams), src/models/<arch>.cpp"
 
-    def __init__(self, path: Path, n_ctx: int | None = None, options: LlamaCppOptions | None = None):
+    def __init__(self, path: Path, n_ctx: int | None = None, options: LlamaCppOptions | None = None,
+                 **rope_overrides):
         super().__init__(path)
-        self.llm = open_llama(path, int(n_ctx or gguf_context_length(path)), options or LlamaCppOptions("f32"))
+        self.llm = open_llama(path, int(n_ctx or gguf_context_length(path)),
+                              options or LlamaCppOptions("f32", flash_attn=False), **rope_overrides)
         self.decoder = Decoder(self.llm)
         self.n_ctx = int(self.llm.n_ctx())
 
@@ -280,7 +390,8 @@ class LlamaCppRuntime(Runtime):
         return np.concatenate(rows).astype(np.float32)
 
     def generate(self, token_ids: Sequence[int], max_new_tokens: int) -> list[int]:
-        """Greedy: the prompt in n_batch-token batches with only its last row of logits, then one token a step."""
+        """Greedy: the prompt in as few calls as n_batch allows with only its last row of logits, then one token a
+        step."""
         self.decoder.clear()
         ids = list(map(int, token_ids))
         flags = [False] * (len(ids) - 1) + [True]

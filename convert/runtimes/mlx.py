@@ -79,7 +79,10 @@ def _layers(model):
 
 def rope_of(model) -> dict:
     """What mlx-lm's rotary module does: its class, inv_freq (1 / its `_freqs`), the multiplier it applies to q/k."""
-    rope = _layers(model)[0].self_attn.rope
+    # the first layer the model's scaling applies to: Gemma 3's sliding layers (``is_sliding`` in
+    # mlx_lm/models/gemma3_text.py) keep their own plain RoPE
+    layer = next((x for x in _layers(model) if not getattr(x.self_attn, "is_sliding", False)), _layers(model)[0])
+    rope = layer.self_attn.rope
     kind = type(rope).__name__
     explicit = mlx_rope_frequencies(rope)
     if explicit is not None:  # SuScaledRoPE, Llama3RoPE, YarnRoPE: explicit frequencies
@@ -163,7 +166,7 @@ def check_mlx(target: Path, exp: dict, report, windows: list[tuple[str, int, lis
         lm = rs.get("long_mscale")
         default = longrope_default_scale(int(cfg.get("max_position_embeddings") or 1),
                                          int(rs.get("original_max_position_embeddings") or 1))
-        why = ("long_mscale missing" if lm is None else
+        why = (f"mlx-lm {version} reads no attention_factor" if lm is None else
                f"long_mscale {float(lm):.6g} != temperature" if not math.isclose(float(lm), want_scale, rel_tol=1e-6)
                else f"mlx-lm {version} does not pass long_mscale to SuScaledRoPE and reads no attention_factor")
         if math.isclose(rope["scale"], default, rel_tol=1e-6):
@@ -171,7 +174,8 @@ def check_mlx(target: Path, exp: dict, report, windows: list[tuple[str, int, lis
         problems.append(f"MLX applies cos/sin scale {rope['scale']:.6g}, config temperature {want_scale:.6g}: {why}. "
                         "Load the portable copy `dprope export` writes (hf-portable/: the default temperature in "
                         "config.json, the rest folded into q/k)")
-    if not np.array_equal(exp["short"], exp["long"]) and rope["kind"] != "RoPE":
+    own_short = (exp["cfg"].get("dprope") or {}).get("base_rope_type") == "longrope"  # Phi-3: the base's own
+    if not np.array_equal(exp["short"], exp["long"]) and rope["kind"] != "RoPE" and not own_short:
         problems.append("MLX uses the long factors at every length but this checkpoint's short factors differ: "
                         "inside the original window MLX runs the long ones where transformers runs the short; "
                         "bake with --short-factor same for MLX")

@@ -28,7 +28,8 @@ from dprope.freqs import check_target_length
 
 from convert.errors import ConvertError
 from convert.formats.hf import (  # noqa: F401  (part of the bake's API)
-    attention_factor, fold_into_qk, hf_factors, longrope_config, write_factors, write_safetensors)
+    HF_FORMS, attention_factor, fold_into_qk, hf_factors, longrope_config, rope_config, write_factors,
+    write_safetensors)
 from convert.io.files import atomic_dir, is_no_space
 from convert.arch import RopeSpec
 from convert.formats.checkpoint import INDEX_NAME, SINGLE_NAME, Source
@@ -55,10 +56,16 @@ class BakePlan:
     options: dict
     short_factor: str  # "same" | "original"
     original_length: int | None = None  # overrides the window read from the config
+    # "auto": the exact per-pair factors where every output of the arch can carry them, else the YaRN fit;
+    # "exact": the per-pair factors in the HF output always (a GGUF of a YaRN-only arch then differs by the fit)
+    hf_form: str = "auto"
 
     def as_dict(self) -> dict:
-        return dict(method=self.method, target_length=self.target_length, options=dict(self.options),
-                    short_factor=self.short_factor, original_length=self.original_length)
+        d = dict(method=self.method, target_length=self.target_length, options=dict(self.options),
+                 short_factor=self.short_factor, original_length=self.original_length)
+        if self.hf_form != "auto":
+            d["hf_form"] = self.hf_form
+        return d
 
     def spec_for(self, spec: RopeSpec) -> RopeSpec:
         return spec if self.original_length is None else spec.with_window(self.original_length)
@@ -66,7 +73,7 @@ class BakePlan:
 
 def make_plan(method: str = DEFAULT_METHOD, target_length: int = 0, candidates: list[str] | None = None,
               selection: str | None = None, bins: int | None = None, short_factor: str = "same",
-              original_length: int | None = None, options: dict | None = None) -> BakePlan:
+              original_length: int | None = None, options: dict | None = None, hf_form: str = "auto") -> BakePlan:
     """A checked plan.  ``candidates``, ``selection`` and ``bins`` are shorthands for the method options of the
     same meaning (``candidates``, ``select``, ``bins``); ``options`` sets any of the method's options."""
     from dprope.methods import get_method
@@ -77,6 +84,8 @@ def make_plan(method: str = DEFAULT_METHOD, target_length: int = 0, candidates: 
         raise ConvertError(str(e)) from None
     if short_factor not in ("same", "original"):
         raise ConvertError(f"--short-factor must be 'same' or 'original', got '{short_factor}'")
+    if hf_form not in HF_FORMS:
+        raise ConvertError(f"--hf-form must be one of {', '.join(HF_FORMS)}, got '{hf_form}'")
     given = dict(options or {})
     for key, val in (("candidates", candidates), ("select", selection), ("bins", bins)):
         if val is None or (key == "candidates" and list(val) == list(dprope.DEFAULT_CANDIDATES)
@@ -98,7 +107,8 @@ def make_plan(method: str = DEFAULT_METHOD, target_length: int = 0, candidates: 
         from convert.evaluate.needle import NeedleConfig
 
         NeedleConfig.from_options(opts)
-    return BakePlan(m.name, int(target_length), opts, short_factor, int(original_length) if original_length else None)
+    return BakePlan(m.name, int(target_length), opts, short_factor, int(original_length) if original_length else None,
+                    hf_form)
 
 
 def compute(spec: RopeSpec, plan: BakePlan, src: Source | None = None, progress: bool = True) -> DPRoPEResult:
@@ -286,6 +296,10 @@ def bake(src: Source, out: Path, plan: BakePlan, *, force: bool = False, plot: b
     if out.resolve() == src.path.resolve():
         raise ConvertError("the output directory is the source directory; choose a new one")
     fold = fold_temperature
+    if fold and spec.arch.hf_yarn and plan.hf_form == "auto":
+        raise ConvertError(f"--fold-temperature does not apply to {spec.arch.model_type}: its output carries a YaRN "
+                           "form, whose temperature every runtime computes itself; pass --hf-form exact to fold the "
+                           "method's temperature into the per-pair form")
     if fold and (link or src.kind == "pickle"):
         link = False  # the copies are patched in place: never the source's own files
     # weights plus small files (config, factors, card, tokenizer): what a full disk reports as needed
@@ -303,7 +317,7 @@ def bake(src: Source, out: Path, plan: BakePlan, *, force: bool = False, plot: b
                 attn = 1.0
             weights_names = [f.name for f in src.weight_files] if src.kind != "pickle" else []
             carried = carry_files(src, tmp, set(weights_names) | {INDEX_NAME})
-            cfg = longrope_config(src.config, spec, plan, long, short, attn)
+            cfg, long, short = rope_config(src.config, spec, plan, result, long, short, attn)
             if folded is not None:
                 cfg["dprope"]["temperature_folded"] = folded
             (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
@@ -319,7 +333,7 @@ def bake(src: Source, out: Path, plan: BakePlan, *, force: bool = False, plot: b
             (tmp / RECIPE_FILE).write_text(_recipe_text(src, plan))
             from convert.card import write_card
 
-            write_card(tmp, src, plan, result, long, attn, has_plot=plot)
+            write_card(tmp, src, plan, result, long, attn, has_plot=plot, config=cfg)
         except BaseException:
             copier.abort()
             raise
@@ -339,3 +353,27 @@ def _recipe_text(src: Source, plan: BakePlan) -> str:
     flags += f" --short-factor {plan.short_factor}"
     return (f"# Resolved parameters of this extension; re-run with:\n#   dprope extend {src.given} OUT {flags}\n"
             + yaml.safe_dump(recipe, sort_keys=False))
+
+
+def bake_gguf(src: Path, out: Path, plan: BakePlan, *, force: bool = False, progress: bool = True,
+              result: DPRoPEResult | None = None) -> dict:
+    """Extend the GGUF ``src`` in place into ``out`` (a .gguf): its tensors copied as they are, the factors and rope
+    keys its architecture's llama.cpp graph reads (convert/formats/gguf_extend.py).  Returns the rewrite's summary
+    with the form written, the factors and the temperature."""
+    from convert.arch import rope_spec_from_gguf
+    from convert.formats.gguf_extend import extend_gguf_file
+
+    src, out = Path(src), Path(out)
+    if out.suffix != ".gguf":
+        raise ConvertError(f"{out}: a GGUF source extended in place needs an output file name ending in .gguf "
+                           "(or an output directory, to dequantise into a Hugging Face checkpoint instead)")
+    spec = plan.spec_for(rope_spec_from_gguf(src))
+    check_target_length(plan.target_length, spec.original_length, ConvertError)
+    from convert.evaluate.fitness import is_search
+
+    if result is None and (is_search(plan.method) or plan.method == "dpe"):
+        raise ConvertError(f"{plan.method} runs the model, which a GGUF extended in place never loads: extend to a "
+                           "directory (the GGUF is dequantised once), or give found factors with --method factors "
+                           "--opt long=FILE")
+    result = result or compute(spec, plan, None, progress)
+    return extend_gguf_file(src, out, spec, plan, result, force=force, progress=progress)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from convert.errors import ConvertError
 from convert.formats.gguf_export import OUTTYPES, export_gguf, reemit_gguf
@@ -70,3 +70,21 @@ def export_outputs(ckpt: Path, out_dir: Path, outtypes: Sequence[str] = ("f16", 
         portable=None if split is None else {"path": PORTABLE_DIR, **split})
     log.info("export: %s", ", ".join([p.name for p, _ in ggufs] + ([PORTABLE_DIR] if split else [])))
     return manifest
+
+
+def export_in_place(src_gguf: Path, out_dir: Path, plan: Any, result, name: str, progress: bool = True) -> dict:
+    """The export of a GGUF extended in place: ``out_dir/<name>-in-place.gguf`` (the source's tensors as they are),
+    its ollama Modelfile and manifest.json; returns the manifest."""
+    from convert.arch import rope_spec_from_gguf
+    from convert.formats.gguf_extend import extend_gguf_file
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    spec = plan.spec_for(rope_spec_from_gguf(src_gguf))
+    p = out_dir / gguf_file_name(name, "in-place")
+    s = extend_gguf_file(Path(src_gguf), p, spec, plan, result, force=True, progress=progress)
+    mf = out_dir / f"{p.stem}.Modelfile"
+    write_atomic(mf, modelfile_text(p.name, plan.target_length))
+    entry = {"file": p.name, "type": "in-place", "rope_form": s["form"], "source": str(src_gguf),
+             "modelfile": mf.name}
+    return write_manifest(out_dir, None, [entry])

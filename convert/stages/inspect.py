@@ -38,7 +38,7 @@ def describe(path: Path) -> str:
             if t.name.startswith("rope_"):
                 lines.append(f"  tensor {t.name} {t.tensor_type.name} shape {[int(x) for x in t.shape]}")
                 lines.append(_factor_text(t.name, t.data))
-        for key in ("general.base_model.0.name", "dprope.method", "dprope.target_length"):
+        for key in ("general.base_model.0.name", "dprope.method", "dprope.target_length", "dprope.rope_form"):
             if key in meta:
                 lines.append(f"  {key}: {meta[key]}")
     else:
@@ -55,8 +55,18 @@ def describe(path: Path) -> str:
         for k in ("long_factor", "short_factor"):
             if k in sc:
                 lines.append(_factor_text(k, sc[k]))
-        if "dprope" in cfg:
-            lines.append(f"  dprope: {cfg['dprope']}")
+        own = cfg.get("dprope") or {}
+        if own.get("rope_form"):
+            fit = own.get("yarn_fit") or {}
+            lines.append(f"  rope form: {own['rope_form']}" + (
+                f" (YaRN closest to {own['method']}: rms log error {fit['rms_log_error']:.3g}, disturbance "
+                f"{fit['fit_disturbance']:.4g} vs the exact method's {fit['exact_disturbance']:.4g})" if fit else ""))
+        if own.get("gguf_form"):
+            g = own["gguf_form"]
+            lines.append(f"  a GGUF of this arch carries the YaRN fit instead: factor {g['factor']:.4g}, original "
+                         f"{g['original_length']}, disturbance {g['fit_disturbance']:.4g} vs {g['exact_disturbance']:.4g}")
+        if own:
+            lines.append(f"  dprope: {own}")
         if (path / "rope_factors.safetensors").exists():
             lines.append("  rope_factors.safetensors: present")
     return "\n".join(lines)

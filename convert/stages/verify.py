@@ -166,11 +166,14 @@ def _expected(ckpt: Path) -> dict:
     import dprope
 
     plain = dprope.base_inv_freq(theta, head_dim).numpy()  # torch's float32 pow, as transformers computes it
-    orig = int(p.get("original_max_position_embeddings") or cfg.get("original_max_position_embeddings")
-               or f.get("original_length", [0])[0])
+    own = cfg.get("dprope") or {}
+    if own.get("rope_form") == "yarn-fit":  # YaRN's original_max_position_embeddings is a fitted parameter
+        orig = int(own["original_length"])
+    else:
+        orig = int(p.get("original_max_position_embeddings") or cfg.get("original_max_position_embeddings")
+                   or f.get("original_length", [0])[0])
     # the temperature config.json states: the bake's (method x base), or what is left of it after folding some or
     # all into the q/k weights (dprope.temperature is always the config's part)
-    own = cfg.get("dprope") or {}
     temp = float(own["temperature"]) if "temperature" in own else \
         1.0 if own.get("temperature_folded") else float(p.get("attention_factor") or 1.0)
     return dict(cfg=cfg, head_dim=head_dim, theta=theta, plain=plain, long=f["long_factor"], short=f["short_factor"],
@@ -178,19 +181,23 @@ def _expected(ckpt: Path) -> dict:
 
 
 def check_temperature_config(ckpt: Path, exp: dict, report: Report) -> None:
-    """config.json carries the temperature under every key a runtime reads: attention_factor (transformers),
-    short_mscale / long_mscale (vLLM, SGLang, MLX-lm); a missing key means that runtime applies its own default
-    sqrt(1 + ln s / ln L) instead."""
+    """config.json states the temperature as attention_factor (what transformers reads) and carries no key a runtime
+    warns about: short_mscale / long_mscale make transformers 5.x log "Unrecognized keys" on every load, and the
+    runtimes that would read them (vLLM, SGLang) compute the same default without them (the portable copy carries
+    any other temperature)."""
+    from convert.arch import config_temperature
+
     p, t = exp["params"], exp["temperature"]
     problems = []
-    for key in ("attention_factor", "short_mscale", "long_mscale"):
-        v = p.get(key)
-        if v is None:
-            problems.append(f"rope_scaling.{key} missing")
-        elif not math.isclose(float(v), t, rel_tol=1e-6, abs_tol=1e-9):
-            problems.append(f"rope_scaling.{key} = {v} != temperature {t:.6g}")
+    v = config_temperature(exp["cfg"])  # attention_factor, else the default transformers computes (Phi-3's form)
+    if not math.isclose(float(v), t, rel_tol=1e-6, abs_tol=1e-9):
+        problems.append(f"config.json gives cos/sin scale {v:.6g} (attention_factor or its default) != temperature "
+                        f"{t:.6g}")
+    for key in ("short_mscale", "long_mscale"):
+        if key in p:
+            problems.append(f"rope_scaling.{key} present: transformers 5.x warns on it at every load")
     report.add("temperature-config", ckpt.name, not problems, "; ".join(problems) or
-               f"attention_factor = short_mscale = long_mscale = {t:.6g}")
+               f"cos/sin scale {t:.6g}, no key a runtime warns about")
 
 
 def check_hf(ckpt: Path, exp: dict, report: Report):
@@ -206,8 +213,12 @@ def check_hf(ckpt: Path, exp: dict, report: Report):
         return model
     with torch.no_grad():  # one token past the window makes longrope switch to the long factors
         model(torch.zeros(1, 1, dtype=torch.long), position_ids=torch.tensor([[exp["original"]]]))
-    got = rot.inv_freq.float().numpy()
-    scaling = float(getattr(rot, "attention_scaling", 1.0))
+    from convert.compat import rotary_table
+
+    inv, scaling = rotary_table(rot)
+    got = inv.float().numpy()
+    if "sliding_attention" in (getattr(rot, "layer_types", None) or ()):
+        _check_sliding(ckpt, exp, rot, report)
     report.add("hf-temperature", ckpt.name, math.isclose(scaling, exp["temperature"], rel_tol=1e-6, abs_tol=1e-9),
                f"transformers scales cos/sin by {scaling:.6g} (expected {exp['temperature']:.6g})")
     want = exp["plain"] / exp["long"]
@@ -224,6 +235,20 @@ def check_hf(ckpt: Path, exp: dict, report: Report):
 
     report.add("hf-inv-freq", f"{ckpt.name} (transformers {transformers.__version__})", ok, detail)
     return model
+
+
+def _check_sliding(ckpt: Path, exp: dict, rot, report: Report) -> None:
+    """Gemma 3's sliding-window layers keep their own base and no scaling (only the global layers are extended)."""
+    import dprope
+    from convert.compat import rotary_table
+
+    inv, scaling = rotary_table(rot, "sliding_attention")
+    local = float(exp["cfg"].get("rope_local_base_freq") or 10000.0)
+    want = dprope.base_inv_freq(local, exp["head_dim"]).numpy()
+    ok = bool(np.allclose(inv.float().numpy(), want, rtol=1e-6, atol=0)) and math.isclose(scaling, 1.0)
+    report.add("hf-sliding-layers", ckpt.name, ok, f"sliding layers: base {local:g}, scale {scaling:.6g}" if ok else
+               f"sliding layers changed: inv_freq max rel {np.max(np.abs(inv.float().numpy() / want - 1)):.3g}, "
+               f"scale {scaling:.6g} (want base {local:g}, scale 1)")
 
 
 def check_gguf_meta(path: Path, exp: dict, report: Report) -> str | None:
@@ -437,3 +462,122 @@ def _append_card(ckpt: Path, report: Report, control: dict) -> None:
 
     verification_section(ckpt, report.ok, report.table(), control_text(control))
 
+
+
+# ------------------------------------------------------------------------------------------- a GGUF extended in place
+def _tensor_bytes(path: Path) -> dict[str, tuple[str, tuple, str]]:
+    """{name: (type, shape, sha256 of its bytes)} of every tensor (memory-mapped; never whole in memory)."""
+    import hashlib
+
+    import gguf
+
+    r = gguf.GGUFReader(str(path))
+    out = {}
+    for t in r.tensors:
+        h = hashlib.sha256()
+        a = np.asarray(t.data).reshape(-1).view(np.uint8)
+        for i in range(0, a.size, 1 << 24):
+            h.update(a[i:i + (1 << 24)].tobytes())
+        out[t.name] = (t.tensor_type.name, tuple(int(x) for x in t.shape), h.hexdigest())
+    return out
+
+
+def _probe(path: Path, ids: list[int], start: int, n_ctx: int, **overrides) -> np.ndarray:
+    from convert.quiet import quiet_libraries
+    from convert.runtimes.llamacpp import LlamaCppOptions, LlamaCppRuntime
+
+    # llama.cpp's notes (a context past n_ctx_train, the SWA cache size) go to the log file, not the screen
+    with quiet_libraries(), LlamaCppRuntime(path, n_ctx, LlamaCppOptions("f16"), **overrides) as rt:
+        return rt.logits(ids, start)
+
+
+def verify_gguf(out: Path, source: Path, factors: list[float] | None = None, temperature: float | None = None,
+                write: bool = True) -> Report:
+    """Checks of a GGUF extended in place (`dprope extend model.gguf out.gguf`) against its source:
+
+      gguf-tensors     every tensor but the rope ones has the source's bytes, type and shape;
+      gguf-metadata    context_length, the form's keys and factor tensor as llama.cpp reads them, and with
+                       ``factors`` (total, relative to the plain base) the values the method intended;
+      takes-effect     llama.cpp's logits past the source's window differ from the source's (negative control);
+      llama-cpp-own    llama.cpp computes the same rotation by itself: a YaRN form equals the source run with the
+                       same YaRN numbers as context parameters; the rope_freqs layout (factors divide the angle)
+                       equals llama.cpp's own linear scaling for uniform factors s on the source.
+    Writes ``<out>.verify.json`` beside the file with ``write``."""
+    import json
+    import tempfile
+
+    from convert.arch import gguf_fields, rope_spec_from_gguf
+    from convert.formats.gguf_extend import gguf_form, write_extended_gguf
+    from convert.runtimes.base import max_abs_diff
+
+    out, source = Path(out), Path(source)
+    report = Report()
+    meta, _ = gguf_fields(out)
+    arch = meta["general.architecture"]
+    spec = rope_spec_from_gguf(source)
+    target = int(meta.get(f"{arch}.context_length") or 0)
+    form = meta.get("dprope.rope_form")
+    # tensors
+    a, b = _tensor_bytes(source), _tensor_bytes(out)
+    rope = {"rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight"}
+    changed = sorted(n for n in set(a) | set(b) if n not in rope and a.get(n) != b.get(n))
+    report.add("gguf-tensors", out.name, not changed, f"{len(b)} tensors, every one but the rope ones as the source's"
+               if not changed else f"differ from the source: {', '.join(changed[:5])}")
+    # metadata: what the form writes for these factors
+    problems = []
+    if target <= spec.original_length:
+        problems.append(f"context_length {target} is not above the source's window {spec.original_length}")
+    if factors is not None:
+        want = gguf_form(spec, np.asarray(factors, dtype=np.float64), target, float(temperature or 1.0))
+        for k, (v, _t) in want["keys"].items():
+            got = meta.get(f"{arch}.{k}")
+            if got is None or (isinstance(v, float) and not math.isclose(float(got), v, rel_tol=1e-6)) or \
+                    (not isinstance(v, float) and got != v):
+                problems.append(f"{arch}.{k} = {got!r}, want {v!r}")
+        if form != want["form"]:
+            problems.append(f"dprope.rope_form {form!r}, want {want['form']!r}")
+        _, info = gguf_fields(out)
+        tensors = {t.name: t for t in info.tensors}
+        for name, arr in want["tensors"].items():
+            t = tensors.get(name)
+            if t is None or t.tensor_type.name != "F32" or not np.allclose(np.asarray(t.data, dtype=np.float64).ravel(),
+                                                                           arr.astype(np.float64), rtol=1e-6):
+                problems.append(f"{name} is not the intended factors")
+    report.add("gguf-metadata", out.name, not problems, "; ".join(problems) or
+               f"context_length {target}, {form} form" + (" with the intended values" if factors is not None else ""))
+    # the factors take effect past the window: the source rotates otherwise
+    n = 64
+    start = spec.original_length + max(0, (target - spec.original_length) // 2 - n)
+    n_ctx = min(target, start + n + 256)
+    ids = np.random.default_rng(0).integers(100, max(101, min(int(meta.get("tokenizer.ggml.tokens#len", 32000)),
+                                                               30000)), n).tolist()
+    got = _probe(out, ids, start, n_ctx)
+    base = _probe(source, ids, start, n_ctx)
+    d = max_abs_diff(got, base)
+    report.add("takes-effect", out.name, d > 1e-2, f"max |dlogit| vs the source at positions {start}..{start + n - 1}: "
+               f"{d:.3g}" + ("" if d > 1e-2 else ": the extension does not change what llama.cpp computes"))
+    # a control llama.cpp computes on its own
+    if form == "yarn-fit":
+        f, L = float(meta[f"{arch}.rope.scaling.factor"]), int(meta[f"{arch}.rope.scaling.original_context_length"])
+        own = _probe(source, ids, start, n_ctx, rope_scaling_type=2, rope_freq_scale=1.0 / f, yarn_orig_ctx=L)
+        d = max_abs_diff(got, own)
+        report.add("llama-cpp-own", out.name, d < 1e-3, f"llama.cpp's own YaRN (factor {f:.4g}, original {L}) on the "
+                   f"source: max |dlogit| {d:.3g}")
+    elif form == "rope_freqs":
+        s = target / spec.original_length
+        with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+            ctl = Path(tmp) / "uniform.gguf"
+            uni = {"form": "rope_freqs", "keys": {"context_length": (target, "UINT32")},
+                   "tensors": {"rope_freqs.weight": (spec.prior_factors.numpy() * s).astype(np.float32)}}
+            write_extended_gguf(source, ctl, spec, uni, {"method": "pi", "target_length": target, "version": ""},
+                                progress=False)
+            mine = _probe(ctl, ids, start, n_ctx)
+        own = _probe(source, ids, start, n_ctx, rope_freq_scale=1.0 / s)
+        d = max_abs_diff(mine, own)
+        report.add("llama-cpp-own", out.name, d < 1e-3, f"uniform factors {s:g} in rope_freqs.weight = llama.cpp's "
+                   f"own linear scaling by {s:g}: max |dlogit| {d:.3g}")
+    if write:
+        p = out.with_name(out.name + ".verify.json")
+        p.write_text(json.dumps({"ok": report.ok, "gguf": out.name, "source": str(source),
+                                 "checks": [asdict(c) for c in report.checks]}, indent=1, default=str) + "\n")
+    return report

@@ -1,0 +1,371 @@
+"""Validation's speed: one perplexity window and one passkey prompt through transformers, our llama.cpp path and
+llama.cpp's own tools, on SmolLM2-135M extended to 32k, in one run.
+
+    python bench/validate_speed.py                                  # 16384 and 32768 (about an hour on 2 cores)
+    python bench/validate_speed.py --lengths 4096 --tasks ppl       # a quick agreement check (minutes)
+
+Model (made once by ``validate_memory.prepare``, cached under bench/.data/validate-memory/): SmolLM2-135M extended
+to ``--target`` with the default method, as a HF directory and a q8_0 GGUF.  Text: validate's perplexity corpus
+(Python's docs, ~113k tokens).  Each (task, length, path) runs in a fresh process (``_measure.measure``: wall time
+and peak RSS; CPU time is user + system of all its threads, the better measure of cost on a shared machine).
+
+- ``ppl``: one window of ``length`` tokens, the corpus as llama.cpp tokenises it with BOS first, the same tokens for
+  every path.  ``llama-perplexity`` (ggml-org/llama.cpp ``tools/perplexity/perplexity.cpp``, ``perplexity``)
+  scores only the second half of each ``n_ctx`` chunk (``first = n_ctx/2``: the tokens at positions
+  ``n_ctx/2 + 1 .. n_ctx - 1``, each from the logits of the position before), so ours score exactly those tokens:
+  ``hf`` with ``ChunkedHFLM``'s scorer (``convert.evaluate.lmeval_hf.chunked_token_logprobs``), ``ours`` with
+  ``GGUFLM``'s (``GGUFModel.score`` over ``convert.runtimes.llamacpp.Decoder``), ``peer`` is ``llama-perplexity
+  -c LENGTH --chunks 1`` on the corpus file.  Its mean log-probability is read from ``--ppl-output-type 1``
+  (six decimals), so the perplexities compare to ~1e-6.
+- ``passkey``: one prompt of validate's passkey task (the key at depth 0.5, ``length`` tokens) through lm-eval's
+  ``generate_until`` of ``ChunkedHFLM`` (transformers' ``generate``) and of ``GGUFLM``; ``peer`` is llama-cpp-
+  python's own ``Llama.create_completion`` (greedy), what a user of the binding runs.
+
+Settings are the same for llama.cpp in all paths: threads (``--threads``; transformers gets the same number),
+``n_ubatch``, KV cache type, flash attention, context = length.  ``n_batch`` differs on purpose: ours sends a prompt
+in one ``llama_decode`` call (n_batch = the context); llama-perplexity keeps its default 2048 (a larger one makes it
+keep the logits of every scored row of a chunk at once), and so does the ``Llama`` peer; n_batch changes the number
+of calls, not the ubatches computed.
+
+``llama-perplexity`` is built once from the llama.cpp that the installed llama-cpp-python vendors (its sdist's
+``vendor/llama.cpp``, fetched with ``pip download``), cached under bench/.data/llama-perplexity/<version>/.
+Results: bench/results/validate-speed-<length>.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+import resource
+import shlex
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _measure import DATA, measure  # noqa: E402
+from validate_memory import prepare  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PPL_TOL = 1e-4  # ours vs llama-perplexity: same file, tokens, settings and ubatches; relative perplexity
+PASSKEY_DEPTH = 0.5
+GEN_KWARGS = {"until": ["\n"], "max_gen_toks": 12, "do_sample": False, "temperature": 0.0}  # dprope_passkey.yaml
+PATH_NAMES = {"hf": "transformers (ChunkedHFLM)", "ours": "ours: llama.cpp (GGUFLM)",
+              "peer-ppl": "llama.cpp llama-perplexity", "peer-passkey": "llama-cpp-python Llama.create_completion"}
+
+
+# ------------------------------------------------------------------------------------------- the peer, built once
+def llama_cpp_python_version() -> str:
+    import importlib.metadata
+
+    return importlib.metadata.version("llama_cpp_python")
+
+
+def llama_perplexity(version: str | None = None, jobs: int | None = None) -> Path:
+    """``llama-perplexity`` built from the sdist of llama-cpp-python ``version`` (default: the installed one), whose
+    ``vendor/llama.cpp`` is the llama.cpp the binding was compiled from; cached under
+    bench/.data/llama-perplexity/<version>/build/bin/."""
+    version = version or llama_cpp_python_version()
+    root = DATA / "llama-perplexity" / version
+    exe = root / "build" / "bin" / "llama-perplexity"
+    if exe.is_file():
+        return exe
+    root.mkdir(parents=True, exist_ok=True)
+    src = root / "src"
+    vendor = next(src.glob("*/vendor/llama.cpp"), None) if src.is_dir() else None
+    if vendor is None:
+        print(f"peer: downloading the llama-cpp-python {version} sdist", flush=True)
+        dl = root / "sdist"
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
+                        f"llama-cpp-python=={version}", "-d", str(dl)], check=True)
+        archive = next(dl.glob("*.tar.gz"))
+        with tarfile.open(archive) as tar:
+            tar.extractall(src, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+        vendor = next(src.glob("*/vendor/llama.cpp"))
+    build = root / "build"
+    log = root / "build.log"
+    print(f"peer: building llama-perplexity from {vendor} (once; ~8 min on 2 cores; log {log})", flush=True)
+    with open(log, "w") as f:
+        subprocess.run(["cmake", "-S", str(vendor), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release",
+                        "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF",
+                        "-DLLAMA_CURL=OFF"], check=True, stdout=f, stderr=subprocess.STDOUT)
+        p = subprocess.Popen(["cmake", "--build", str(build), "--target", "llama-perplexity", "-j",
+                              str(jobs or os.cpu_count() or 1)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True)
+        shown = -10
+        for line in p.stdout:
+            f.write(line)
+            m = re.match(r"\[\s*(\d+)%\]", line)
+            if m and int(m.group(1)) >= shown + 10:
+                shown = int(m.group(1))
+                print(f"peer: build {shown}%", flush=True)
+        if p.wait() != 0 or not exe.is_file():
+            raise SystemExit(f"building llama-perplexity failed; see {log}")
+    return exe
+
+
+def peer_command(exe: Path, model: Path, text_file: Path, length: int, s: dict) -> list[str]:
+    """llama-perplexity on one ``length``-token chunk with the shared settings ``s``."""
+    return [str(exe), "-m", str(model), "-f", str(text_file), "-c", str(length), "--chunks", "1",
+            "-b", str(s["peer_batch"]), "-ub", str(s["n_ubatch"]), "-t", str(s["threads"]), "-tb", str(s["threads"]),
+            "-fa", "on" if s["flash_attn"] else "off", "-ctk", s["kv_cache"], "-ctv", s["kv_cache"],
+            "--ppl-output-type", "1"]
+
+
+def parse_peer(output: str) -> dict:
+    """Mean log-likelihood and perplexity from llama-perplexity's ``--ppl-output-type 1`` line
+    (``<start>  <ppl>  <mean nll>  <its error>``), and its own seconds per pass."""
+    rows = re.findall(r"^\s*\d+\s+([\d.]+)\s+([\d.]+)\s+([\d.naif-]+)\s*$", output, flags=re.M)
+    if not rows:
+        raise RuntimeError(f"no perplexity line in llama-perplexity's output:\n{output[-2000:]}")
+    nll = float(rows[-1][1])
+    per_pass = re.search(r"([\d.]+) seconds per pass", output)
+    return {"mean_nll": nll, "perplexity": float(rows[-1][0]), "compute_s": float(per_pass.group(1)) if per_pass else None}
+
+
+# ------------------------------------------------------------------------------------------- what each child runs
+def scored_tokens(ids: list[int], length: int) -> tuple[list[int], list[int]]:
+    """(inputs, targets) of llama-perplexity's first chunk: ``ids`` (BOS first) cut to ``length``; the targets are
+    the tokens at positions length/2 + 1 .. length - 1, predicted from positions length/2 .. length - 2."""
+    if len(ids) < 2 * length:
+        raise SystemExit(f"the corpus has {len(ids)} tokens; llama-perplexity needs 2 x {length}")
+    window = ids[:length]
+    return window[:-1], window[length // 2 + 1 :]
+
+
+def corpus_ids(llm) -> list[int]:
+    """The corpus as llama-perplexity tokenises it (common_tokenize(..., add_special=true, parse_special=false))."""
+    from convert.evaluate.tasks.ppl import corpus_text
+
+    return llm.tokenize(corpus_text(None).encode("utf-8"), add_bos=True, special=False)
+
+
+def gguf_options(s: dict):
+    from convert.runtimes.llamacpp import LlamaCppOptions
+
+    return LlamaCppOptions(kv_cache=s["kv_cache"], flash_attn=s["flash_attn"], n_ubatch=s["n_ubatch"],
+                           n_threads=s["threads"])
+
+
+def passkey_prompt(hf: Path, length: int) -> str:
+    from convert.evaluate.tasks.common import tokenizer
+    from convert.evaluate.tasks.passkey import build_prompt
+
+    return build_prompt(tokenizer(str(hf)), length, PASSKEY_DEPTH, "58213")
+
+
+def _request(prompt: str):
+    from lm_eval.api.instance import Instance
+
+    return Instance("generate_until", {}, (prompt, dict(GEN_KWARGS)), 0)
+
+
+def child(kind: str, task: str, models: dict, length: int, s: dict) -> dict:
+    """One (path, task, length) in this process: its numbers, with ``score_s`` the time of the scoring or
+    generation call alone."""
+    import numpy as np
+
+    out: dict = {}
+    if kind == "hf":
+        import torch
+
+        from convert.evaluate.engine import load_hf_eval
+        from convert.evaluate.lmeval_hf import chunked_lm_class, chunked_token_logprobs
+        from convert.runtimes.llamacpp import open_llama
+
+        torch.set_num_threads(s["threads"])
+        model, tok = load_hf_eval(models["hf"])
+        lm = chunked_lm_class()(pretrained=model, tokenizer=tok, max_length=length, batch_size=1, device="cpu",
+                                max_batch_size=1)
+        if task == "ppl":
+            vocab = open_llama(models["gguf"], 64, vocab_only=True)
+            inputs, targets = scored_tokens(corpus_ids(vocab), length)
+            vocab.close()
+            t = time.perf_counter()
+            lp = chunked_token_logprobs(lm.model, torch.tensor([inputs]), targets, lm.logit_chunk)
+            out["score_s"] = time.perf_counter() - t
+        else:
+            t = time.perf_counter()
+            out["answer"] = lm.generate_until([_request(passkey_prompt(models["hf"], length))], True)[0]
+            out["score_s"] = time.perf_counter() - t
+            out["prompt_tokens"] = len(tok(passkey_prompt(models["hf"], length)).input_ids)
+    elif kind == "ours":
+        from convert.evaluate.lmeval_gguf import GGUFLM, GGUFModel
+        from convert.runtimes.llamacpp import native_logs
+
+        with native_logs():
+            lm = GGUFLM(GGUFModel(models["gguf"], length, gguf_options(s)), max_length=length)
+        if task == "ppl":
+            inputs, targets = scored_tokens(corpus_ids(lm.model.llm), length)
+            t = time.perf_counter()
+            lp, _ = lm.model.score(inputs, targets)  # what GGUFLM.loglikelihood_rolling scores a window with
+            out["score_s"] = time.perf_counter() - t
+        else:
+            prompt = passkey_prompt(models["hf"], length)
+            t = time.perf_counter()
+            out["answer"] = lm.generate_until([_request(prompt)], True)[0]
+            out["score_s"] = time.perf_counter() - t
+            out["prompt_tokens"] = len(lm.tok_encode(prompt))
+        out["llama_decode_calls"] = lm.model.decoder.n_calls
+        lm.model.close()
+    elif kind == "peer-passkey":
+        import llama_cpp
+
+        from convert.runtimes.llamacpp import KV_TYPES, native_logs
+
+        with native_logs():
+            llm = llama_cpp.Llama(str(models["gguf"]), n_ctx=length, n_batch=s["peer_batch"], n_ubatch=s["n_ubatch"],
+                                  n_threads=s["threads"], n_threads_batch=s["threads"], flash_attn=s["flash_attn"],
+                                  type_k=KV_TYPES[s["kv_cache"]], type_v=KV_TYPES[s["kv_cache"]], verbose=False)
+        prompt = passkey_prompt(models["hf"], length)
+        t = time.perf_counter()
+        r = llm.create_completion(prompt, max_tokens=GEN_KWARGS["max_gen_toks"], temperature=0.0,
+                                  stop=GEN_KWARGS["until"])
+        out["score_s"] = time.perf_counter() - t
+        out["answer"] = r["choices"][0]["text"]
+        out["prompt_tokens"] = r["usage"]["prompt_tokens"]
+        llm.close()
+    elif kind == "peer-ppl":
+        p = subprocess.run(peer_command(Path(models["peer"]), models["gguf"], Path(models["text"]), length, s),
+                           capture_output=True, text=True, env={**os.environ, "LD_LIBRARY_PATH":
+                                                                 str(Path(models["peer"]).parent)})
+        if p.returncode:
+            raise RuntimeError(f"llama-perplexity failed:\n{(p.stdout + p.stderr)[-3000:]}")
+        peer = parse_peer(p.stdout + p.stderr)
+        out.update(perplexity=peer["perplexity"], mean_nll=peer["mean_nll"], score_s=peer["compute_s"],
+                   tokens=length - length // 2 - 1)
+        use = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return {**out, "cpu_s": use.ru_utime + use.ru_stime}
+    if task == "ppl":
+        lp = np.asarray(lp, dtype=np.float64)
+        out.update(mean_nll=float(-lp.mean()), perplexity=float(np.exp(-lp.mean())), tokens=len(lp))
+    use = resource.getrusage(resource.RUSAGE_SELF)
+    return {**out, "cpu_s": use.ru_utime + use.ru_stime}
+
+
+# ------------------------------------------------------------------------------------------- the report
+def ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:.2f}" if a and b else ""
+
+
+def report(length: int, target: int, rows: list[dict], s: dict, command: str) -> str:
+    """The markdown of one length: per task a table of the paths, with ours / each path."""
+    today = datetime.date.today().isoformat()
+    lines = [f"# `{command}`, {today}, this {os.cpu_count()}-core CPU; other jobs shared the CPU at times, so wall "
+             "times are noisy and CPU s is the cost", "",
+             f"SmolLM2-135M extended to {target}, q8_0 GGUF; llama.cpp: {s['threads']} threads, n_ubatch "
+             f"{s['n_ubatch']}, KV cache {s['kv_cache']}, flash attention {'on' if s['flash_attn'] else 'off'}, "
+             f"context {length}; n_batch: ours the context (one llama_decode call per prompt), the peers "
+             f"{s['peer_batch']}; transformers {s['threads']} threads.  score s: the scoring or generation call "
+             "alone (llama-perplexity: its own seconds per pass); wall, CPU and peak RSS: the whole process "
+             "(load, tokenise, score).", ""]
+    for task in ("ppl", "passkey"):
+        got = [r for r in rows if r["task"] == task]
+        if not got:
+            continue
+        ours = next((r for r in got if r["path"] == "ours"), None)
+        peer = next((r for r in got if r["path"].startswith("peer")), None)
+        if task == "ppl":
+            n = got[0]["tokens"]
+            lines += [f"Perplexity of one {length}-token window: the {n} tokens llama-perplexity scores (the second "
+                      "half)", "",
+                      "| path | score s | wall s | CPU s | peak RSS MB | perplexity | vs peer | ours / this: wall, CPU |",
+                      "|---|---|---|---|---|---|---|---|"]
+        else:
+            lines += [f"One passkey prompt at {length} (key at depth {PASSKEY_DEPTH}, greedy, at most "
+                      f"{GEN_KWARGS['max_gen_toks']} new tokens)", "",
+                      "| path | prompt tokens | score s | wall s | CPU s | peak RSS MB | answer | ours / this: wall, CPU |",
+                      "|---|---|---|---|---|---|---|---|"]
+        for r in got:
+            vs = "" if ours is None or r is ours else f"{ratio(ours['wall_s'], r['wall_s'])}, {ratio(ours['cpu_s'], r['cpu_s'])}"
+            common = f"{r['score_s']:.0f} | {r['wall_s']:.0f} | {r['cpu_s']:.0f} | {r['peak_rss_mb']:.0f}"
+            if task == "ppl":
+                rel = "" if peer is None or r is peer else f"{r['perplexity'] / peer['perplexity'] - 1:+.1e}"
+                lines.append(f"| {PATH_NAMES[r['path']]} | {common} | {r['perplexity']:.5f} | {rel} | {vs} |")
+            else:
+                lines.append(f"| {PATH_NAMES[r['path']]} | {r.get('prompt_tokens', '')} | {common} | "
+                             f"{json.dumps(r['answer'])} | {vs} |")
+        lines.append("")
+        if task == "ppl" and ours and peer:
+            d = abs(ours["perplexity"] / peer["perplexity"] - 1)
+            lines += [f"ours vs llama-perplexity: relative difference {d:.1e} (tolerance {PPL_TOL:.0e}: "
+                      f"{'agree' if d <= PPL_TOL else 'DISAGREE'}); transformers runs the f32 checkpoint, so it "
+                      "differs by the q8_0 rounding.", ""]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--lengths", default="16384,32768", help="window / prompt lengths, comma-separated")
+    ap.add_argument("--target", type=int, default=32768, help="the extended model's window")
+    ap.add_argument("--tasks", default="ppl,passkey", help="ppl, passkey")
+    ap.add_argument("--paths", default="hf,ours,peer", help="hf, ours, peer (llama-perplexity for ppl, "
+                    "llama-cpp-python's Llama for passkey)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--n-ubatch", type=int, default=512, help="llama.cpp's physical batch (its default 512)")
+    ap.add_argument("--peer-batch", type=int, default=2048, help="the peers' n_batch (llama.cpp's default 2048)")
+    ap.add_argument("--kv-cache", default="f16", choices=["f16", "f32"])
+    ap.add_argument("--flash-attn", default="on", choices=["on", "off"])
+    ap.add_argument("--out", type=Path, default=RESULTS, help="folder for validate-speed-<length>.md")
+    ap.add_argument("--child", nargs=4, metavar=("KIND", "TASK", "LENGTH", "RESULT"), help=argparse.SUPPRESS)
+    ap.add_argument("--models", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    s = {"threads": args.threads, "n_ubatch": args.n_ubatch, "peer_batch": args.peer_batch,
+         "kv_cache": args.kv_cache, "flash_attn": args.flash_attn == "on"}
+    if args.child:
+        kind, task, length, result = args.child
+        Path(result).write_text(json.dumps(child(kind, task, json.loads(args.models), int(length), s)))
+        return 0
+    lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    paths = [p.strip() for p in args.paths.split(",") if p.strip()]
+    made = prepare(args.target, ["q8_0"])
+    models = {"hf": str(made["hf"]), "gguf": str(made["q8_0"])}
+    if "peer" in paths and "ppl" in tasks:
+        models["peer"] = str(llama_perplexity())
+        from convert.evaluate.tasks.ppl import corpus_text
+
+        text = DATA / "validate-speed" / "corpus.txt"
+        text.parent.mkdir(parents=True, exist_ok=True)
+        text.write_text(corpus_text(None), encoding="utf-8")
+        models["text"] = str(text)
+    command = "python bench/validate_speed.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    failed = False
+    for length in lengths:
+        rows = []
+        for task in tasks:
+            for path in paths:
+                kind = f"peer-{task}" if path == "peer" else path
+                print(f"{task} @{length}: {PATH_NAMES[kind]} ...", flush=True)
+                with tempfile.TemporaryDirectory() as tmp:
+                    res = Path(tmp) / "r.json"
+                    m = measure([sys.executable, __file__, "--models", json.dumps(models), "--threads",
+                                 str(s["threads"]), "--n-ubatch", str(s["n_ubatch"]), "--peer-batch",
+                                 str(s["peer_batch"]), "--kv-cache", s["kv_cache"], "--flash-attn", args.flash_attn,
+                                 "--child", kind, task, str(length), str(res)], env=env)
+                    row = {"task": task, "path": kind, **m, **json.loads(res.read_text())}
+                rows.append(row)
+                shown = f"ppl {row['perplexity']:.5f}" if task == "ppl" else f"answer {row['answer']!r}"
+                print(f"  {shown}, score {row['score_s']:.1f} s, wall {row['wall_s']:.1f} s, CPU {row['cpu_s']:.1f} s, "
+                      f"peak RSS {row['peak_rss_mb']:.0f} MB", flush=True)
+        text = report(length, args.target, rows, s, command)
+        print("\n" + text)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / f"validate-speed-{length}.md").write_text(text)
+        ours = next((r for r in rows if r["task"] == "ppl" and r["path"] == "ours"), None)
+        peer = next((r for r in rows if r["task"] == "ppl" and r["path"] == "peer-ppl"), None)
+        if ours and peer and abs(ours["perplexity"] / peer["perplexity"] - 1) > PPL_TOL:
+            failed = True
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,304 @@
+"""The loss ``dprope-fit`` descends (:mod:`dprope.fit`): the model's next-token loss on the tokens past the original
+window of long text, as a function of the per-pair log-factors (and of the temperature), with its gradient.
+
+LongRoPE's search scores factor sets by the model's perplexity on long documents (Ding et al. 2024,
+microsoft/LongRoPE ``evolution/``); here the same model output is differentiated instead.  The model is loaded once
+with its weights frozen.  Each evaluation sets the rotary embedding's frequencies to base_i / exp(x_i) (the base being
+what transformers computes for the checkpoint baked with factors 1, ``convert.evaluate.fitness.longrope_inv_freq``)
+and its cos/sin multiplier to t x the architecture's attention factor, as tensors in the autograd graph
+(``convert.compat.rotary_computed_from``), runs the model and back-propagates the loss to x (and t): no weight
+gradient is computed.
+
+Memory at 32k tokens: the decoder layers run under transformers' activation checkpointing (non-reentrant: the rotary
+cos/sin reach the layers as keyword arguments, which reentrant checkpointing would cut from the graph), and the
+output head and cross entropy run ``loss_chunk`` positions at a time, each chunk under checkpointing (at 32k tokens
+and SmolLM2's 49,152-token vocabulary the float32 logits alone are 6.4 GB).
+
+Text: windows of ``length`` tokens (default: the target length) cut from the corpus as the lm-eval ``ppl`` task cuts
+its documents (``convert/evaluate/tasks/ppl.py``: document k is tokens [kL, (k + 1)L) of the corpus, read after the
+BOS token lm-eval puts first), the first ``samples`` of them; each step reads all of them, or ``batch`` of them drawn
+from (``seed``, step).  Only the targets at positions >= ``score_from`` (default: the original window) count.
+
+Several processes (:func:`convert.evaluate.fitness.process_group`): each reads its share of a step's windows (the
+j-th on rank j mod world) and the sums of the loss, the token counts and the gradients are all-reduced and then
+broadcast from rank 0, so every rank takes the same step from the same numbers.
+
+Cost of a step: a forward and a backward pass over the step's tokens; the backward computes no weight gradient, so a
+step costs about two forward passes, three with the checkpointing's recompute.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+from convert.arch import RopeSpec
+from convert.errors import ConvertError
+
+log = logging.getLogger(__name__)
+
+
+def _nll_sum(hidden, weight, bias, targets, softcap):
+    import torch.nn.functional as F
+
+    logits = F.linear(hidden, weight, bias).float()  # upcast as transformers' ForCausalLMLoss does
+    if softcap:
+        logits = (logits / softcap).tanh() * softcap
+    return F.cross_entropy(logits, targets, reduction="sum")
+
+
+def chunked_nll(model, hidden, targets, chunk: int):
+    """Sum of -log p(targets) from the decoder's last hidden states [n, hidden], ``chunk`` positions of logits at a
+    time, each chunk under activation checkpointing (its logits recomputed in the backward pass, never kept)."""
+    import torch
+    from torch.utils.checkpoint import checkpoint
+
+    head = model.get_output_embeddings()
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for i in range(0, hidden.shape[0], chunk):
+        total = total + checkpoint(_nll_sum, hidden[i : i + chunk], head.weight, head.bias, targets[i : i + chunk],
+                                   softcap, use_reentrant=False)
+    return total
+
+
+def rotary_modules(model) -> list:
+    """The rotary embedding modules of a transformers model: those with an ``inv_freq`` table (one per layer type
+    where the module keeps several, ``convert.compat.rotary_prefix``)."""
+    import torch
+
+    from convert.compat import rotary_prefix
+
+    return [m for m in model.modules() if isinstance(getattr(m, f"{rotary_prefix(m)}inv_freq", None), torch.Tensor)]
+
+
+def checkpoint_layers(model) -> None:
+    """Switch on transformers' activation checkpointing of the decoder layers (non-reentrant), and put the layers
+    that checkpoint in training mode, which their checkpointing asks for; everything inside them stays in eval
+    mode (no dropout).  transformers 5.x names it ``activation_checkpointing_enable``, 4.x
+    ``gradient_checkpointing_enable``."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    for m in model.modules():
+        if getattr(m, "gradient_checkpointing", False) is True:
+            m.training = True  # this module only; its children keep eval mode
+
+
+class FitLoss:
+    """loss_and_grad(log_factors float64 [n_pairs], temperature, step) -> (loss, grad of the log-factors, grad of the
+    temperature or None): the mean next-token loss over the scored tokens of a step's windows (see the module
+    docstring), for the model of the base ``spec``.  ``seconds``: wall time of each call."""
+
+    kind = "next-token loss past the window"
+
+    def __init__(self, model, tokenizer, spec: RopeSpec, target_length: int, options: Mapping[str, Any],
+                 fit_temperature: bool = False, rank: int = 0, world: int = 1):
+        import torch
+
+        from dprope.methods import FIT_LOSS_OPTIONS
+
+        from convert.evaluate.fitness import longrope_inv_freq
+
+        self.model, self.tok, self.spec = model, tokenizer, spec
+        self.options = {**FIT_LOSS_OPTIONS, **{k: v for k, v in options.items() if k in FIT_LOSS_OPTIONS}}
+        self.target_length = int(target_length)
+        self.fit_temperature = bool(fit_temperature)
+        self.rank, self.world = int(rank), int(world)
+        o = self.options
+        self.length = int(o["length"] or self.target_length)
+        self.score_from = int(spec.original_length if o["score_from"] is None else o["score_from"])
+        if self.score_from >= self.length:
+            raise ConvertError(f"dprope-fit scores the tokens from position {self.score_from} on, but its windows are "
+                               f"{self.length} tokens: pass length > score_from (by default the target length and "
+                               "the original window)")
+        self.chunk = int(o["loss_chunk"])
+        self.windows = self.prepare()
+        n = spec.head_dim // 2
+        self.base = longrope_inv_freq(spec, torch.ones(n)).double()  # what a bake with factors 1 rotates by
+        self.rotaries = rotary_modules(model)
+        if not self.rotaries:
+            raise ConvertError(f"{type(model).__name__} has no rotary embedding module with an inv_freq table; "
+                               "supported architectures are listed in convert/arch.py")
+        model.requires_grad_(False)
+        model.eval()
+        if o["gradient_checkpointing"]:
+            checkpoint_layers(model)
+        self.seconds: list[float] = []
+
+    # ------------------------------------------------------------------------------------------- the text
+    def corpus_ids(self) -> list[int]:
+        from convert.evaluate.tasks.ppl import corpus_text
+
+        corpus = self.options.get("corpus")
+        if corpus and not Path(corpus).is_file():
+            raise ConvertError(f"dprope-fit corpus {corpus} is not a file; pass a text file or leave it unset "
+                               "(Python's own documentation)")
+        return self.tok(corpus_text(corpus or None), add_special_tokens=False).input_ids
+
+    def prefix_id(self) -> int:
+        """The token lm-eval puts before a document (BOS, else EOS; lm-eval ``HFLM.prefix_token_id``)."""
+        t = self.tok.bos_token_id if self.tok.bos_token_id is not None else self.tok.eos_token_id
+        if t is None:
+            raise ConvertError("the tokenizer has neither a BOS nor an EOS token to start a window with")
+        return int(t)
+
+    def prepare(self) -> list[tuple]:
+        """(input ids [1, L], targets [L]) per window: the prefix token then the document's first L - 1 tokens, and
+        the document's L tokens."""
+        import torch
+
+        ids = self.corpus_ids()
+        L = self.length
+        have = len(ids) // L
+        want = int(self.options["samples"])
+        if have < 1:
+            raise ConvertError(f"the corpus has {len(ids)} tokens, fewer than one {L}-token window; pass a longer "
+                               "corpus (--opt corpus=FILE) or a shorter length")
+        if have < want:
+            log.warning("the corpus holds %d windows of %d tokens, fewer than samples=%d: fitting on %d", have, L,
+                        want, have)
+        prefix = self.prefix_id()
+        out = []
+        for k in range(min(have, want)):
+            doc = ids[k * L : (k + 1) * L]
+            out.append((torch.tensor([[prefix, *doc[:-1]]], dtype=torch.long), torch.tensor(doc, dtype=torch.long)))
+        return out
+
+    def step_windows(self, step: int) -> list[int]:
+        """The windows step ``step`` reads: all, or ``batch`` of them drawn from (seed, step)."""
+        import numpy as np
+
+        n = len(self.windows)
+        b = self.options.get("batch")
+        if b is None or int(b) >= n:
+            return list(range(n))
+        rng = np.random.default_rng([int(self.options["seed"]), int(step)])
+        return sorted(int(i) for i in rng.choice(n, size=int(b), replace=False))
+
+    @property
+    def scored_per_window(self) -> int:
+        return self.length - self.score_from
+
+    # ------------------------------------------------------------------------------------------- the loss
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
+
+    def __call__(self, log_factors, temperature: float, step: int = 0):
+        import torch
+
+        t0 = time.perf_counter()
+        dev = self.device
+        lf = torch.as_tensor(log_factors, dtype=torch.float64).detach().to(dev).requires_grad_(True)
+        t = torch.tensor(float(temperature), dtype=torch.float64, device=dev, requires_grad=self.fit_temperature)
+        base = getattr(self.model, self.model.base_model_prefix)
+        total, count = 0.0, 0
+        for j in self.step_windows(step)[self.rank :: self.world]:
+            ids, targets = self.windows[j]
+            inv = (self.base.to(dev) * torch.exp(-lf)).float()
+            scale = t * float(self.spec.attention_factor)
+            with contextlib.ExitStack() as stack:
+                from convert.compat import rotary_computed_from
+
+                for rot in self.rotaries:
+                    stack.enter_context(rotary_computed_from(rot, inv, scale))
+                hidden = base(input_ids=ids.to(dev), use_cache=False).last_hidden_state[0, self.score_from :]
+                nll = chunked_nll(self.model, hidden, targets[self.score_from :].to(dev), self.chunk)
+            nll.backward()
+            total += float(nll.detach())
+            count += self.scored_per_window
+            del hidden, nll
+        n = lf.numel()
+        g = lf.grad.detach().cpu() if lf.grad is not None else torch.zeros(n, dtype=torch.float64)
+        gt = float(t.grad) if (self.fit_temperature and t.grad is not None) else 0.0
+        buf = torch.tensor([total, float(count), *g.tolist(), gt], dtype=torch.float64)
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(buf)
+            dist.broadcast(buf, src=0)  # every rank steps from rank 0's numbers, bit for bit
+        if buf[1] <= 0:
+            raise ConvertError("dprope-fit scored no token this step")
+        loss = float(buf[0] / buf[1])
+        grad = buf[2 : 2 + n] / buf[1]
+        grad_t = float(buf[-1] / buf[1]) if self.fit_temperature else None
+        self.seconds.append(time.perf_counter() - t0)
+        return loss, grad, grad_t
+
+    # ------------------------------------------------------------------------------------------- what it is
+    def identity(self) -> dict[str, Any]:
+        """What the loss depends on besides the model weights: the text by content, the windows and the scoring."""
+        from convert.evaluate.engine import corpus_digest
+
+        o = self.options
+        return {"kind": "fit-loss", "corpus": corpus_digest(o.get("corpus")), "windows": len(self.windows),
+                "length": self.length, "score_from": self.score_from, "batch": o.get("batch"),
+                "seed": int(o["seed"]), "dtype": str(next(self.model.parameters()).dtype),
+                "target_length": self.target_length}
+
+    def label(self) -> str:
+        corpus = self.options.get("corpus")
+        name = Path(corpus).name if corpus else "pydoc"
+        batch = self.options.get("batch")
+        return (f"nll-past-{self.score_from}:corpus={name}:windows={len(self.windows)}x{self.length}"
+                + (f":batch={batch}" if batch else ""))
+
+    def tokens_per_step(self) -> int:
+        return len(self.step_windows(0)) * self.length
+
+
+def resolve_device(device: str) -> str:
+    """``auto``: where evaluations run (convert.runtimes.hf.eval_device: $DPROPE_DEVICE, else the GPU torch sees,
+    else the CPU), this process's own GPU when several processes share a machine."""
+    from convert.evaluate.fitness import rank_device
+    from convert.runtimes.hf import eval_device
+
+    return rank_device(eval_device() if device == "auto" else device)
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """``auto``: bfloat16 on a GPU (float32 SDPA with grouped KV heads has no fused kernel there and materialises
+    the attention matrix, convert/runtimes/hf.py), float32 on the CPU."""
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if str(device).startswith("cuda") else "float32"
+
+
+def make_fit_loss(model_dir: Path, spec: RopeSpec, target_length: int, options: Mapping[str, Any],
+                  fit_temperature: bool = False, rank: int = 0, world: int = 1,
+                  loaded: tuple | None = None) -> FitLoss:
+    """The fit's loss for the base checkpoint in ``model_dir`` (an HF directory; ``spec`` its RoPE facts), loading
+    the model unless ``loaded`` = (model, tokenizer)."""
+    from dprope.methods import FIT_LOSS_OPTIONS
+
+    from convert.evaluate.fitness import load_model
+
+    o = {**FIT_LOSS_OPTIONS, **{k: v for k, v in options.items() if k in FIT_LOSS_OPTIONS}}
+    if loaded is None:
+        device = resolve_device(str(o["device"]))
+        dtype = resolve_dtype(str(o["dtype"]), device)
+        log.info("loading %s for the fit (%s, %s)", model_dir, device, dtype)
+        loaded = load_model(Path(model_dir), dtype, device)
+    model, tok = loaded
+    return FitLoss(model, tok, spec, target_length, o, fit_temperature, rank, world)
+
+
+def describe_device(model) -> str:
+    """The device the model runs on, in words (a GPU's name where there is one)."""
+    import torch
+
+    dev = next(model.parameters()).device
+    if dev.type == "cuda":
+        return f"{dev} ({torch.cuda.get_device_name(dev)})"
+    return str(dev)
+
+
+def tokens_processed(loss: FitLoss, steps: int) -> int:
+    """Tokens run forward and backward by ``steps`` steps (each also recomputed once under checkpointing)."""
+    return int(steps) * loss.tokens_per_step()

@@ -1,0 +1,104 @@
+"""The YaRN parametrisation closest to given per-pair factors.
+
+Some runtimes cannot carry per-pair factors for some architectures: llama.cpp's graphs for qwen2, qwen3 and gemma3
+pass no factor tensor to ``ggml_rope_ext`` (ggml-org/llama.cpp src/models/<arch>.cpp), but every graph runs YaRN from
+four numbers a GGUF carries (``rope.scaling.type = yarn``, ``rope.scaling.factor`` f, ``rope.scaling.original_context
+_length`` L_o, ``rope.freq_base`` b; beta_fast 32 and beta_slow 1 are not read from the file).  YaRN's factor of pair i
+(Peng et al. 2023; llama.cpp ggml/src/ggml.c ``ggml_rope_yarn_corr_dims`` and ggml-cpu/ops.cpp ``rope_yarn``;
+transformers modeling_rope_utils.py ``_compute_yarn_parameters``, identical):
+
+    corr(r) = d ln(L_o / (2 pi r)) / (2 ln b),  low = max(floor(corr(32)), 0),  high = min(ceil(corr(1)), d - 1)
+    ramp_i = clamp((i - low) / max(high - low, 0.001), 0, 1),   m_i = 1 - ramp_i   (the extrapolated share)
+    lambda_i = 1 / ((1 - m_i) / f + m_i)
+
+:func:`fit_yarn` picks (f, L_o) minimising the squared error of ln lambda against the wanted factors' logarithms
+(factors act multiplicatively on frequencies, so a factor 2 too high and one 2 too low weigh the same), over every
+integer L_o with f = target / L_o (the pair transformers and llama.cpp read consistently).  Pure NumPy; no model is
+run.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import DPRoPEError
+
+BETA_FAST, BETA_SLOW = 32.0, 1.0  # what llama.cpp and transformers use when nothing overrides them
+
+
+@dataclass(frozen=True)
+class YarnFit:
+    factor: float  # f: rope.scaling.factor / rope_scaling["factor"]
+    original_length: int  # L_o: rope.scaling.original_context_length / original_max_position_embeddings
+    factors: np.ndarray  # the fitted per-pair factors, float64 [n_pairs]
+    rms_log_error: float  # sqrt(mean (ln fitted - ln wanted)^2)
+    max_log_error: float
+
+    def to_dict(self) -> dict:
+        return {"factor": self.factor, "original_length": self.original_length,
+                "factors": [float(x) for x in self.factors], "rms_log_error": self.rms_log_error,
+                "max_log_error": self.max_log_error}
+
+
+def _ramp_bounds(head_dim: int, rope_theta: float, original_length: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(low, high) correction dims for each L_o, computed in float32 as llama.cpp does (logf), [n_L]."""
+    lo_len = original_length.astype(np.float32)
+    d, lb = np.float32(head_dim), np.float32(2.0) * np.log(np.float32(rope_theta))
+    corr = lambda r: d * np.log(lo_len / (np.float32(r) * np.float32(2 * math.pi))) / lb  # noqa: E731
+    return np.maximum(np.floor(corr(BETA_FAST)), 0), np.minimum(np.ceil(corr(BETA_SLOW)), head_dim - 1)
+
+
+def _stable(head_dim: int, rope_theta: float, length: int) -> bool:
+    """The correction dims come out the same in float32 (llama.cpp) and float64 (transformers) for this L_o."""
+    lo32, hi32 = _ramp_bounds(head_dim, rope_theta, np.array([length]))
+    corr = lambda r: head_dim * math.log(length / (r * 2 * math.pi)) / (2 * math.log(rope_theta))  # noqa: E731
+    return (float(lo32[0]) == max(math.floor(corr(BETA_FAST)), 0)
+            and float(hi32[0]) == min(math.ceil(corr(BETA_SLOW)), head_dim - 1))
+
+
+def yarn_factors(head_dim: int, rope_theta: float, factor: float, original_length: int) -> np.ndarray:
+    """YaRN's per-pair factors lambda_i, float64 [head_dim/2]."""
+    lo, hi = _ramp_bounds(head_dim, rope_theta, np.array([original_length]))
+    i = np.arange(head_dim // 2, dtype=np.float64)
+    ramp = np.clip((i - lo[0]) / max(float(hi[0] - lo[0]), 0.001), 0, 1)
+    m = 1 - ramp
+    return 1.0 / ((1 - m) / float(factor) + m)
+
+
+def fit_yarn(wanted, head_dim: int, rope_theta: float, window: int, target_length: int) -> YarnFit:
+    """The (f, L_o) whose YaRN factors come closest to ``wanted`` (float [head_dim/2], relative to the plain
+    base b^(-2i/d)) in log space, with f x L_o = ``target_length``: transformers' YaRN reads the two as a pair
+    (with max_position_embeddings = the target, modeling_rope_utils.py warns on any other ratio), and llama.cpp's
+    context_length is the target.  So the search is over the integer L_o (from the target / (2 x the largest wanted
+    factor) to the target), f = target / L_o.  ``window``: the model's window (reported, not constrained)."""
+    w = np.asarray(wanted, dtype=np.float64).ravel()
+    if w.size != head_dim // 2 or not np.all(np.isfinite(w)) or not np.all(w > 0):
+        raise DPRoPEError(f"wanted factors must be {head_dim // 2} finite values > 0, got {w.size}")
+    if int(target_length) <= 1:
+        raise DPRoPEError(f"target_length must be > 1, got {target_length}")
+    lw = np.log(w)
+    fmax = max(2.0 * float(w.max()), 1.0 + 1e-6)
+    lo_len = max(int(math.floor(target_length / fmax)), 2)
+    lengths = np.arange(lo_len, int(target_length) + 1, dtype=np.int64)
+    if lengths.size > 200_000:  # very long targets: every integer near the optimum, a geometric grid elsewhere
+        lengths = np.unique(np.round(np.geomspace(lo_len, target_length, 200_000)).astype(np.int64))
+    fs = float(target_length) / lengths.astype(np.float64)  # [L]
+    lo, hi = _ramp_bounds(head_dim, rope_theta, lengths)  # [L]
+    i = np.arange(head_dim // 2, dtype=np.float64)
+    err = np.empty(lengths.size)
+    for s0 in range(0, lengths.size, 4096):  # [chunk, P] at a time
+        sl = slice(s0, s0 + 4096)
+        ramp = np.clip((i[None] - lo[sl, None]) / np.maximum(hi[sl] - lo[sl], 0.001)[:, None], 0, 1)
+        m = 1 - ramp
+        lam = 1.0 / ((1 - m) / fs[sl, None] + m)
+        err[sl] = ((np.log(lam) - lw) ** 2).mean(-1)
+    order = np.argsort(err, kind="stable")
+    k = next((int(j) for j in order[:64] if _stable(head_dim, rope_theta, int(lengths[j]))), int(order[0]))
+    L = int(lengths[k])
+    f = float(target_length) / L
+    fitted = yarn_factors(head_dim, rope_theta, f, L)
+    d = np.log(fitted) - lw
+    return YarnFit(f, L, fitted, float(np.sqrt((d ** 2).mean())), float(np.abs(d).max()))
