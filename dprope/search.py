@@ -375,8 +375,9 @@ def search(ctx: RopeContext, fitness: Fitness, config: SearchConfig | None = Non
     fitness(factors: float32 [n_pairs], temperature: float) -> float, lower is better; non-finite values count as
     +inf.  A fitness with a method ``evaluate_many([(factors, temperature), ...]) -> [float, ...]`` gets each
     generation's individuals in one call (in the order one-at-a-time calls would take them, so the search ends the
-    same), for a fitness that scores them in parallel.  progress(entry) is called with each trace entry.  An exception from ``fitness`` (Ctrl-C included)
-    saves the state and propagates; call again with the same ``state_path`` to continue.
+    same), for a fitness that scores them in parallel.  progress(entry) is called with each trace entry.  An
+    exception from ``fitness`` (Ctrl-C included) saves the state and propagates; call again with the same
+    ``state_path`` to continue.
     """
     cfg = config or SearchConfig()
     space = make_space(ctx, cfg)

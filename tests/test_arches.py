@@ -20,6 +20,7 @@ from convert.errors import ConvertError
 from convert.formats.checkpoint import open_source
 from convert.stages.bake import bake, make_plan
 from convert.stages.verify import verify
+from test_transformers_457 import tf457  # noqa: F401  (the fixture that installs transformers 4.57 once)
 from tiny import ORIGINAL, TINY_ARCHES, make_tiny
 
 TARGET = 4 * ORIGINAL
@@ -174,11 +175,8 @@ print(json.dumps({"cos": cos[0, 0].tolist(), "sin": sin[0, 0].tolist()}))
 
 
 @pytest.mark.parametrize("mt", ["llama3", "qwen3", "gemma3_text", "phi3"])
-def test_transformers_457_rotates_the_same(extended, mt):
-    from test_transformers_457 import TF457
-
-    if not (TF457 / "transformers").exists():
-        pytest.skip("transformers 4.57 is installed by tests/test_transformers_457.py's fixture on first use")
+def test_transformers_457_rotates_the_same(extended, mt, tf457):
+    TF457 = tf457
     d = extended[mt]
     cfg = _cfg(d)
     pos = TARGET - 1
@@ -200,3 +198,23 @@ def test_every_reader_uses_the_table():
     assert ARCHITECTURES["qwen3"].dpe and not ARCHITECTURES["gemma3_text"].dpe
     cfg = accelerate_config(2, layer_cls=ARCHITECTURES["gemma3_text"].decoder_layer)
     assert "Gemma3DecoderLayer" in json.dumps(cfg)
+
+
+@pytest.mark.parametrize("mt", ["qwen3", "gemma3_text", "phi3"])
+def test_trains_and_validates_like_llama(extended, mt, tmp_path):
+    """Continued training keeps the config (and so the factors) byte for byte and learns; validation scores the
+    extended model against its base in transformers."""
+    from convert.stages.train import TrainArgs, train
+    from convert.stages.validate import validate
+
+    ck = extended[mt]
+    data = tmp_path / "repeat.txt"
+    data.write_text("The quick brown fox jumps over the lazy dog. " * 300)
+    args = TrainArgs(str(data), seq_len=128, steps=2, global_batch=2, micro_batch=1, lr=3e-3, save_steps=2,
+                     eval_fraction=0.25, eval_steps=2)
+    s = train(ck, tmp_path / "trained", args, force_cpu=True, progress=False)
+    assert s["steps"] == 2 and s["eval_loss_after"] < s["eval_loss_before"]
+    assert (tmp_path / "trained" / "config.json").read_bytes() == (ck / "config.json").read_bytes()
+    res = validate(tmp_path / "trained", None, lengths=[2 * ORIGINAL], tasks=["ppl"], limit=1,
+                   out_dir=tmp_path / "val", progress=False)
+    assert (tmp_path / "val" / "validation.md").exists() and res.rows

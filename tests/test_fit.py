@@ -136,6 +136,34 @@ def test_interrupted_fit_resumes_to_the_uninterrupted_result(tmp_path):
         fit(ctx, inner, FitConfig(budget_steps=14, lr=0.1, guard=None), state_path=state)
 
 
+@pytest.mark.parametrize("budget", [None, 11])  # 11: the budget ends inside a generation
+def test_a_fitness_scoring_a_generation_at_once_searches_exactly_as_one_at_a_time(budget):
+    from dprope.search import search
+    from dprope.search_config import SearchConfig
+
+    def fitness(factors, temperature):
+        w = torch.arange(1, factors.numel() + 1, dtype=torch.float64)
+        return float((w * (factors.double() - 2.1).abs()).sum() * temperature)
+
+    class Batched:
+        def __init__(self):
+            self.batches = []
+
+        def __call__(self, factors, temperature):
+            raise AssertionError("a generation goes to evaluate_many")
+
+        def evaluate_many(self, items):
+            self.batches.append(len(items))
+            return [fitness(f, t) for f, t in items]
+
+    cfg = SearchConfig(population=6, parents=3, mutations=2, crossovers=2, iterations=3, seed=2, budget_evals=budget)
+    one = search(_ctx(), fitness, cfg)
+    batched = Batched()
+    many = search(_ctx(), batched, cfg)
+    assert torch.equal(one.factors, many.factors) and one.trace == many.trace and one.evals == many.evals
+    assert batched.batches[0] == 6 and sum(batched.batches) == many.evals and len(batched.batches) <= 4
+
+
 def test_the_method_refuses_to_run_without_its_loss():
     with pytest.raises(dprope.DPRoPEError, match="dprope-fit needs loss_and_grad.*--method dprope-fit --budget"):
         run_method("dprope-fit", _ctx(), budget_steps=3)

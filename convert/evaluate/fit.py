@@ -193,6 +193,8 @@ class FitLoss:
     def __call__(self, log_factors, temperature: float, step: int = 0):
         import torch
 
+        from convert.compat import rotary_computed_from
+
         t0 = time.perf_counter()
         dev = self.device
         lf = torch.as_tensor(log_factors, dtype=torch.float64).detach().to(dev).requires_grad_(True)
@@ -204,8 +206,6 @@ class FitLoss:
             inv = (self.base.to(dev) * torch.exp(-lf)).float()
             scale = t * float(self.spec.attention_factor)
             with contextlib.ExitStack() as stack:
-                from convert.compat import rotary_computed_from
-
                 for rot in self.rotaries:
                     stack.enter_context(rotary_computed_from(rot, inv, scale))
                 hidden = base(input_ids=ids.to(dev), use_cache=False).last_hidden_state[0, self.score_from :]
