@@ -24,6 +24,7 @@ help:
 	@echo "make bench-quality   every method through extend -> lm-eval on SmolLM2 (hours on a 2-core CPU; QUALITY_ARGS=...)"
 	@echo "make bench-search-proxy   the search's CPU proxy against full-length perplexity (~1 hour; SEARCH_PROXY_ARGS=...)"
 	@echo "make bench-train-quality  continued training from each initialisation, 8k -> 32k (a GPU's work)"
+	@echo "make bench-validate-speed  one ppl window and one passkey prompt at 16k and 32k: transformers, ours, llama.cpp (~1-2 hours here)"
 	@echo "make release RECIPE=recipes/<family>/<size>_<target>.yaml   full validation with gates"
 	@echo "make gemma3-270m-64k   Gemma 3 270M's Q4_K_M GGUF extended in place to 64k, validated in llama.cpp (fetches it)"
 	@echo "recipes:      $(RECIPE_TARGETS)"
@@ -92,6 +93,13 @@ bench-train-quality: setup
 
 bench-quick: setup
 	$(PY) bench/factors.py --quick
+
+# validation's speed: transformers, our llama.cpp path and llama.cpp's own llama-perplexity (built once from the
+# installed llama-cpp-python's sdist into bench/.data, ~8 min) on SmolLM2 8k -> 32k; writes bench/results/validate-speed-*.md
+VALIDATE_SPEED_ARGS ?= --lengths 16384,32768
+.PHONY: bench-validate-speed
+bench-validate-speed: setup
+	$(PY) bench/validate_speed.py $(VALIDATE_SPEED_ARGS)
 
 clean:
 	rm -rf $(OUT) .pytest_cache

@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import re
 import resource
@@ -71,44 +72,59 @@ def llama_cpp_python_version() -> str:
 def llama_perplexity(version: str | None = None, jobs: int | None = None) -> Path:
     """``llama-perplexity`` built from the sdist of llama-cpp-python ``version`` (default: the installed one), whose
     ``vendor/llama.cpp`` is the llama.cpp the binding was compiled from; cached under
-    bench/.data/llama-perplexity/<version>/build/bin/."""
+    bench/.data/llama-perplexity/<version>/build/bin/ (the sources are unpacked in a temporary folder and dropped:
+    Python files of theirs under bench/ would read as part of the package)."""
     version = version or llama_cpp_python_version()
     root = DATA / "llama-perplexity" / version
     exe = root / "build" / "bin" / "llama-perplexity"
     if exe.is_file():
         return exe
     root.mkdir(parents=True, exist_ok=True)
-    src = root / "src"
-    vendor = next(src.glob("*/vendor/llama.cpp"), None) if src.is_dir() else None
-    if vendor is None:
+    build, log = root / "build", root / "build.log"
+    with tempfile.TemporaryDirectory(prefix="llama-cpp-python-sdist-") as tmp:
         print(f"peer: downloading the llama-cpp-python {version} sdist", flush=True)
-        dl = root / "sdist"
         subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
-                        f"llama-cpp-python=={version}", "-d", str(dl)], check=True)
-        archive = next(dl.glob("*.tar.gz"))
-        with tarfile.open(archive) as tar:
-            tar.extractall(src, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
-        vendor = next(src.glob("*/vendor/llama.cpp"))
-    build = root / "build"
-    log = root / "build.log"
-    print(f"peer: building llama-perplexity from {vendor} (once; ~8 min on 2 cores; log {log})", flush=True)
-    with open(log, "w") as f:
-        subprocess.run(["cmake", "-S", str(vendor), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release",
-                        "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF",
-                        "-DLLAMA_CURL=OFF"], check=True, stdout=f, stderr=subprocess.STDOUT)
-        p = subprocess.Popen(["cmake", "--build", str(build), "--target", "llama-perplexity", "-j",
-                              str(jobs or os.cpu_count() or 1)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             text=True)
-        shown = -10
-        for line in p.stdout:
-            f.write(line)
-            m = re.match(r"\[\s*(\d+)%\]", line)
-            if m and int(m.group(1)) >= shown + 10:
-                shown = int(m.group(1))
-                print(f"peer: build {shown}%", flush=True)
-        if p.wait() != 0 or not exe.is_file():
-            raise SystemExit(f"building llama-perplexity failed; see {log}")
+                        f"llama-cpp-python=={version}", "-d", tmp], check=True)
+        with tarfile.open(next(Path(tmp).glob("*.tar.gz"))) as tar:
+            tar.extractall(tmp, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+        vendor = next(Path(tmp).glob("*/vendor/llama.cpp"))
+        print(f"peer: building llama-perplexity from its vendor/llama.cpp (once; ~8 min on 2 cores; log {log})",
+              flush=True)
+        with open(log, "w") as f:
+            subprocess.run(["cmake", "-S", str(vendor), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release",
+                            "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF",
+                            "-DLLAMA_CURL=OFF"], check=True, stdout=f, stderr=subprocess.STDOUT)
+            p = subprocess.Popen(["cmake", "--build", str(build), "--target", "llama-perplexity", "-j",
+                                  str(jobs or os.cpu_count() or 1)], stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True)
+            shown = -10
+            for line in p.stdout:
+                f.write(line)
+                m = re.match(r"\[\s*(\d+)%\]", line)
+                if m and int(m.group(1)) >= shown + 10:
+                    shown = int(m.group(1))
+                    print(f"peer: build {shown}%", flush=True)
+            if p.wait() != 0 or not exe.is_file():
+                raise SystemExit(f"building llama-perplexity failed; see {log}")
     return exe
+
+
+# llama.cpp's tools log through a leaked singleton whose worker thread prints the queued lines; lines it has not
+# printed when the program exits are lost (ggml-org/llama.cpp common/log.cpp, common_log_main, and its issue 22142).
+# On a busy CPU that happens to llama-perplexity's last lines, the perplexity among them.  A library preloaded into
+# it pauses half a second at exit, which lets the worker print them; it changes nothing else.
+_EXIT_PAUSE_C = "#include <unistd.h>\n__attribute__((destructor)) static void pause_at_exit(void) { usleep(500000); }\n"
+
+
+def peer_env(exe: Path) -> dict:
+    """The environment llama-perplexity runs in: its own shared libraries (build/bin) and the exit pause."""
+    shim = exe.parent / "exit-pause.so"
+    if not shim.is_file():
+        src = shim.with_suffix(".c")
+        src.write_text(_EXIT_PAUSE_C)
+        subprocess.run([os.environ.get("CC", "cc"), "-shared", "-fPIC", "-O2", "-o", str(shim), str(src)],
+                       check=True)
+    return {**os.environ, "LD_LIBRARY_PATH": str(exe.parent), "LD_PRELOAD": str(shim)}
 
 
 def peer_command(exe: Path, model: Path, text_file: Path, length: int, s: dict) -> list[str]:
@@ -127,7 +143,8 @@ def parse_peer(output: str) -> dict:
         raise RuntimeError(f"no perplexity line in llama-perplexity's output:\n{output[-2000:]}")
     nll = float(rows[-1][1])
     per_pass = re.search(r"([\d.]+) seconds per pass", output)
-    return {"mean_nll": nll, "perplexity": float(rows[-1][0]), "compute_s": float(per_pass.group(1)) if per_pass else None}
+    return {"mean_nll": nll, "perplexity": float(rows[-1][0]),
+            "compute_s": float(per_pass.group(1)) if per_pass else None}
 
 
 # ------------------------------------------------------------------------------------------- what each child runs
@@ -192,10 +209,11 @@ def child(kind: str, task: str, models: dict, length: int, s: dict) -> dict:
             lp = chunked_token_logprobs(lm.model, torch.tensor([inputs]), targets, lm.logit_chunk)
             out["score_s"] = time.perf_counter() - t
         else:
+            prompt = passkey_prompt(models["hf"], length)
             t = time.perf_counter()
-            out["answer"] = lm.generate_until([_request(passkey_prompt(models["hf"], length))], True)[0]
+            out["answer"] = lm.generate_until([_request(prompt)], True)[0]
             out["score_s"] = time.perf_counter() - t
-            out["prompt_tokens"] = len(tok(passkey_prompt(models["hf"], length)).input_ids)
+            out["prompt_tokens"] = len(tok(prompt).input_ids)
     elif kind == "ours":
         from convert.evaluate.lmeval_gguf import GGUFLM, GGUFModel
         from convert.runtimes.llamacpp import native_logs
@@ -233,14 +251,14 @@ def child(kind: str, task: str, models: dict, length: int, s: dict) -> dict:
         out["prompt_tokens"] = r["usage"]["prompt_tokens"]
         llm.close()
     elif kind == "peer-ppl":
-        p = subprocess.run(peer_command(Path(models["peer"]), models["gguf"], Path(models["text"]), length, s),
-                           capture_output=True, text=True, env={**os.environ, "LD_LIBRARY_PATH":
-                                                                 str(Path(models["peer"]).parent)})
+        exe = Path(models["peer"])
+        p = subprocess.run(peer_command(exe, models["gguf"], Path(models["text"]), length, s), capture_output=True,
+                           text=True, env=peer_env(exe))
         if p.returncode:
             raise RuntimeError(f"llama-perplexity failed:\n{(p.stdout + p.stderr)[-3000:]}")
         peer = parse_peer(p.stdout + p.stderr)
-        out.update(perplexity=peer["perplexity"], mean_nll=peer["mean_nll"], score_s=peer["compute_s"],
-                   tokens=length - length // 2 - 1)
+        out.update(perplexity=math.exp(peer["mean_nll"]), mean_nll=peer["mean_nll"], score_s=peer["compute_s"],
+                   tokens=length - length // 2 - 1)  # its mean to six decimals, its perplexity printed to four
         use = resource.getrusage(resource.RUSAGE_CHILDREN)
         return {**out, "cpu_s": use.ru_utime + use.ru_stime}
     if task == "ppl":
@@ -256,16 +274,19 @@ def ratio(a: float | None, b: float | None) -> str:
 
 
 def report(length: int, target: int, rows: list[dict], s: dict, command: str) -> str:
-    """The markdown of one length: per task a table of the paths, with ours / each path."""
+    """The markdown of one length: per task a table of the paths, with ours / each path (score, wall, CPU)."""
     today = datetime.date.today().isoformat()
     lines = [f"# `{command}`, {today}, this {os.cpu_count()}-core CPU; other jobs shared the CPU at times, so wall "
              "times are noisy and CPU s is the cost", "",
              f"SmolLM2-135M extended to {target}, q8_0 GGUF; llama.cpp: {s['threads']} threads, n_ubatch "
              f"{s['n_ubatch']}, KV cache {s['kv_cache']}, flash attention {'on' if s['flash_attn'] else 'off'}, "
              f"context {length}; n_batch: ours the context (one llama_decode call per prompt), the peers "
-             f"{s['peer_batch']}; transformers {s['threads']} threads.  score s: the scoring or generation call "
-             "alone (llama-perplexity: its own seconds per pass); wall, CPU and peak RSS: the whole process "
-             "(load, tokenise, score).", ""]
+             f"{s['peer_batch']}; transformers (f32 checkpoint) {s['threads']} threads.  score s: the scoring or "
+             "generation call alone (llama-perplexity: its own seconds per pass); wall, CPU and peak RSS: the whole "
+             "process (load, tokenise, score).", ""]
+    ratios = "ours / this: score, wall, CPU |"
+    head = {"ppl": "| path | score s | wall s | CPU s | peak RSS MB | perplexity | vs peer | " + ratios,
+            "passkey": "| path | prompt tokens | score s | wall s | CPU s | peak RSS MB | answer | " + ratios}
     for task in ("ppl", "passkey"):
         got = [r for r in rows if r["task"] == task]
         if not got:
@@ -273,24 +294,21 @@ def report(length: int, target: int, rows: list[dict], s: dict, command: str) ->
         ours = next((r for r in got if r["path"] == "ours"), None)
         peer = next((r for r in got if r["path"].startswith("peer")), None)
         if task == "ppl":
-            n = got[0]["tokens"]
-            lines += [f"Perplexity of one {length}-token window: the {n} tokens llama-perplexity scores (the second "
-                      "half)", "",
-                      "| path | score s | wall s | CPU s | peak RSS MB | perplexity | vs peer | ours / this: wall, CPU |",
-                      "|---|---|---|---|---|---|---|---|"]
+            lines.append(f"Perplexity of one {length}-token window: the {got[0]['tokens']} tokens llama-perplexity "
+                         "scores (the second half)")
         else:
-            lines += [f"One passkey prompt at {length} (key at depth {PASSKEY_DEPTH}, greedy, at most "
-                      f"{GEN_KWARGS['max_gen_toks']} new tokens)", "",
-                      "| path | prompt tokens | score s | wall s | CPU s | peak RSS MB | answer | ours / this: wall, CPU |",
-                      "|---|---|---|---|---|---|---|---|"]
+            lines.append(f"One passkey prompt at {length} (key at depth {PASSKEY_DEPTH}, greedy, at most "
+                         f"{GEN_KWARGS['max_gen_toks']} new tokens)")
+        lines += ["", head[task], "|---" * 8 + "|"]
         for r in got:
-            vs = "" if ours is None or r is ours else f"{ratio(ours['wall_s'], r['wall_s'])}, {ratio(ours['cpu_s'], r['cpu_s'])}"
-            common = f"{r['score_s']:.0f} | {r['wall_s']:.0f} | {r['cpu_s']:.0f} | {r['peak_rss_mb']:.0f}"
+            vs = "" if ours is None or r is ours else ", ".join(ratio(ours[k], r[k])
+                                                               for k in ("score_s", "wall_s", "cpu_s"))
+            cost = f"{r['score_s']:.0f} | {r['wall_s']:.0f} | {r['cpu_s']:.0f} | {r['peak_rss_mb']:.0f}"
             if task == "ppl":
                 rel = "" if peer is None or r is peer else f"{r['perplexity'] / peer['perplexity'] - 1:+.1e}"
-                lines.append(f"| {PATH_NAMES[r['path']]} | {common} | {r['perplexity']:.5f} | {rel} | {vs} |")
+                lines.append(f"| {PATH_NAMES[r['path']]} | {cost} | {r['perplexity']:.5f} | {rel} | {vs} |")
             else:
-                lines.append(f"| {PATH_NAMES[r['path']]} | {r.get('prompt_tokens', '')} | {common} | "
+                lines.append(f"| {PATH_NAMES[r['path']]} | {r.get('prompt_tokens', '')} | {cost} | "
                              f"{json.dumps(r['answer'])} | {vs} |")
         lines.append("")
         if task == "ppl" and ours and peer:
@@ -330,6 +348,7 @@ def main() -> int:
     models = {"hf": str(made["hf"]), "gguf": str(made["q8_0"])}
     if "peer" in paths and "ppl" in tasks:
         models["peer"] = str(llama_perplexity())
+        peer_env(Path(models["peer"]))  # its exit pause, built once
         from convert.evaluate.tasks.ppl import corpus_text
 
         text = DATA / "validate-speed" / "corpus.txt"

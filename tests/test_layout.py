@@ -42,7 +42,9 @@ def module_name(path: Path) -> str:
 
 
 def modules() -> dict[str, Path]:
-    return {module_name(p): p for pkg in PACKAGES for p in sorted((ROOT / pkg).rglob("*.py"))}
+    # hidden folders (bench/.data: downloaded third-party sources, caches) are not the project's code
+    return {module_name(p): p for pkg in PACKAGES for p in sorted((ROOT / pkg).rglob("*.py"))
+            if not any(part.startswith(".") for part in p.relative_to(ROOT).parts)}
 
 
 def imports(name: str, path: Path, known: set[str]) -> set[str]:

@@ -143,7 +143,7 @@ def test_validate_gguf_end_to_end_cached_by_content(files, tmp_path, monkeypatch
     assert {r["runtime"] for r in data["runs"]} == {"llama.cpp"} and len(data["runs"]) == 8
     assert [m["n_ctx"] for m in data["models"]] == [TARGET, 256]  # the target; the base's 64 raised to 256
     md = (out / "validation.md").read_text()
-    assert "(llama.cpp, n_ctx 256, KV cache f16)" in md and "| ppl 64-256 |" in md
+    assert "(llama.cpp, n_ctx 256, KV cache f16, flash attention)" in md and "| ppl 64-256 |" in md
     assert "`ppl@0-64 <= 100x base`: pass" in md
 
     # the same files again: every result from the cache, nothing loaded, the same numbers

@@ -1,0 +1,83 @@
+"""bench/validate_speed.py's pieces on a tiny GGUF: ours scores exactly the tokens llama-perplexity scores, its output
+is read to six decimals, and, where the benchmark has built llama-perplexity already, the two agree."""
+
+import subprocess
+
+import numpy as np
+import pytest
+
+from convert.formats.gguf_export import export_gguf
+
+pytestmark = pytest.mark.runtime
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tiny_models, tmp_path_factory):
+    return export_gguf(tiny_models[("llama", False)], tmp_path_factory.mktemp("vs") / "m.gguf", "f32",
+                       progress=False)
+
+
+def _text():
+    from pydoc_data.topics import topics
+
+    return topics["assert"] + topics["for"] + topics["if"]
+
+
+def test_ours_scores_the_second_half_like_llama_perplexity(tiny_gguf):
+    """scored_tokens picks llama-perplexity's tokens (positions n/2+1 .. n-1 of the first chunk); scoring only them
+    gives the same log-probabilities as scoring the whole window and keeping those positions."""
+    import validate_speed as V
+
+    from convert.evaluate.lmeval_gguf import GGUFModel
+    from convert.runtimes.llamacpp import LlamaCppOptions
+
+    n = 64
+    with GGUFModel(tiny_gguf, n, LlamaCppOptions(n_ubatch=16)) as m:
+        ids = m.llm.tokenize(_text().encode(), add_bos=True, special=False)
+        inputs, targets = V.scored_tokens(ids, n)
+        assert inputs == ids[: n - 1] and targets == ids[n // 2 + 1 : n] and len(targets) == n - n // 2 - 1
+        half, _ = m.score(inputs, targets)
+        whole, _ = m.score(inputs, ids[1:n])
+        assert np.array_equal(half, whole[n // 2 :])
+        with pytest.raises(SystemExit, match="needs 2 x"):
+            V.scored_tokens(ids[: 2 * n - 1], n)
+
+
+def test_the_peers_command_and_output():
+    from pathlib import Path
+
+    import validate_speed as V
+
+    s = {"threads": 2, "n_ubatch": 256, "peer_batch": 2048, "kv_cache": "f16", "flash_attn": True}
+    cmd = V.peer_command(Path("/x/llama-perplexity"), Path("m.gguf"), Path("t.txt"), 4096, s)
+    flags = dict(zip(cmd[1::2], cmd[2::2]))
+    assert flags == {"-m": "m.gguf", "-f": "t.txt", "-c": "4096", "--chunks": "1", "-b": "2048", "-ub": "256",
+                     "-t": "2", "-tb": "2", "-fa": "on", "-ctk": "f16", "-ctv": "f16", "--ppl-output-type": "1"}
+    out = ("perplexity: 15.17 seconds per pass - ETA 0.25 minutes\n"
+           "       0  11.8531  2.472492  0.025331\n\nFinal estimate: PPL = 11.8531 +/- 0.30023\n")
+    assert V.parse_peer(out) == {"mean_nll": 2.472492, "perplexity": 11.8531, "compute_s": 15.17}
+    with pytest.raises(RuntimeError, match="no perplexity line"):
+        V.parse_peer("error: you need at least 8192 tokens")
+
+
+def test_ours_agrees_with_a_built_llama_perplexity(tiny_gguf, tmp_path):
+    """Only where the benchmark has built llama-perplexity (bench/.data/llama-perplexity/<version>/)."""
+    import validate_speed as V
+
+    from convert.evaluate.lmeval_gguf import GGUFModel
+
+    exe = V.DATA / "llama-perplexity" / V.llama_cpp_python_version() / "build" / "bin" / "llama-perplexity"
+    if not exe.is_file():
+        pytest.skip("llama-perplexity is not built (python bench/validate_speed.py builds it)")
+    n = 128
+    text = tmp_path / "t.txt"
+    text.write_text(_text())
+    s = {"threads": 2, "n_ubatch": 32, "peer_batch": 64, "kv_cache": "f16", "flash_attn": True}
+    p = subprocess.run(V.peer_command(exe, tiny_gguf, text, n, s), capture_output=True, text=True,
+                       env=V.peer_env(exe), timeout=300)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-2000:]
+    peer = V.parse_peer(p.stdout + p.stderr)
+    with GGUFModel(tiny_gguf, n, V.gguf_options(s)) as m:
+        ids = m.llm.tokenize(_text().encode(), add_bos=True, special=False)  # as llama-perplexity does
+        lp, _ = m.score(*V.scored_tokens(ids, n))
+    assert float(-lp.astype(np.float64).mean()) == pytest.approx(peer["mean_nll"], abs=2e-6)
