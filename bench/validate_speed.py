@@ -57,6 +57,7 @@ from validate_memory import prepare  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 PPL_TOL = 1e-4  # ours vs llama-perplexity: same file, tokens, settings and ubatches; relative perplexity
 PASSKEY_DEPTH = 0.5
+TARGET_VS_HF, TARGET_VS_PEER = 1.0, 1.2  # ours / transformers, ours / the peer (score seconds)
 GEN_KWARGS = {"until": ["\n"], "max_gen_toks": 12, "do_sample": False, "temperature": 0.0}  # dprope_passkey.yaml
 PATH_NAMES = {"hf": "transformers (ChunkedHFLM)", "ours": "ours: llama.cpp (GGUFLM)",
               "peer-ppl": "llama.cpp llama-perplexity", "peer-passkey": "llama-cpp-python Llama.create_completion"}
@@ -311,6 +312,13 @@ def report(length: int, target: int, rows: list[dict], s: dict, command: str) ->
                 lines.append(f"| {PATH_NAMES[r['path']]} | {r.get('prompt_tokens', '')} | {cost} | "
                              f"{json.dumps(r['answer'])} | {vs} |")
         lines.append("")
+        hf = next((r for r in got if r["path"] == "hf"), None)
+        if ours and (hf or peer):
+            lines += [f"targets ({task}, score s): " + "; ".join(
+                f"ours / {name} {ours['score_s'] / r['score_s']:.2f}x (<= {lim}x: "
+                f"{'met' if ours['score_s'] <= lim * r['score_s'] else 'MISSED'})"
+                for name, r, lim in (("transformers", hf, TARGET_VS_HF), ("the peer", peer, TARGET_VS_PEER)) if r),
+                ""]
         if task == "ppl" and ours and peer:
             d = abs(ours["perplexity"] / peer["perplexity"] - 1)
             lines += [f"ours vs llama-perplexity: relative difference {d:.1e} (tolerance {PPL_TOL:.0e}: "

@@ -105,6 +105,35 @@ def test_llama_cpp_runs_what_transformers_runs(models, mt):
         assert meta[f"{arch}.rope.scaling.original_context_length"] == hf_fit["original_max_position_embeddings"]
 
 
+def test_perplexity_scores_the_documents_tokens_not_the_bos_the_file_adds(models, tmp_path):
+    """A GGUF whose tokenizer adds BOS (tokenizer.ggml.add_bos_token, as Gemma's does) scores exactly the tokens of
+    each document as the perplexity task counts them with the tokenizer rebuilt from the file; BOS is the first
+    window's prefix, never a scored token (that extra token made a 32768-token document count 32769).  Control: the
+    same file tokenises the text with one token more when asked for its special tokens."""
+    import gguf
+    from pydoc_data.topics import topics
+    from transformers import AutoTokenizer
+
+    from convert.evaluate.lmeval_gguf import GGUFLM
+    from convert.formats.checkpoint import gguf_tokenizer_dir
+    from convert.io.gguf_rewrite import rewrite_gguf
+    from test_validate_gguf import _requests
+
+    src = models["llama"]["ext"]  # a tokenizer the rebuilt one agrees with (smollm pre-tokenizer)
+    bos = tmp_path / "bos.gguf"
+    rewrite_gguf(src, bos, set_kv={"tokenizer.ggml.add_bos_token": (True, gguf.GGUFValueType.BOOL)}, progress=False)
+    text = topics["assert"]
+    tok = AutoTokenizer.from_pretrained(str(gguf_tokenizer_dir(bos)))
+    counted = len(tok(text, add_special_tokens=False).input_ids)
+    lm = GGUFLM(str(bos), max_length=TARGET)
+    try:
+        assert len(lm.tok_encode(text)) == counted + 1  # the file adds BOS by default
+        lm.loglikelihood_rolling(_requests("loglikelihood_rolling", [(text,)]), True)
+    finally:
+        lm.close()
+    assert len(lm.token_logprobs[0]) == counted
+
+
 def _llama(path: Path, **kw):
     from convert.runtimes.llamacpp import import_llama_cpp
 

@@ -81,3 +81,19 @@ def test_ours_agrees_with_a_built_llama_perplexity(tiny_gguf, tmp_path):
         ids = m.llm.tokenize(_text().encode(), add_bos=True, special=False)  # as llama-perplexity does
         lp, _ = m.score(*V.scored_tokens(ids, n))
     assert float(-lp.astype(np.float64).mean()) == pytest.approx(peer["mean_nll"], abs=2e-6)
+
+
+def test_the_report_states_each_target_met_or_missed():
+    import validate_speed as V
+
+    s = {"threads": 2, "n_ubatch": 512, "peer_batch": 2048, "kv_cache": "f16", "flash_attn": True}
+    base = {"task": "ppl", "wall_s": 1.0, "cpu_s": 1.0, "peak_rss_mb": 1.0, "tokens": 10}
+    rows = [{**base, "path": "hf", "score_s": 100.0, "perplexity": 10.0},
+            {**base, "path": "ours", "score_s": 110.0, "perplexity": 10.1},
+            {**base, "path": "peer-ppl", "score_s": 100.0, "perplexity": 10.1}]
+    text = V.report(1024, 4096, rows, s, "cmd")
+    assert "ours / transformers 1.10x (<= 1.0x: MISSED); ours / the peer 1.10x (<= 1.2x: met)" in text
+    assert "relative difference 0.0e+00" in text and "agree" in text
+    rows[1]["score_s"], rows[1]["perplexity"] = 90.0, 10.5
+    text = V.report(1024, 4096, rows, s, "cmd")
+    assert "ours / transformers 0.90x (<= 1.0x: met)" in text and "DISAGREE" in text

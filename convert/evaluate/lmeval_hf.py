@@ -51,9 +51,12 @@ def rolling_loglikelihoods(lm, requests, score, disable_tqdm: bool = False) -> l
     out = []
     for req in tqdm(requests, desc="perplexity", leave=False, disable=disable_tqdm or lm.rank != 0):
         (string,) = req.args
+        # the document's own tokens, BOS not among them: it is the prefix token of the first window, never a scored
+        # token (lm-eval's HFLM scores it when the tokenizer adds BOS by default, as Gemma's does, and then counts a
+        # token the document does not have)
         windows = map(make_disjoint_window, get_rolling_token_windows(
-            token_list=lm.tok_encode(string), prefix_token=lm.prefix_token_id, max_seq_len=lm.max_length,
-            context_len=1))
+            token_list=lm.tok_encode(string, add_special_tokens=False), prefix_token=lm.prefix_token_id,
+            max_seq_len=lm.max_length, context_len=1))
         parts = [score((context + cont)[:-1], cont) for context, cont in windows]
         lps = np.concatenate(parts) if parts else np.zeros(0, np.float32)
         lm.token_logprobs[int(getattr(req, "doc_id", len(out)))] = lps
