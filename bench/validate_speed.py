@@ -327,6 +327,32 @@ def report(length: int, target: int, rows: list[dict], s: dict, command: str) ->
     return "\n".join(lines)
 
 
+# llama.cpp settings tried for our path: (flash attention, KV cache type, n_ubatch); the first is the default
+SWEEP = [(True, "f16", 512), (False, "f16", 512), (True, "f32", 512), (False, "f32", 512), (True, "f16", 256),
+         (True, "f16", 1024), (True, "f16", 2048), (False, "f16", 2048)]
+
+
+def sweep(length: int, target: int, s: dict, run_child, command: str) -> str:
+    """Our path's perplexity window under each llama.cpp setting of SWEEP, between two transformers runs of the same
+    window (load drifts on a shared machine; both are shown), as markdown."""
+    rows = [("transformers (first)", run_child("hf", "ppl", length, s))]
+    for fa, kv, ub in SWEEP:
+        rows.append((f"ours: flash attention {'on' if fa else 'off'}, KV {kv}, n_ubatch {ub}",
+                     run_child("ours", "ppl", length, {**s, "flash_attn": fa, "kv_cache": kv, "n_ubatch": ub})))
+    rows.append(("transformers (last)", run_child("hf", "ppl", length, s)))
+    hf = min(r["score_s"] for name, r in rows if name.startswith("transformers"))
+    lines = [f"# `{command}`, {datetime.date.today().isoformat()}, this {os.cpu_count()}-core CPU", "",
+             f"SmolLM2-135M extended to {target}, q8_0 GGUF, one {length}-token perplexity window (the tokens "
+             f"llama-perplexity scores), {s['threads']} threads; each row a fresh process, in this order. "
+             "\"vs transformers\": score s over the faster of the two transformers runs.", "",
+             "| path and llama.cpp setting | score s | CPU s | peak RSS MB | perplexity | vs transformers |",
+             "|---|---|---|---|---|---|"]
+    for name, r in rows:
+        lines.append(f"| {name} | {r['score_s']:.1f} | {r['cpu_s']:.0f} | {r['peak_rss_mb']:.0f} | "
+                     f"{r['perplexity']:.5f} | {r['score_s'] / hf:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--lengths", default="16384,32768", help="window / prompt lengths, comma-separated")
@@ -340,6 +366,7 @@ def main() -> int:
     ap.add_argument("--kv-cache", default="f16", choices=["f16", "f32"])
     ap.add_argument("--flash-attn", default="on", choices=["on", "off"])
     ap.add_argument("--out", type=Path, default=RESULTS, help="folder for validate-speed-<length>.md")
+    ap.add_argument("--sweep", action="store_true", help="instead: our path's perplexity window under each llama.cpp setting of SWEEP, between two transformers runs (validate-speed-sweep-<length>.md)")
     ap.add_argument("--child", nargs=4, metavar=("KIND", "TASK", "LENGTH", "RESULT"), help=argparse.SUPPRESS)
     ap.add_argument("--models", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -365,24 +392,34 @@ def main() -> int:
         models["text"] = str(text)
     command = "python bench/validate_speed.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+
+    def run_child(kind: str, task: str, length: int, s: dict) -> dict:
+        print(f"{task} @{length}: {PATH_NAMES[kind]} ...", flush=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            res = Path(tmp) / "r.json"
+            m = measure([sys.executable, __file__, "--models", json.dumps(models), "--threads", str(s["threads"]),
+                         "--n-ubatch", str(s["n_ubatch"]), "--peer-batch", str(s["peer_batch"]), "--kv-cache",
+                         s["kv_cache"], "--flash-attn", "on" if s["flash_attn"] else "off",
+                         "--child", kind, task, str(length), str(res)], env=env)
+            row = {"task": task, "path": kind, **m, **json.loads(res.read_text())}
+        shown = f"ppl {row['perplexity']:.5f}" if task == "ppl" else f"answer {row['answer']!r}"
+        print(f"  {shown}, score {row['score_s']:.1f} s, wall {row['wall_s']:.1f} s, CPU {row['cpu_s']:.1f} s, "
+              f"peak RSS {row['peak_rss_mb']:.0f} MB", flush=True)
+        return row
+
+    if args.sweep:
+        for length in lengths:
+            text = sweep(length, args.target, s, run_child, command)
+            print("\n" + text)
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / f"validate-speed-sweep-{length}.md").write_text(text)
+        return 0
     failed = False
     for length in lengths:
         rows = []
         for task in tasks:
             for path in paths:
-                kind = f"peer-{task}" if path == "peer" else path
-                print(f"{task} @{length}: {PATH_NAMES[kind]} ...", flush=True)
-                with tempfile.TemporaryDirectory() as tmp:
-                    res = Path(tmp) / "r.json"
-                    m = measure([sys.executable, __file__, "--models", json.dumps(models), "--threads",
-                                 str(s["threads"]), "--n-ubatch", str(s["n_ubatch"]), "--peer-batch",
-                                 str(s["peer_batch"]), "--kv-cache", s["kv_cache"], "--flash-attn", args.flash_attn,
-                                 "--child", kind, task, str(length), str(res)], env=env)
-                    row = {"task": task, "path": kind, **m, **json.loads(res.read_text())}
-                rows.append(row)
-                shown = f"ppl {row['perplexity']:.5f}" if task == "ppl" else f"answer {row['answer']!r}"
-                print(f"  {shown}, score {row['score_s']:.1f} s, wall {row['wall_s']:.1f} s, CPU {row['cpu_s']:.1f} s, "
-                      f"peak RSS {row['peak_rss_mb']:.0f} MB", flush=True)
+                rows.append(run_child(f"peer-{task}" if path == "peer" else path, task, length, s))
         text = report(length, args.target, rows, s, command)
         print("\n" + text)
         args.out.mkdir(parents=True, exist_ok=True)

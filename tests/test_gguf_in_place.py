@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from convert.arch import lookup_arch
 from convert.cli import main
 from convert.errors import ConvertError
 from convert.formats.checkpoint import open_source
@@ -23,33 +24,57 @@ from tiny import ORIGINAL, make_tiny
 
 pytestmark = pytest.mark.runtime
 TARGET = 4 * ORIGINAL
-# the converter recognises SmolLM2's tokenizer for these; Qwen2's converter and Phi-3's (it wants a SentencePiece
-# tokenizer.model) do not take it
-CONVERTED = ("llama", "llama3", "mistral", "qwen3", "gemma3_text")
-FORM = {"llama": "rope_freqs", "llama3": "rope_freqs", "mistral": "rope_freqs", "qwen3": "yarn-fit",
-        "gemma3_text": "yarn-fit"}
+CONVERTED = ("llama", "llama3", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3")
+# the tokenizer each is converted with: SmolLM2's, which the converter recognises ("smollm"), but for Qwen2, whose
+# tokenizer transformers always loads as Qwen2Tokenizer (so only Qwen2's own vocabulary hashes to a pre-tokenizer the
+# converter knows: llamacpp_convert.qwen2_tokenizer), and Phi-3, whose converter reads a SentencePiece tokenizer.model
+# (conversion/phi.py Phi3MiniModel.set_vocab: tiny.spm_tokenizer)
+TOKENIZER = {"qwen2": "qwen2", "phi3": "spm"}
+# the form llama.cpp's graph for the converted arch reads (convert/arch.py): per-pair factors in rope_freqs.weight
+# (llama), the YaRN fit (qwen2, qwen3, gemma3: no factor tensor), longrope's rope_factors_long/short (phi3)
+FORM = {"llama": "rope_freqs", "llama3": "rope_freqs", "mistral": "rope_freqs", "qwen2": "yarn-fit",
+        "qwen3": "yarn-fit", "gemma3_text": "yarn-fit", "phi3": "rope_factors"}
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, dict[str, Path]]:
     """{arch: {hf: tiny HF source, gguf: its f32 GGUF by llama.cpp's converter, ext: the GGUF extended in place,
-    hf_ext: the HF source extended}}"""
+    hf_ext: the HF source extended, in the form the in-place GGUF carries}}"""
     from transformers import AutoTokenizer
 
     from convert.formats.checkpoint import gguf_tokenizer_dir
-    from llamacpp_convert import convert
+    from llamacpp_convert import convert, qwen2_tokenizer
+    from tiny import spm_tokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(gguf_tokenizer_dir(smollm2_gguf())))
     root = tmp_path_factory.mktemp("in-place")
+    toks = {"smollm": AutoTokenizer.from_pretrained(str(gguf_tokenizer_dir(smollm2_gguf()))),
+            "qwen2": qwen2_tokenizer(), "spm": spm_tokenizer(root / "spm")}
     out = {}
     for mt in CONVERTED:
-        hf = make_tiny(root / mt, mt, tokenizer=tok)
+        hf = make_tiny(root / mt, mt, tokenizer=toks[TOKENIZER.get(mt, "smollm")])
         gguf = convert(hf, root / f"{mt}.gguf")
         ext = root / f"{mt}-ext.gguf"
-        bake_gguf(gguf, ext, make_plan(target_length=TARGET), progress=False)
+        s = bake_gguf(gguf, ext, make_plan(target_length=TARGET), progress=False)
         hf_ext = bake(open_source(hf), root / f"{mt}-hf-ext", make_plan(target_length=TARGET), progress=False)
+        if FORM[mt] == "yarn-fit" and not lookup_arch(mt).hf_yarn:
+            _carry_the_fit(hf_ext, open_source(hf), s)
         out[mt] = {"hf": hf, "gguf": gguf, "ext": ext, "hf_ext": hf_ext}
     return out
+
+
+def _carry_the_fit(hf_ext: Path, src, summary: dict) -> None:
+    """Qwen2's HF output keeps the exact factors (`dprope export-gguf` writes it as arch llama, whose graph reads
+    rope_freqs.weight: convert/arch.py), but llama.cpp's converter makes it arch qwen2, whose graph reads no factor
+    tensor, so its in-place GGUF carries the YaRN fit: give the HF extension the config that fit stands for, as
+    convert/formats/hf.py yarn_config writes it for qwen3 / gemma3."""
+    from types import SimpleNamespace
+
+    from convert.formats.hf import yarn_config
+
+    plan = make_plan(target_length=TARGET)
+    cfg = yarn_config(src.config, plan.spec_for(src.spec), plan, SimpleNamespace(**summary["yarn_fit"]),
+                      summary["temperature"], {})  # (the last two: provenance only)
+    (hf_ext / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
 
 
 def _tensors(path: Path) -> dict[str, tuple[str, bytes]]:
@@ -65,14 +90,17 @@ def _meta(path: Path) -> dict:
     return gguf_fields(path)[0]
 
 
-def _ids(n: int) -> list[int]:
-    return np.random.default_rng(3).integers(100, 40000, n).tolist()
+def _ids(n: int, gguf: Path | None = None) -> list[int]:
+    """``n`` token ids of the file's vocabulary (below 40000: SmolLM2's 49152, Qwen2's 151936, the tiny Phi-3's
+    SentencePiece 1005)."""
+    vocab = int(_meta(gguf)["tokenizer.ggml.tokens#len"]) if gguf is not None else 40000
+    return np.random.default_rng(3).integers(100, min(40000, vocab), n).tolist()
 
 
 @pytest.mark.parametrize("mt", CONVERTED)
 def test_tensors_but_the_rope_ones_keep_their_bytes(models, mt):
     src, ext = _tensors(models[mt]["gguf"]), _tensors(models[mt]["ext"])
-    rope = {"rope_freqs.weight"}
+    rope = {"rope_freqs.weight", "rope_factors_long.weight"}  # Phi-3's short factors stay (its own window's)
     assert {k: v for k, v in src.items() if k not in rope} == {k: v for k, v in ext.items() if k not in rope}
     meta = _meta(models[mt]["ext"])
     arch = meta["general.architecture"]
@@ -80,14 +108,22 @@ def test_tensors_but_the_rope_ones_keep_their_bytes(models, mt):
     if FORM[mt] == "rope_freqs":
         assert "rope_freqs.weight" in ext and ext["rope_freqs.weight"][0] == "F32"
         assert f"{arch}.rope.scaling.type" not in meta and f"{arch}.rope.scaling.factor" not in meta
-    else:  # llama.cpp's qwen3 / gemma3 graphs read no factor tensor: none is written
+    elif FORM[mt] == "rope_factors":  # llama.cpp's phi3 graph: long factors past rope.scaling.original_context_length
+        assert ext["rope_factors_long.weight"][0] == "F32" and ext["rope_factors_long.weight"] != \
+            src["rope_factors_long.weight"] and "rope_freqs.weight" not in ext
+        orig = meta[f"{arch}.rope.scaling.original_context_length"]
+        assert orig == _meta(models[mt]["gguf"])[f"{arch}.rope.scaling.original_context_length"] == ORIGINAL // 2
+        assert meta[f"{arch}.rope.scaling.attn_factor"] == pytest.approx(
+            np.sqrt(1 + np.log(TARGET / orig) / np.log(orig)), rel=1e-6)  # Phi-3's own scale at the new length
+        assert f"{arch}.rope.scaling.type" not in meta
+    else:  # llama.cpp's qwen2 / qwen3 / gemma3 graphs read no factor tensor: none is written
         assert "rope_freqs.weight" not in ext and meta[f"{arch}.rope.scaling.type"] == "yarn"
 
 
 @pytest.mark.parametrize("mt", CONVERTED)
 def test_llama_cpp_runs_what_transformers_runs(models, mt):
-    ids = _ids(ORIGINAL + 48)  # one sequence across the original window
     m = models[mt]
+    ids = _ids(ORIGINAL + 48, m["gguf"])  # one sequence across the original window
     with open_runtime("transformers", m["hf_ext"]) as hf, open_runtime("llama.cpp", m["ext"], n_ctx=TARGET) as cpp:
         ref, got = hf.logits(ids), cpp.logits(ids)
     # the two runtimes' own difference on the unextended model (Gemma's GELU and norms differ in the last digits)
@@ -103,6 +139,13 @@ def test_llama_cpp_runs_what_transformers_runs(models, mt):
         arch = meta["general.architecture"]
         assert meta[f"{arch}.rope.scaling.factor"] == pytest.approx(hf_fit["factor"], rel=1e-6)
         assert meta[f"{arch}.rope.scaling.original_context_length"] == hf_fit["original_max_position_embeddings"]
+    if FORM[mt] == "rope_factors":  # both carry the same longrope factors
+        import gguf
+
+        hf_rope = json.loads((m["hf_ext"] / "config.json").read_text())["rope_scaling"]
+        t = {x.name: np.asarray(x.data, dtype=np.float64) for x in gguf.GGUFReader(str(m["ext"])).tensors}
+        assert t["rope_factors_long.weight"] == pytest.approx(hf_rope["long_factor"], rel=1e-6)
+        assert t["rope_factors_short.weight"] == pytest.approx(hf_rope["short_factor"], rel=1e-6)
 
 
 def test_perplexity_scores_the_documents_tokens_not_the_bos_the_file_adds(models, tmp_path):
@@ -152,13 +195,13 @@ def _logits(llm, ids: list[int]) -> np.ndarray:
         llm.close()
 
 
-@pytest.mark.parametrize("mt", ["qwen3", "gemma3_text"])
+@pytest.mark.parametrize("mt", [mt for mt in CONVERTED if FORM[mt] == "yarn-fit"])
 def test_yarn_keys_are_llama_cpps_own_yarn(models, mt):
     """The written keys take effect as llama.cpp's own YaRN given the same numbers as context parameters."""
     meta = _meta(models[mt]["ext"])
     arch = meta["general.architecture"]
     f, L = meta[f"{arch}.rope.scaling.factor"], meta[f"{arch}.rope.scaling.original_context_length"]
-    ids = _ids(ORIGINAL + 48)
+    ids = _ids(ORIGINAL + 48, models[mt]["gguf"])
     got = _logits(_llama(models[mt]["ext"]), ids)
     own = _logits(_llama(models[mt]["gguf"], rope_scaling_type=2, rope_freq_scale=1.0 / f, yarn_orig_ctx=L), ids)
     assert max_abs_diff(got, own) < 1e-4
@@ -231,7 +274,7 @@ def test_gguf_with_rope_keys_not_understood_is_refused(models, tmp_path):
     assert not (tmp_path / "o.gguf").exists()
 
 
-@pytest.mark.parametrize("mt", ["llama3", "qwen3", "gemma3_text"])
+@pytest.mark.parametrize("mt", ["llama3", "qwen2", "qwen3", "gemma3_text", "phi3"])
 def test_verify_proves_an_in_place_gguf(models, mt, tmp_path):
     from convert.stages.verify import verify_gguf
 
@@ -239,7 +282,9 @@ def test_verify_proves_an_in_place_gguf(models, mt, tmp_path):
     s = bake_gguf(m["gguf"], tmp_path / "v.gguf", make_plan(target_length=TARGET), progress=False)
     rep = verify_gguf(tmp_path / "v.gguf", m["gguf"], factors=s["exact_factors"], temperature=s["temperature"])
     assert rep.ok, [(c.name, c.detail) for c in rep.failed()]
-    assert {c.name for c in rep.checks} == {"gguf-tensors", "gguf-metadata", "takes-effect", "llama-cpp-own"}
+    # no llama.cpp context parameter stands for longrope factors: verify has no control of its own for that form
+    own = set() if FORM[mt] == "rope_factors" else {"llama-cpp-own"}
+    assert {c.name for c in rep.checks} == {"gguf-tensors", "gguf-metadata", "takes-effect"} | own
     assert (tmp_path / "v.gguf.verify.json").exists()
     # negative: the source given as the output changes nothing and states no extension
     bad = verify_gguf(m["gguf"], m["gguf"], write=False)

@@ -192,9 +192,20 @@ def test_tokenizer_disagreement_is_an_error_not_a_wrong_perplexity(tmp_path):
     from convert.evaluate.engine import Run, _check_token_count
 
     run = Run("extended", tmp_path / "m.gguf", "h", "llama.cpp", tmp_path / "tok")
-    _check_token_count(run, {0: np.zeros(10), 1: np.zeros(5)}, {"token_count": 15})
+    m = {"token_count": 15, "token_perplexity": 1.0}
+    _check_token_count(run, {0: np.zeros(10), 1: np.zeros(5)}, m)
+    assert m == {"token_count": 15, "token_perplexity": 1.0}  # agreeing counts change nothing
     with pytest.raises(ConvertError, match="into 15 tokens where the tokenizer .* counts 16"):
         _check_token_count(run, {0: np.zeros(10), 1: np.zeros(5)}, {"token_count": 16})
+    # a few tokens apart in a long document (a SentencePiece vocabulary rebuilt by transformers): the perplexity is
+    # over the tokens llama.cpp scored
+    lp = {0: np.full(49145, -2.0, dtype=np.float32)}
+    m = {"token_count": 49152, "loglik_sum": -98290.0, "token_perplexity": float(np.exp(98290.0 / 49152))}
+    _check_token_count(run, lp, m)
+    assert m["token_count"] == 49145 and m["token_count_tokenizer"] == 49152
+    assert m["loglik_sum"] == pytest.approx(-98290.0) and m["token_perplexity"] == pytest.approx(np.exp(2.0))
+    with pytest.raises(ConvertError, match="into 49145 tokens"):
+        _check_token_count(run, lp, {"token_count": 49500})
 
 
 def test_recipe_validates_the_checkpoint_and_its_gguf_and_the_card_shows_both(tiny_models, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -50,6 +51,41 @@ def tiny_tokenizer(family: str = "gpt-2", vocab_size: int = 512):
                                    unk_token="<|endoftext|>", pad_token="<|endoftext|>")
 
 
+PHI3_ADDED = ("<|endoftext|>", "<|assistant|>", "<|system|>", "<|end|>", "<|user|>")  # Phi-3's own added tokens
+
+
+def spm_tokenizer(dest: Path, vocab_size: int = 1000, added: tuple[str, ...] = PHI3_ADDED):
+    """A real SentencePiece tokenizer.model, Llama-2 / Phi-3 style (BPE, byte fallback, digits split, "▁" prefix;
+    <unk> <s> </s> = 0 1 2), trained on Python's own docs (a second or two) and written to ``dest/tokenizer.model``;
+    returns the transformers tokenizer made from it, with ``added`` as special tokens after the SentencePiece
+    vocabulary (Phi-3's chat tokens by default), so ``len()`` is the model's vocabulary.
+
+    llama.cpp's converter reads the .model itself for Phi-3 (conversion/phi.py Phi3MiniModel.set_vocab; tokenizer.json
+    and tokenizer_config.json only for the added tokens), and llama.cpp loads a model named phi3 only if its
+    vocabulary has <|endoftext|> (src/llama-vocab.cpp, per-token attributes).  :func:`make_tiny` copies the .model
+    next to the tokenizer it saves (transformers 5 writes only tokenizer.json)."""
+    import io
+
+    import sentencepiece as spm
+    from pydoc_data.topics import topics
+    from transformers import LlamaTokenizer
+
+    lines = [line for text in topics.values() for line in text.splitlines() if line.strip()]
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=buf, vocab_size=vocab_size, model_type="bpe", byte_fallback=True,
+        split_digits=True, allow_whitespace_only_pieces=True, remove_extra_whitespaces=False,
+        normalization_rule_name="identity", add_dummy_prefix=True, character_coverage=1.0,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2)
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / "tokenizer.model").write_bytes(buf.getvalue())
+    tok = LlamaTokenizer.from_pretrained(str(dest))  # transformers converts the .model (same pieces, same ids)
+    tok.add_tokens(list(added), special_tokens=True)
+    tok.pad_token = "<unk>"
+    assert tok.vocab_file == str(dest / "tokenizer.model") and len(tok) == vocab_size + len(added)
+    return tok
+
+
 # every architecture of convert/arch.py, built from transformers' own config classes; "llama3" is a Llama with
 # Llama 3.1's rope scaling (factor 2 over a 32-token original window here), "phi3" a Phi-3 with its own longrope
 # factors (short and long, original window 32)
@@ -85,7 +121,8 @@ def tiny_config(model_type: str, vocab_size: int = 512, max_pos: int = ORIGINAL,
 
 def make_tiny(path: Path, model_type: str = "llama", sharded: bool = False, seed: int = 0,
               tokenizer=None, **config_extra) -> Path:
-    """Write a random tiny model + tokenizer to ``path`` (sharded: several safetensors + index)."""
+    """Write a random tiny model + tokenizer to ``path`` (sharded: several safetensors + index); the vocabulary is
+    the tokenizer's ``len()``, and a SentencePiece tokenizer's .model (:func:`spm_tokenizer`) goes along."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
@@ -99,6 +136,9 @@ def make_tiny(path: Path, model_type: str = "llama", sharded: bool = False, seed
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(path), max_shard_size="60KB" if sharded else "10GB")
     tok.save_pretrained(str(path))
+    spm_model = getattr(tok, "vocab_file", None)  # a SentencePiece .model (spm_tokenizer): converters read it
+    if spm_model and Path(spm_model).name == "tokenizer.model" and Path(spm_model).exists():
+        shutil.copyfile(spm_model, path / "tokenizer.model")
     if sharded:
         assert (path / "model.safetensors.index.json").exists()
     return path
