@@ -109,6 +109,38 @@ def mark_dequantised(model) -> None:
         del model.config.quantization_config
 
 
+def kv_cache_of(output):
+    """The KV cache a forward pass returned: ``output.cache`` where transformers has renamed it (5.x after 5.25:
+    ``past_key_values`` is a deprecated alias that logs a warning, utils/generic.py ``ModelOutput``), else
+    ``output.past_key_values`` (4.57)."""
+    if "cache" in getattr(output, "__dataclass_fields__", {}):
+        return output.cache
+    return output.past_key_values
+
+
+def kv_cache_kwargs(model, cache) -> dict:
+    """The keyword a forward pass takes a KV cache by: ``cache`` where the model's forward accepts it (transformers
+    5.x: ``past_key_values`` is deprecated, ``deprecate_kwarg(..., "5.40.0", new_name="cache")``), else
+    ``past_key_values``."""
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    return {"cache": cache} if "cache" in params else {"past_key_values": cache}
+
+
+def checkpointing_kwargs(enabled: bool) -> dict:
+    """Activation checkpointing for ``TrainingArguments``: ``activation_checkpointing`` where it exists (transformers
+    5.x; ``gradient_checkpointing`` is its deprecated alias there, training_args.py), else
+    ``gradient_checkpointing``."""
+    from dataclasses import fields
+
+    from transformers import TrainingArguments
+
+    names = {f.name for f in fields(TrainingArguments)}
+    key = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+    return {key: bool(enabled)}
+
+
 def attention_function_registered(name: str) -> bool:
     """Whether ``name`` is registered globally as a transformers attention function, so that registering is done
     once per process (transformers modeling_utils.py ``AttentionInterface`` / utils/generic.py

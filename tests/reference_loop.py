@@ -7,6 +7,8 @@ the peer in ``bench/factors.py``.  Unlike the original it accepts a non-integer 
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 
@@ -39,8 +41,10 @@ def reference_dprope(rope_theta: float, head_dim: int, original: int, target: in
     for inv, fac in ((base, torch.ones(head_dim // 2)), (base / scale, torch.full((head_dim // 2,), scale))):
         dist = reference_distribution(inv, target, intervals)
         sim = torch.zeros(head_dim // 2)
-        for idx in range(head_dim // 2):
-            sim[idx] = F.kl_div(dist[idx].log(), orig[idx], reduction="mean")
+        with warnings.catch_warnings():  # the reference's reduction="mean", kept as it is; torch notes its meaning
+            warnings.simplefilter("ignore", UserWarning)
+            for idx in range(head_dim // 2):
+                sim[idx] = F.kl_div(dist[idx].log(), orig[idx], reduction="mean")
         sims.append(sim)
         facs.append(fac.float())
     sims_t = torch.stack(sims)

@@ -197,6 +197,7 @@ def test_runtime_matches_the_per_position_oracle(tiny_models, ids, model_type, s
 
 
 def test_runtime_generates_with_a_cache_as_a_full_forward_scores(tiny_models, ids):
+    from convert.compat import kv_cache_kwargs, kv_cache_of
     from convert.runtimes.dpe import enable_dpe
 
     model = _tiny_model(tiny_models)
@@ -206,10 +207,10 @@ def test_runtime_generates_with_a_cache_as_a_full_forward_scores(tiny_models, id
         full = model(ids).logits[0, -3:]
         out = model(ids[:, :-3], use_cache=True)
         steps = []
-        past = out.past_key_values
+        past = kv_cache_of(out)
         for t in range(3):
-            o = model(ids[:, -3 + t : ids.shape[1] - 2 + t], past_key_values=past, use_cache=True)
-            past = o.past_key_values
+            o = model(ids[:, -3 + t : ids.shape[1] - 2 + t], use_cache=True, **kv_cache_kwargs(model, past))
+            past = kv_cache_of(o)
             steps.append(o.logits[0, -1])
     assert (torch.stack(steps) - full).abs().max() < 1e-4 * full.abs().max()
 

@@ -299,8 +299,9 @@ def run_one(model, tokenizer, run: Run, task: str, length: int, limit: int | Non
 
 
 # llama.cpp and the transformers tokenizer rebuilt from a GGUF may split a long text a few tokens apart (Gemma 3's
-# SentencePiece vocabulary: 49145 vs 49152 tokens in a 48k window of Python's docs); past this relative difference
-# they tokenise differently (a wrong pre-tokenizer splits digits or words otherwise: percents, not parts per million)
+# vocabulary: transformers' rebuild splits a run of 33 spaces as 16 + 17, llama.cpp as 31 + 2; 49145 vs 49152 tokens
+# in a 48k window of Python's docs); past this relative difference they tokenise differently (a wrong pre-tokenizer
+# splits digits or words otherwise: percents, not parts per million)
 TOKEN_COUNT_TOL = 1e-3
 
 

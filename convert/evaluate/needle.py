@@ -31,6 +31,7 @@ from typing import Any, Callable
 
 import torch
 
+from convert.compat import kv_cache_kwargs, kv_cache_of
 from convert.errors import ConvertError
 
 log = logging.getLogger(__name__)
@@ -216,7 +217,7 @@ class NeedleScorer:
         ids = torch.tensor([s.ids], device=dev)
         pos = torch.tensor([s.positions], device=dev)
         out = self.model(input_ids=ids, position_ids=pos, use_cache=True, logits_to_keep=1)
-        past, p, gen = out.past_key_values, s.positions[-1], []
+        past, p, gen = kv_cache_of(out), s.positions[-1], []
         eos = self.tok.eos_token_id
         for step in range(self.cfg.max_new_tokens):
             nxt = int(out.logits[0, -1].argmax())
@@ -227,8 +228,8 @@ class NeedleScorer:
                 break  # every value is already there: more tokens cannot change the score
             p += 1
             out = self.model(input_ids=torch.tensor([[nxt]], device=dev), position_ids=torch.tensor([[p]], device=dev),
-                             past_key_values=past, use_cache=True)
-            past = out.past_key_values
+                             use_cache=True, **kv_cache_kwargs(self.model, past))
+            past = kv_cache_of(out)
         return value_score(self.tok.decode(gen, skip_special_tokens=True), s.values)
 
     def __call__(self, pair_scales: torch.Tensor) -> float:

@@ -286,6 +286,7 @@ def train(ckpt: Path, out: Path, args: TrainArgs, *, force_cpu: bool = False, fo
 
     from convert.names import FACTORS_FILE
     from convert.io.files import atomic_dir
+    from convert.compat import checkpointing_kwargs
     from convert.quiet import quiet_libraries
 
     ckpt, out = Path(ckpt), Path(out)
@@ -311,7 +312,7 @@ def train(ckpt: Path, out: Path, args: TrainArgs, *, force_cpu: bool = False, fo
         per_device_eval_batch_size=args.micro_batch, gradient_accumulation_steps=accum, learning_rate=args.lr,
         adam_beta1=args.betas[0], adam_beta2=args.betas[1], weight_decay=args.weight_decay,
         warmup_steps=args.warmup_steps, lr_scheduler_type="constant_with_warmup" if args.warmup_steps else "constant",
-        bf16=use_bf16, gradient_checkpointing=args.gradient_checkpointing, save_steps=args.save_steps,
+        bf16=use_bf16, save_steps=args.save_steps, **checkpointing_kwargs(args.gradient_checkpointing),
         save_total_limit=2, logging_steps=1, eval_strategy="steps", eval_steps=args.eval_steps or args.save_steps,
         report_to=[], use_cpu=not cuda, seed=args.seed, disable_tqdm=not progress, dataloader_num_workers=0,
         remove_unused_columns=False, eval_on_start=True,
