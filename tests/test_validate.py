@@ -52,6 +52,24 @@ def test_ppl_buckets_difference_the_prefix_sums():
     assert b[(100, 300)] == pytest.approx(math.exp(800 / 400))
 
 
+def test_ppl_buckets_split_at_the_window_from_the_block_sums():
+    # one run at 300 over two documents, block sums of 50 tokens: an edge at 100 (the base's window) splits 0-300
+    docs = [[-50.0] * 6, [-100.0] * 6]  # 1 nat / token in the first document, 2 in the second
+    rows = {300: {"loglik_sum": -900.0, "token_count": 600, "block": 50, "block_ll": docs}}
+    b = ppl_buckets(rows, [300], edges=[100])
+    assert b[(0, 300)] == pytest.approx(math.exp(1.5))  # the whole bucket stays
+    assert b[(0, 100)] == pytest.approx(math.exp(300 / 200)) and b[(100, 300)] == pytest.approx(math.exp(600 / 400))
+    docs[1] = [-100.0, -100.0, -150.0, -150.0, -150.0, -150.0]  # worse after the window
+    rows[300]["loglik_sum"] = -1100.0
+    b = ppl_buckets(rows, [300], edges=[100])
+    assert b[(0, 100)] == pytest.approx(math.exp(1.5)) and b[(100, 300)] == pytest.approx(math.exp(800 / 400))
+    # an edge off the block grid, one past the documents, or one that is a length changes nothing
+    assert set(ppl_buckets(rows, [300], edges=[120])) == {(0, 300)}
+    assert set(ppl_buckets(rows, [300], edges=[300, 400])) == {(0, 300)}
+    both = {100: {"loglik_sum": -200.0, "token_count": 200}, 300: rows[300]}
+    assert ppl_buckets(both, [100, 300], edges=[100]) == ppl_buckets(both, [100, 300])
+
+
 def test_gates_parse_and_decide():
     rows = [{"name": "passkey @256", "task": "passkey", "length": 256, "base": 0.2, "extended": 0.95},
             {"name": "ppl 0-64", "task": "ppl", "length": (0, 64), "base": 10.0, "extended": 10.4}]

@@ -45,23 +45,38 @@ class Gate:
         return cls(text, metric, lo, hi, op, float(v), bool(rel))
 
 
-def ppl_buckets(rows: dict, lengths: Sequence[int]) -> dict[tuple[int, int], float]:
-    """Perplexity of the tokens between consecutive lengths, from the per-length sums of the same documents."""
-    out = {}
-    prev_ll, prev_n, prev_len = 0.0, 0, 0
+def ppl_buckets(rows: dict, lengths: Sequence[int], edges: Sequence[int] = ()) -> dict[tuple[int, int], float]:
+    """Perplexity of the tokens between consecutive lengths, from the per-length sums of the same documents.  An
+    ``edges`` value that is not a length (the base's window) also gives the two parts of the bucket it falls in
+    (the whole bucket stays, so gates naming it still find it), from the per-position block sums (``block_ll``) of
+    the run at the bucket's upper length: the tokens before the edge are the first ``edge`` of each of its
+    documents, so a part is what a run at that length would give."""
+    points = []  # (length, loglik sum, token count) of the tokens before each length
     for L in sorted(lengths):
         m = rows.get(L)
-        if m is None:
-            continue
-        ll, n = m["loglik_sum"], m["token_count"]
-        if n > prev_n:
-            out[(prev_len, L)] = math.exp(-(ll - prev_ll) / (n - prev_n))
-        prev_ll, prev_n, prev_len = ll, n, L
+        if m is not None:
+            points.append((L, m["loglik_sum"], m["token_count"]))
+    split = []
+    for e in sorted(set(int(x) for x in edges) - {p[0] for p in points}):
+        above = next((p for p in points if p[0] > e), None)
+        m = rows.get(above[0]) if above else None
+        block, docs = (m or {}).get("block"), (m or {}).get("block_ll")
+        if not docs or not block or e % block or any(len(d) <= e // block for d in docs):
+            continue  # no block sums, the edge is not on a block boundary, or a document ends before it
+        split.append((e, sum(sum(d[: e // block]) for d in docs), e * len(docs)))
+    out = {}
+    for pts in (points, sorted(points + split)):
+        prev_ll, prev_n, prev_len = 0.0, 0, 0
+        for L, ll, n in pts:
+            if n > prev_n:
+                out.setdefault((prev_len, L), math.exp(-(ll - prev_ll) / (n - prev_n)))
+            prev_ll, prev_n, prev_len = ll, n, L
     return out
 
 
-def table_rows(results: list[dict], lengths: Sequence[int]) -> list[dict]:
-    """rows: {name, length, base, extended}: passkey / RULER per length, ppl per bucket, ruler average."""
+def table_rows(results: list[dict], lengths: Sequence[int], edges: Sequence[int] = ()) -> list[dict]:
+    """rows: {name, length, base, extended}: passkey / RULER per length, ppl per bucket (between lengths, and split
+    at ``edges``: :func:`ppl_buckets`), ruler average."""
     by = {}
     for r in results:
         by.setdefault((r["model"], r["task"]), {})[r["length"]] = r["metrics"]
@@ -69,7 +84,7 @@ def table_rows(results: list[dict], lengths: Sequence[int]) -> list[dict]:
     tasks = sorted({r["task"] for r in results}, key=lambda t: (t != "passkey", t != "ppl", t))
     for task in tasks:
         if task == "ppl":
-            b = {m: ppl_buckets(by.get((m, "ppl"), {}), lengths) for m in ("base", "extended")}
+            b = {m: ppl_buckets(by.get((m, "ppl"), {}), lengths, edges) for m in ("base", "extended")}
             for bucket in sorted(set(b["base"]) | set(b["extended"])):
                 rows.append({"name": f"ppl {bucket[0]}-{bucket[1]}", "task": "ppl", "length": bucket,
                              "base": b["base"].get(bucket), "extended": b["extended"].get(bucket)})
@@ -141,6 +156,10 @@ def plot(rows: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, task, ylabel in ((axes[0], "passkey", "passkey accuracy"), (axes[1], "ppl", "perplexity (bucket)")):
         sel = [r for r in rows if r["task"] == task]
+        if task == "ppl":  # the finest buckets only (a bucket split at the window is shown as its parts)
+            sel = sorted((r for r in sel if not any(o is not r and r["length"][0] <= o["length"][0]
+                                                    and o["length"][1] <= r["length"][1] for o in sel)),
+                         key=lambda r: r["length"][1])
         for m, style in (("base", "o--"), ("extended", "s-")):
             pts = [((r["length"][1] if task == "ppl" else r["length"]), r[m]) for r in sel if r[m] is not None]
             if pts:

@@ -33,6 +33,25 @@ class Validation:
     out_dir: Path
 
 
+def base_window(base: Path) -> int | None:
+    """The context a base model was made for: a GGUF's ``<arch>.context_length``, a HF config's
+    ``max_position_embeddings``; None where neither is read."""
+    from convert.arch import read_config
+    from convert.io.gguf_meta import read_gguf
+
+    base = Path(base)
+    try:
+        if base.suffix == ".gguf" and base.is_file():
+            meta = read_gguf(base).meta
+            n = meta.get(f"{meta.get('general.architecture')}.context_length")
+        else:
+            cfg = read_config(base)
+            n = cfg.get("max_position_embeddings") or (cfg.get("text_config") or {}).get("max_position_embeddings")
+    except (ConvertError, OSError, ValueError):
+        return None
+    return int(n) if n else None
+
+
 def validate(checkpoint: Path, base: Path | None = None, lengths: Sequence[int] = (4096, 8192, 16384),
              tasks: Sequence[str] = ("passkey", "ppl"), limit: int | None = 5, out_dir: Path | None = None,
              corpus: str | None = None, gates: Sequence[str] = (), cache_dir: Path | None = None,
@@ -91,7 +110,9 @@ def validate(checkpoint: Path, base: Path | None = None, lengths: Sequence[int] 
             if hasattr(model, "close"):  # llama.cpp frees its context now, not at garbage collection
                 model.close()
             del model
-    rows = table_rows(results, lengths)
+    # perplexity inside and past the base's window, also where no length is the window
+    window = base_window(base) if base is not None else None
+    rows = table_rows(results, lengths, [window] if window else [])
     failed = check_gates(rows, parsed_gates)
     md = markdown(rows, command or f"dprope validate {checkpoint}", failed, parsed_gates,
                   models=[r.describe() for r in runs])
