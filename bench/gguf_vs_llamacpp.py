@@ -17,6 +17,7 @@ import os
 import subprocess
 import sys
 import tarfile
+import tempfile
 from importlib import metadata
 from pathlib import Path
 
@@ -24,26 +25,41 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _measure import DATA, big_llama, dir_size, measure, median_of  # noqa: E402
 
 
+def llama_cpp_sdist_files(dest: Path, keep: tuple[str, ...], version: str | None = None) -> Path:
+    """Unpack into ``dest`` the files of the llama-cpp-python ``version`` sdist (default: the installed one) whose path
+    below the sdist's top folder starts with one of ``keep`` (e.g. ``vendor/llama.cpp/convert_hf_to_gguf.py``), and
+    return ``dest``.  The sdist is fetched from PyPI into a temporary folder beside them and dropped; each file is
+    moved into place whole, so an interrupted fetch leaves no partial file."""
+    version = version or metadata.version("llama_cpp_python")
+    dest.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".sdist-", dir=dest) as tmp:
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
+                        f"llama-cpp-python=={version}", "-d", tmp], check=True)
+        out = Path(tmp) / "files"
+        with tarfile.open(next(Path(tmp).glob(f"llama_cpp_python-{version}.tar.gz"))) as tar:
+            members = []
+            for m in tar.getmembers():
+                rel = m.name.split("/", 1)[-1]
+                if rel.startswith(keep) and (m.isfile() or m.isdir()):
+                    m.name = rel
+                    members.append(m)
+            tar.extractall(out, members=members, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+        for f in sorted(x for x in out.rglob("*") if x.is_file()):
+            target = dest / f.relative_to(out)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(f, target)
+    return dest
+
+
 def peer_converter() -> Path:
+    """llama.cpp's convert_hf_to_gguf.py with its conversion/ and gguf-py/, unpacked once under
+    bench/.data/llama-cpp-python-<version>/vendor/llama.cpp/."""
     version = metadata.version("llama_cpp_python")
     root = DATA / f"llama-cpp-python-{version}"
     script = root / "vendor" / "llama.cpp" / "convert_hf_to_gguf.py"
-    if script.exists():
-        return script
-    DATA.mkdir(parents=True, exist_ok=True)
-    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
-                    f"llama-cpp-python=={version}", "-d", str(DATA)], check=True)
-    sdist = next(DATA.glob(f"llama_cpp_python-{version}.tar.gz"))
-    keep = ("vendor/llama.cpp/convert_hf_to_gguf.py", "vendor/llama.cpp/conversion/", "vendor/llama.cpp/gguf-py/")
-    with tarfile.open(sdist) as tar:
-        members = []
-        for m in tar.getmembers():
-            rel = m.name.split("/", 1)[-1]
-            if rel.startswith(keep) and (m.isfile() or m.isdir()):
-                m.name = rel
-                members.append(m)
-        tar.extractall(root, members=members, filter="data")
-    sdist.unlink()
+    if not script.exists():
+        llama_cpp_sdist_files(root, ("vendor/llama.cpp/convert_hf_to_gguf.py", "vendor/llama.cpp/conversion/",
+                                     "vendor/llama.cpp/gguf-py/"), version)
     return script
 
 

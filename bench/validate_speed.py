@@ -44,7 +44,6 @@ import resource
 import shlex
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -52,6 +51,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _measure import DATA, measure  # noqa: E402
+from gguf_vs_llamacpp import llama_cpp_sdist_files  # noqa: E402
 from validate_memory import prepare  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -84,11 +84,7 @@ def llama_perplexity(version: str | None = None, jobs: int | None = None) -> Pat
     build, log = root / "build", root / "build.log"
     with tempfile.TemporaryDirectory(prefix="llama-cpp-python-sdist-") as tmp:
         print(f"peer: downloading the llama-cpp-python {version} sdist", flush=True)
-        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
-                        f"llama-cpp-python=={version}", "-d", tmp], check=True)
-        with tarfile.open(next(Path(tmp).glob("*.tar.gz"))) as tar:
-            tar.extractall(tmp, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
-        vendor = next(Path(tmp).glob("*/vendor/llama.cpp"))
+        vendor = llama_cpp_sdist_files(Path(tmp), ("vendor/llama.cpp/",), version) / "vendor" / "llama.cpp"
         print(f"peer: building llama-perplexity from its vendor/llama.cpp (once; ~8 min on 2 cores; log {log})",
               flush=True)
         with open(log, "w") as f:

@@ -10,11 +10,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import tarfile
-from importlib import metadata
 from pathlib import Path
 
-from gguf_vs_llamacpp import DATA, peer_converter  # bench/ is on sys.path (tests/conftest.py)
+from gguf_vs_llamacpp import llama_cpp_sdist_files, peer_converter  # bench/ is on sys.path (tests/conftest.py)
 
 
 def convert(hf_dir: Path, out: Path, outtype: str = "f32") -> Path:
@@ -30,24 +28,12 @@ def convert(hf_dir: Path, out: Path, outtype: str = "f32") -> Path:
 
 def llamacpp_vocab(name: str) -> Path:
     """llama.cpp's own vocabulary-only GGUF of a model family (``models/ggml-vocab-<name>.gguf``: the real tokenizer,
-    no weights, that its tokenizer tests load), from the same llama-cpp-python sdist as the converter; extracted once
+    no weights, that its tokenizer tests load), from the same llama-cpp-python sdist as the converter; unpacked once
     next to it (bench/.data/llama-cpp-python-<version>/vendor/llama.cpp/models/)."""
-    dest = peer_converter().parent / "models" / f"ggml-vocab-{name}.gguf"
-    if dest.exists():
-        return dest
-    version = metadata.version("llama_cpp_python")
-    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
-                    f"llama-cpp-python=={version}", "-d", str(DATA)], check=True)
-    sdist = DATA / f"llama_cpp_python-{version}.tar.gz"
-    try:
-        with tarfile.open(sdist) as tar:
-            member = tar.getmember(f"llama_cpp_python-{version}/vendor/llama.cpp/models/{dest.name}")
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            part = dest.with_name(dest.name + f".partial-{os.getpid()}")
-            part.write_bytes(tar.extractfile(member).read())
-            os.replace(part, dest)
-    finally:
-        sdist.unlink(missing_ok=True)
+    vendor = peer_converter().parent
+    dest = vendor / "models" / f"ggml-vocab-{name}.gguf"
+    if not dest.exists():
+        llama_cpp_sdist_files(vendor.parent.parent, (f"vendor/llama.cpp/models/{dest.name}",))
     return dest
 
 

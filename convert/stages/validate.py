@@ -37,17 +37,14 @@ def base_window(base: Path) -> int | None:
     """The context a base model was made for: a GGUF's ``<arch>.context_length``, a HF config's
     ``max_position_embeddings``; None where neither is read."""
     from convert.arch import read_config
-    from convert.io.gguf_meta import read_gguf
+    from convert.runtimes.llamacpp import gguf_context_length
 
     base = Path(base)
     try:
         if base.suffix == ".gguf" and base.is_file():
-            meta = read_gguf(base).meta
-            n = meta.get(f"{meta.get('general.architecture')}.context_length")
-        else:
-            cfg = read_config(base)
-            n = cfg.get("max_position_embeddings") or (cfg.get("text_config") or {}).get("max_position_embeddings")
-    except (ConvertError, OSError, ValueError):
+            return gguf_context_length(base)
+        n = read_config(base).get("max_position_embeddings")
+    except (ConvertError, OSError):
         return None
     return int(n) if n else None
 
