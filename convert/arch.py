@@ -121,8 +121,8 @@ class RopeSpec:
     """RoPE facts of a base checkpoint, read from its config or GGUF metadata without importing torch; the
     frequency tensors are computed on first use.
 
-    inv_freq: effective pre-trained inverse frequencies, float32 [head_dim/2]
-    plain_inv_freq: rope_theta ** (-2i/d), float32 [head_dim/2] (what HF longrope factors are relative to)
+    inv_freq: effective pre-trained inverse frequencies, float32 NumPy [head_dim/2]
+    plain_inv_freq: rope_theta ** (-2i/d), float32 NumPy [head_dim/2] (what HF longrope factors are relative to)
     """
 
     arch: Arch
@@ -144,7 +144,7 @@ class RopeSpec:
     @cached_property
     def inv_freq(self):
         """Effective frequencies, including the scaling the base already has."""
-        import torch
+        import numpy as np
 
         import dprope
 
@@ -152,19 +152,19 @@ class RopeSpec:
         if self.rope_type in ("default", "dynamic"):
             return plain
         if self.rope_type == "linear":
-            return plain / float(p["factor"])
+            return (plain / np.float32(p["factor"])).astype(np.float32)
         if self.rope_type in ("llama3", "yarn"):
             orig = int(p.get("original_max_position_embeddings") or self.original_length / float(p["factor"]))
             ctx = dprope.RopeContext(plain, self.rope_theta, orig, round(orig * float(p["factor"])))
             if self.rope_type == "llama3":
                 return plain / dprope.llama3_factors(
                     ctx, float(p.get("low_freq_factor", 1.0)), float(p.get("high_freq_factor", 4.0)))
-            return plain / dprope.yarn_factors(ctx, float(p.get("beta_fast", 32.0)), float(p.get("beta_slow", 1.0)))
+            return (plain / dprope.yarn_factors(ctx, float(p.get("beta_fast", 32.0)),
+                                                float(p.get("beta_slow", 1.0)))).astype(np.float32)
         if self.rope_type == "longrope":
-            return longrope_inv_freq(torch.tensor(p["long_factor"], dtype=torch.float32), self.rope_theta,
-                                     self.head_dim)
+            return longrope_inv_freq(p["long_factor"], self.rope_theta, self.head_dim)
         if self.rope_type == "rope_freqs":
-            return plain / torch.tensor(self.gguf_factors, dtype=torch.float32)
+            return (plain / np.array(self.gguf_factors, dtype=np.float32)).astype(np.float32)
         raise AssertionError(self.rope_type)  # rope_spec_* only build the types above
 
     def with_window(self, original_length: int) -> "RopeSpec":
@@ -181,11 +181,14 @@ class RopeSpec:
 
 def longrope_inv_freq(long_factor, rope_theta: float, head_dim: int):
     """Inverse frequencies, float32 [head_dim/2], of a longrope config with these long factors, computed as
-    transformers computes them (modeling_rope_utils.py ``_compute_longrope_parameters``): 1 / (ext * b^(2i/d))."""
-    import torch
+    transformers computes them (modeling_rope_utils.py ``_compute_longrope_parameters``): 1 / (ext * b^(2i/d)), in
+    float32 as torch evaluates it.  A NumPy array (a torch tensor of factors is read through its values)."""
+    import numpy as np
 
-    shape = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
-    return 1.0 / (torch.as_tensor(long_factor, dtype=torch.float32) * float(rope_theta) ** shape)
+    from dprope.freqs import as_array
+
+    shape = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
+    return (np.float32(1.0) / (as_array(long_factor) * (np.float32(rope_theta) ** shape))).astype(np.float32)
 
 
 _BASE_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope", "dynamic")
@@ -257,11 +260,12 @@ def read_config(path: Path) -> dict:
         raise ConvertError(f"{cfg_path} is not valid JSON ({e}); restore the checkpoint's config.json") from None
 
 
-def gguf_fields(path: Path) -> tuple[dict[str, Any], Any]:
-    """(metadata dict, tensor table) of a GGUF file, from its header alone (see `ggufmeta`)."""
+def gguf_fields(path: Path, info: Any = None) -> tuple[dict[str, Any], Any]:
+    """(metadata dict, tensor table) of a GGUF file, from its header alone (see `ggufmeta`).  ``info``: the header
+    already read (``convert.io.gguf_meta.read_gguf``), so a command walks a large vocabulary once, not per step."""
     from convert.io.gguf_meta import read_gguf
 
-    info = read_gguf(Path(path))
+    info = info if info is not None else read_gguf(Path(path))
     return info.meta, info
 
 
@@ -283,8 +287,8 @@ def _gguf_factor_tensor(tensors: dict, name: str, n: int) -> list[float]:
     return ff
 
 
-def rope_spec_from_gguf(path: Path) -> RopeSpec:
-    meta, reader = gguf_fields(path)
+def rope_spec_from_gguf(path: Path, info: Any = None) -> RopeSpec:
+    meta, reader = gguf_fields(path, info)
     garch = meta.get("general.architecture")
     arch = lookup_gguf_arch(garch)
     g = lambda k, d=None: meta.get(f"{garch}.{k}", d)  # noqa: E731
@@ -335,13 +339,13 @@ def rope_spec_from_gguf(path: Path) -> RopeSpec:
     return RopeSpec(arch, theta, head_dim, window, "default", {}, attn, "gguf")
 
 
-def rope_spec(path: Path) -> RopeSpec:
-    """RoPE facts of a HF directory, a config.json or a GGUF file."""
+def rope_spec(path: Path, info: Any = None) -> RopeSpec:
+    """RoPE facts of a HF directory, a config.json or a GGUF file (``info``: its header, already read)."""
     path = Path(path)
     if not path.exists():
         raise ConvertError(f"{path} does not exist: pass a checkpoint directory, a config.json or a .gguf file")
     if path.is_file() and path.suffix == ".gguf":
-        return rope_spec_from_gguf(path)
+        return rope_spec_from_gguf(path, info)
     return rope_spec_from_config(read_config(path))
 
 

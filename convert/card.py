@@ -7,7 +7,7 @@ from __future__ import annotations
 from importlib import metadata
 from pathlib import Path
 
-import torch
+import numpy as np
 
 from dprope import DPRoPEResult
 
@@ -47,7 +47,7 @@ def _form_text(config: dict | None) -> str:
     return text
 
 
-def write_card(out: Path, src, plan, result: DPRoPEResult, long: torch.Tensor, attn: float,
+def write_card(out: Path, src, plan, result: DPRoPEResult, long: np.ndarray, attn: float,
                has_plot: bool = False, config: dict | None = None) -> Path:
     spec = plan.spec_for(src.spec)
     s = plan.target_length / spec.original_length
@@ -167,8 +167,12 @@ def set_section(directory: Path, title: str, body: str, drop: tuple[str, ...] = 
 
 
 def link_validation(directory: Path, md: str) -> bool:
-    """The validation report (``validation.md``'s text) as the card's Validation section."""
-    return set_section(directory, "Validation", "lm-eval results (`validation.json`, `validation.png`):\n\n" + md)
+    """The validation report (``validation.md``'s text) as the card's Validation section: every cell with its 95%
+    interval and sample count n, and the paired comparison with the base (``convert.evaluate.stats``)."""
+    return set_section(directory, "Validation", "lm-eval and dprope tasks, base vs extended on the same samples; each "
+                       "cell is value [95% interval] (n), the last column the paired difference (accuracy) or ratio "
+                       "(perplexity) with its interval (`validation.json` has every interval and its method, "
+                       "`validation.png` the error bars):\n\n" + md)
 
 
 def training_section(directory: Path, s: dict) -> bool:

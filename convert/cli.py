@@ -175,7 +175,7 @@ def extend(source, out, target_length, method, method_opts, bins, candidates, se
     """Extend SOURCE (HF dir, .gguf, pkg://PACKAGE/FILE or cached hub id) to --target-length and write the
     checkpoint to OUT."""
     from convert.stages.bake import bake, make_plan
-    from convert.pipeline.recipe import resolve_source
+    from convert.formats.checkpoint import resolve_source
     from convert.stages.search import is_search, run_search, work_dir_for
     from convert.formats.checkpoint import open_source
 
@@ -190,14 +190,14 @@ def extend(source, out, target_length, method, method_opts, bins, candidates, se
         from convert.arch import gguf_fields
         from convert.stages.bake import bake_gguf
 
-        meta, _ = gguf_fields(Path(given_src))
+        meta, info = gguf_fields(Path(given_src))
         if meta.get("dprope.method"):  # an extended output given back as a source: its factors are the base's
             first = int(meta.get("dprope.original_length") or 0)
             done = int(meta.get("dprope.target_length") or 0)
             click.echo(f"{Path(given_src).name} is already extended ({meta['dprope.method']}, {first or '?'} -> {done} "
                        f"tokens): composing" + (f", {first} -> {target_length} in total "
                                                 f"({target_length / first:.3g}x)" if first else ""), err=True)
-        s = bake_gguf(Path(given_src), Path(out), plan, force=force)
+        s = bake_gguf(Path(given_src), Path(out), plan, force=force, info=info)
         click.echo(f"extended {out} in place ({s['form']}): {s['tensors_kept']} tensors copied as they are, "
                    f"{s['bytes_written'] / 1e6:.1f} MB in {s['seconds']:.2f} s")
         if s.get("yarn_fit"):

@@ -11,6 +11,9 @@ def parse_key_values(pairs: Iterable[str], what: str, example: str, none_words: 
     """``["k=v", ...]`` -> {k: v}, each value read as a YAML scalar or list (numbers, booleans, ``[a, b]``); an
     empty value is None.  ``none_words``: the word ``none`` is None too (but not for ``temperature``, where "none"
     is a named temperature).  A part without ``=`` or without a key is refused, naming ``what`` and ``example``."""
+    pairs = list(pairs)
+    if not pairs:
+        return {}  # nothing to read: no YAML parser to import (a command without --opt stays light)
     import yaml
 
     out = {}

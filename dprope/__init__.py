@@ -7,6 +7,10 @@ Pure computation: no file I/O and no transformers import.  Names load on first u
 from __future__ import annotations
 
 import importlib
+import logging
+
+# records reach the application's handlers only (the logging HOWTO, "Configuring Logging for a Library")
+logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 from .constants import BUILTIN_CANDIDATES, DEFAULT_BINS, DEFAULT_CANDIDATES, PSEUDO_COUNT
 

@@ -11,13 +11,13 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-import torch
+import numpy as np
 
 from .constants import DEFAULT_CANDIDATES  # noqa: F401  (re-exported)
 from .errors import DPRoPEError
 from .freqs import RopeContext
 
-FactorFn = Callable[[RopeContext], "torch.Tensor | Sequence[float]"]
+FactorFn = Callable[[RopeContext], "np.ndarray | Sequence[float]"]
 
 
 @dataclass(frozen=True)
@@ -26,16 +26,17 @@ class Candidate:
     fn: FactorFn
     description: str
 
-    def factors(self, ctx: RopeContext) -> torch.Tensor:
+    def factors(self, ctx: RopeContext) -> np.ndarray:
         """Per-pair factors as float32 [n_pairs], validated."""
-        raw = self.fn(ctx)
-        f = torch.as_tensor(raw, dtype=torch.float32).flatten()
-        if f.numel() != ctx.n_pairs:
+        from .freqs import as_array
+
+        f = as_array(self.fn(ctx))
+        if f.size != ctx.n_pairs:
             raise DPRoPEError(
-                f"candidate '{self.name}' returned {f.numel()} factors, expected one per rotary pair "
+                f"candidate '{self.name}' returned {f.size} factors, expected one per rotary pair "
                 f"({ctx.n_pairs})"
             )
-        if not bool(torch.isfinite(f).all()) or not bool((f > 0).all()):
+        if not bool(np.isfinite(f).all()) or not bool((f > 0).all()):
             raise DPRoPEError(f"candidate '{self.name}' returned factors that are not finite and > 0")
         return f
 
@@ -89,23 +90,23 @@ def _need_theta(ctx: RopeContext, what: str) -> float:
 
 
 @register_candidate("extrapolation", "keep the pre-trained frequency (factor 1)", aliases=("extrap", "none"))
-def extrapolation(ctx: RopeContext) -> torch.Tensor:
-    return torch.ones(ctx.n_pairs, dtype=torch.float32)
+def extrapolation(ctx: RopeContext) -> np.ndarray:
+    return np.ones(ctx.n_pairs, dtype=np.float32)
 
 
 @register_candidate("interpolation", "position interpolation, PI (factor s)", aliases=("pi", "linear"))
-def interpolation(ctx: RopeContext) -> torch.Tensor:
-    return torch.full((ctx.n_pairs,), ctx.scale, dtype=torch.float32)
+def interpolation(ctx: RopeContext) -> np.ndarray:
+    return np.full(ctx.n_pairs, ctx.scale, dtype=np.float32)
 
 
 @register_candidate("ntk", "NTK-aware static scaling (factor s^(2i/(d-2)))", aliases=("ntk-aware",))
-def ntk(ctx: RopeContext) -> torch.Tensor:
+def ntk(ctx: RopeContext) -> np.ndarray:
     d = ctx.head_dim
-    i = torch.arange(ctx.n_pairs, dtype=torch.float64)
-    return (ctx.scale ** (2.0 * i / (d - 2))).float() if d > 2 else torch.ones(1)
+    i = np.arange(ctx.n_pairs, dtype=np.float64)
+    return (ctx.scale ** (2.0 * i / (d - 2))).astype(np.float32) if d > 2 else np.ones(1, dtype=np.float32)
 
 
-def yarn_ramp(ctx: RopeContext, beta_fast: float = 32.0, beta_slow: float = 1.0) -> torch.Tensor:
+def yarn_ramp(ctx: RopeContext, beta_fast: float = 32.0, beta_slow: float = 1.0) -> np.ndarray:
     """YaRN's extrapolation weight gamma per pair, float32 [n_pairs]: 1 keeps the frequency (fast pairs), 0 is PI
     (slow pairs), linear between the official truncated correction range (jquesnelle/yarn, scaled_rope)."""
     b = _need_theta(ctx, "yarn")
@@ -118,32 +119,33 @@ def yarn_ramp(ctx: RopeContext, beta_fast: float = 32.0, beta_slow: float = 1.0)
     high = min(math.ceil(corr(beta_slow)), d - 1)
     if low == high:
         high += 0.001  # the official code's guard against a zero-width ramp
-    ramp = ((torch.arange(ctx.n_pairs, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
-    return 1 - ramp  # 1: extrapolate (high frequency), 0: interpolate
+    ramp = np.clip((np.arange(ctx.n_pairs, dtype=np.float32) - np.float32(low)) / np.float32(high - low), 0, 1)
+    return (np.float32(1) - ramp).astype(np.float32)  # 1: extrapolate (high frequency), 0: interpolate
 
 
-def yarn_factors(ctx: RopeContext, beta_fast: float = 32.0, beta_slow: float = 1.0) -> torch.Tensor:
+def yarn_factors(ctx: RopeContext, beta_fast: float = 32.0, beta_slow: float = 1.0) -> np.ndarray:
     """YaRN's per-pair factors with the official ramp (truncated correction range)."""
     gamma = yarn_ramp(ctx, beta_fast, beta_slow)
-    return 1.0 / (gamma + (1 - gamma) / ctx.scale)
+    one = np.float32(1)
+    return (one / (gamma + (one - gamma) / np.float32(ctx.scale))).astype(np.float32)
 
 
 @register_candidate("yarn", "YaRN ramp between extrapolation and PI (beta_fast 32, beta_slow 1)")
-def yarn(ctx: RopeContext) -> torch.Tensor:
+def yarn(ctx: RopeContext) -> np.ndarray:
     return yarn_factors(ctx)
 
 
-def llama3_factors(ctx: RopeContext, low_freq_factor: float = 1.0, high_freq_factor: float = 4.0) -> torch.Tensor:
+def llama3_factors(ctx: RopeContext, low_freq_factor: float = 1.0, high_freq_factor: float = 4.0) -> np.ndarray:
     """Llama 3.1's wavelength-banded factors."""
     L, s = ctx.original_length, ctx.scale
-    wavelen = 2 * math.pi / ctx.inv_freq.double()
+    wavelen = 2 * math.pi / ctx.inv_freq.astype(np.float64)
     k = (L / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
     smooth = 1.0 / ((1 - k) / s + k)
-    f = torch.where(wavelen > L / low_freq_factor, torch.full_like(wavelen, s), torch.ones_like(wavelen))
+    f = np.where(wavelen > L / low_freq_factor, s, 1.0)
     medium = (wavelen <= L / low_freq_factor) & (wavelen >= L / high_freq_factor)
-    return torch.where(medium, smooth, f).float()
+    return np.where(medium, smooth, f).astype(np.float32)
 
 
 @register_candidate("llama3", "Llama 3.1 banded scaling (low_freq_factor 1, high_freq_factor 4)")
-def llama3(ctx: RopeContext) -> torch.Tensor:
+def llama3(ctx: RopeContext) -> np.ndarray:
     return llama3_factors(ctx)

@@ -8,12 +8,12 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
-import torch
+import numpy as np
 
 from .candidates import get_candidate
 from .constants import DEFAULT_BINS, DEFAULT_CANDIDATES
 from .errors import DPRoPEError
-from .freqs import RopeContext, base_inv_freq, check_inv_freq, check_target_length
+from .freqs import RopeContext, as_array, base_inv_freq, check_inv_freq, check_target_length
 from .histogram import (DEFAULT_CHUNK_ELEMS, angle_distribution, angle_histogram, coverage_distribution,
                         kl_divergence)
 from .select import Selection, choose
@@ -36,13 +36,13 @@ class DPRoPEResult:
     method:      the registered method that produced it (``dprope.methods``)
     """
 
-    factors: torch.Tensor
-    inv_freq: torch.Tensor
-    base_inv_freq: torch.Tensor
+    factors: np.ndarray
+    inv_freq: np.ndarray
+    base_inv_freq: np.ndarray
     chosen: list[str]
     candidates: list[str]
-    candidate_factors: dict[str, torch.Tensor]
-    per_pair: dict[str, torch.Tensor]
+    candidate_factors: dict[str, np.ndarray]
+    per_pair: dict[str, np.ndarray]
     disturbance: dict[str, float]
     params: dict[str, Any] = field(default_factory=dict)
     temperature: float = 1.0
@@ -77,18 +77,18 @@ class DPRoPEResult:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "DPRoPEResult":
         """The inverse of to_dict (a saved factors report back into a result)."""
-        f32 = lambda x: torch.tensor(x, dtype=torch.float32)  # noqa: E731
+        f32 = lambda x: np.array(x, dtype=np.float32)  # noqa: E731
         return cls(
             factors=f32(d["factors"]), inv_freq=f32(d["inv_freq"]), base_inv_freq=f32(d["base_inv_freq"]),
             chosen=list(d["chosen"]), candidates=list(d["params"]["candidates"]),
             candidate_factors={k: f32(v) for k, v in d["candidate_factors"].items()},
-            per_pair={k: torch.tensor(v, dtype=torch.float64) for k, v in d["per_pair"].items()},
+            per_pair={k: np.array(v, dtype=np.float64) for k, v in d["per_pair"].items()},
             disturbance=dict(d["disturbance"]), params=dict(d["params"]),
             temperature=float(d.get("temperature", 1.0)), method=str(d.get("method", "dprope-paper")))
 
 
 def compute_factors(
-    inv_freq: torch.Tensor | Sequence[float] | None = None,
+    inv_freq: np.ndarray | Sequence[float] | None = None,
     *,
     rope_theta: float | None = None,
     head_dim: int | None = None,
@@ -98,7 +98,7 @@ def compute_factors(
     candidates: Sequence[str] = DEFAULT_CANDIDATES,
     selection: str | Selection = "argmin",
     chunk_elems: int = DEFAULT_CHUNK_ELEMS,
-    extra_candidates: Mapping[str, torch.Tensor] | None = None,
+    extra_candidates: Mapping[str, np.ndarray] | None = None,
     density: str = "sampled",
     guard: float | None = None,
 ) -> DPRoPEResult:
@@ -123,9 +123,9 @@ def compute_factors(
         if head_dim is not None and head_dim % 2:
             raise DPRoPEError(f"head_dim must be even, got {head_dim}")
         inv_freq = check_inv_freq(inv_freq)
-        if head_dim is not None and inv_freq.numel() != head_dim // 2:
+        if head_dim is not None and inv_freq.size != head_dim // 2:
             raise DPRoPEError(
-                f"inv_freq has {inv_freq.numel()} values but head_dim {head_dim} has {head_dim // 2} pairs"
+                f"inv_freq has {inv_freq.size} values but head_dim {head_dim} has {head_dim // 2} pairs"
             )
     for name, v in (("original_length", original_length), ("target_length", target_length)):
         if isinstance(v, bool) or int(v) != v or v < 1:
@@ -153,47 +153,47 @@ def compute_factors(
         "DPRoPE %d -> %d (s=%.4g), %d pairs, %d bins, candidates %s, selection %s",
         original_length, target_length, ctx.scale, ctx.n_pairs, bins, ",".join(names), sel,
     )
-    def dist(freq: torch.Tensor, length: int) -> torch.Tensor:
+    def dist(freq: np.ndarray, length: int) -> np.ndarray:
         if density == "coverage":
             return coverage_distribution(freq, length, bins)
         return angle_distribution(angle_histogram(freq, length, bins, chunk_elems), length)
 
     p_orig = dist(inv_freq, original_length)
 
-    cand_factors: dict[str, torch.Tensor] = {}
-    per_pair: dict[str, torch.Tensor] = {}
+    cand_factors: dict[str, np.ndarray] = {}
+    per_pair: dict[str, np.ndarray] = {}
     given = [(c.name, c.factors(ctx)) for c in cands]
     for name, raw in (extra_candidates or {}).items():
-        f = torch.as_tensor(raw, dtype=torch.float32).flatten()
-        if f.numel() != ctx.n_pairs or not bool(torch.isfinite(f).all()) or not bool((f > 0).all()):
-            raise DPRoPEError(f"candidate '{name}' needs {ctx.n_pairs} finite factors > 0, got {f.numel()}")
+        f = as_array(raw)
+        if f.size != ctx.n_pairs or not bool(np.isfinite(f).all()) or not bool((f > 0).all()):
+            raise DPRoPEError(f"candidate '{name}' needs {ctx.n_pairs} finite factors > 0, got {f.size}")
         given.append((name, f))
     for name, f in given:
-        new_freq = inv_freq / f
+        new_freq = (inv_freq / f).astype(np.float32)
         cand_factors[name] = f
         per_pair[name] = kl_divergence(p_orig, dist(new_freq, target_length))
         log.debug("candidate %s: mean disturbance %.6g", name, float(per_pair[name].mean()))
 
-    stacked = torch.stack([per_pair[n] for n in names])  # [n_candidates, n_pairs]
-    factors_all = torch.stack([cand_factors[n] for n in names])
+    stacked = np.stack([per_pair[n] for n in names])  # [n_candidates, n_pairs]
+    factors_all = np.stack([cand_factors[n] for n in names])
     idx = choose(stacked, sel, factors_all)
     guarded: list[int] = []
     if guard is not None:
         ones = [k for k, n in enumerate(names) if bool((cand_factors[n] == 1).all())]
         if not ones:
             raise DPRoPEError("guard keeps pairs at factor 1: include the extrapolation candidate")
-        turns = original_length * inv_freq.double() / (2 * math.pi)
+        turns = original_length * inv_freq.astype(np.float64) / (2 * math.pi)
         mask = turns >= guard
-        guarded = torch.nonzero(mask).flatten().tolist()
-        idx = torch.where(mask, torch.full_like(idx, ones[0]), idx)
-    pair_ix = torch.arange(ctx.n_pairs)
-    factors = factors_all[idx, pair_ix].contiguous()
+        guarded = np.flatnonzero(mask).tolist()
+        idx = np.where(mask, ones[0], idx)
+    pair_ix = np.arange(ctx.n_pairs)
+    factors = np.ascontiguousarray(factors_all[idx, pair_ix])
     selected = stacked[idx, pair_ix]
     disturbance = {"selected": float(selected.mean())}
     disturbance.update({n: float(per_pair[n].mean()) for n in names})
     result = DPRoPEResult(
         factors=factors,
-        inv_freq=inv_freq / factors,
+        inv_freq=(inv_freq / factors).astype(np.float32),
         base_inv_freq=inv_freq,
         chosen=[names[i] for i in idx.tolist()],
         candidates=names,

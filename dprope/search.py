@@ -137,7 +137,7 @@ def critical_pair(ctx: RopeContext) -> int:
     if ctx.rope_theta is not None:
         cd = math.ceil(math.log(L / (2 * math.pi)) / math.log(float(ctx.rope_theta)) * d / 2) - 1
     else:
-        wavelen = 2 * math.pi / ctx.inv_freq.double()
+        wavelen = 2 * math.pi / ctx.inv_freq.astype(np.float64)
         cd = int((wavelen < L).sum()) - 1
     return min(max(cd, 0), ctx.n_pairs - 1)
 
@@ -259,13 +259,13 @@ def breed(parents: Sequence[Key], space: Space, rng: np.random.Generator, cfg: S
 
 
 # ----------------------------------------------------------------------------------------------- initial population
-def longrope_yarn_shape(ctx: RopeContext) -> torch.Tensor:
+def longrope_yarn_shape(ctx: RopeContext) -> np.ndarray:
     """LongRoPE's YaRN-shaped initial factors lambda_i = s (1 - m_i) + m_i, m YaRN's ramp (1: keep the
     frequency), float32 [n_pairs] (microsoft/LongRoPE, ``evolution/``; the ramp: :func:`dprope.candidates.yarn_ramp`)."""
     from .candidates import yarn_ramp
 
-    m = yarn_ramp(ctx).double()
-    return (ctx.scale * (1 - m) + m).float()
+    m = yarn_ramp(ctx).astype(np.float64)
+    return (ctx.scale * (1 - m) + m).astype(np.float32)
 
 
 def to_key(factors: torch.Tensor | Sequence[float], temperature: float, space: Space) -> Key:

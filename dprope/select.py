@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
+import numpy as np
 
 from .errors import DPRoPEError
 
@@ -71,48 +71,49 @@ class Selection:
         return f"{self.mode}:{v}"
 
 
-def choose(per_pair: torch.Tensor, selection: Selection, factors: torch.Tensor | None = None) -> torch.Tensor:
+def choose(per_pair: np.ndarray, selection: Selection, factors: np.ndarray | None = None) -> np.ndarray:
     """Index of the chosen candidate per pair.  per_pair: float64 [n_candidates, n_pairs] -> int64 [n_pairs].
 
     factors: float32 [n_candidates, n_pairs], needed by ``tolerance`` (it prefers the smallest factor)."""
+    per_pair = np.asarray(per_pair, dtype=np.float64)
     n_cand, n_pairs = per_pair.shape
     if selection.mode == "tolerance":
         if factors is None:
             raise DPRoPEError("tolerance selection needs the candidates' factors")
-        eligible = per_pair <= per_pair.min(0).values + float(selection.value)  # [n_cand, n_pairs]
-        key = torch.where(eligible, factors.double(), torch.full_like(per_pair, float("inf")))
+        eligible = per_pair <= per_pair.min(0) + float(selection.value)  # [n_cand, n_pairs]
+        key = np.where(eligible, np.asarray(factors, dtype=np.float64), np.inf)
         # smallest factor; on equal factors the first candidate (argmin returns the first minimum)
-        return torch.argmin(key, dim=0)
+        return np.argmin(key, axis=0).astype(np.int64)
     # best candidate per pair, first one on an exact tie
-    best = torch.zeros(n_pairs, dtype=torch.int64)
-    best_val = per_pair[0].clone()
+    best = np.zeros(n_pairs, dtype=np.int64)
+    best_val = per_pair[0].copy()
     for c in range(1, n_cand):
         better = per_pair[c] < best_val
         best[better] = c
-        best_val = torch.where(better, per_pair[c], best_val)
+        best_val = np.where(better, per_pair[c], best_val)
     if selection.mode == "argmin" or n_cand == 1:
         if selection.mode == "top-n" and selection.value and n_cand == 1:
             raise DPRoPEError("top-n needs at least two candidates")
         return best
 
     # best among the candidates other than the first one (the baseline)
-    alt = torch.ones(n_pairs, dtype=torch.int64)
-    alt_val = per_pair[1].clone()
+    alt = np.ones(n_pairs, dtype=np.int64)
+    alt_val = per_pair[1].copy()
     for c in range(2, n_cand):
         better = per_pair[c] < alt_val
         alt[better] = c
-        alt_val = torch.where(better, per_pair[c], alt_val)
+        alt_val = np.where(better, per_pair[c], alt_val)
     gain = per_pair[0] - alt_val  # > 0: the alternative disturbs less than the baseline
 
-    chosen = torch.zeros(n_pairs, dtype=torch.int64)
+    chosen = np.zeros(n_pairs, dtype=np.int64)
     if selection.mode == "threshold":
         switch = gain > float(selection.value)
     else:
         n = int(selection.value)
         if n > n_pairs:
             raise DPRoPEError(f"top-n:{n} asks for more pairs than the model has ({n_pairs})")
-        order = torch.sort(-gain, stable=True).indices  # largest gain first, lower pair index on ties
-        switch = torch.zeros(n_pairs, dtype=torch.bool)
+        order = np.argsort(-gain, kind="stable")  # largest gain first, lower pair index on ties
+        switch = np.zeros(n_pairs, dtype=bool)
         switch[order[:n]] = True
     chosen[switch] = alt[switch]
     return chosen

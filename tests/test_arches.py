@@ -93,7 +93,7 @@ def test_rotary_module_rotates_past_the_window_as_intended(extended, mt):
     model = load_hf(d)
     theta = float(cfg["rope_theta"])
     head_dim = int(cfg["head_dim"])
-    want_inv = dprope.base_inv_freq(theta, head_dim) / torch.tensor(_written(d))
+    want_inv = torch.from_numpy(dprope.base_inv_freq(theta, head_dim)) / torch.tensor(_written(d))
     want_t = float(cfg["dprope"]["temperature"])
     pos = torch.tensor([[TARGET - 3, TARGET - 2, TARGET - 1]])
     x = torch.zeros(1, 3, head_dim)
@@ -105,11 +105,11 @@ def test_rotary_module_rotates_past_the_window_as_intended(extended, mt):
     assert torch.allclose(cos[0].double(), emb.cos() * want_t, atol=2e-5)
     assert torch.allclose(sin[0].double(), emb.sin() * want_t, atol=2e-5)
     # the extension changes the rotation (not a no-op) ...
-    plain = pos[0, :, None].double() * dprope.base_inv_freq(theta, head_dim).double()[None]
+    plain = pos[0, :, None].double() * torch.from_numpy(dprope.base_inv_freq(theta, head_dim)).double()[None]
     assert not torch.allclose(cos[0].double(), torch.cat([plain, plain], -1).cos(), atol=1e-3)
     if mt == "gemma3_text":  # ... and Gemma 3's sliding layers keep their own base, unscaled
         cs, _ = rot(x, pos, layer_type="sliding_attention")
-        local = pos[0, :, None].double() * dprope.base_inv_freq(1000.0, head_dim).double()[None]
+        local = pos[0, :, None].double() * torch.from_numpy(dprope.base_inv_freq(1000.0, head_dim)).double()[None]
         assert torch.allclose(cs[0].double(), torch.cat([local, local], -1).cos(), atol=2e-5)
 
 
@@ -125,7 +125,7 @@ def test_llama3_base_composes_its_factors(extended, sources):
     assert src.spec.rope_type == "llama3"
     report = json.loads((extended["llama3"] / "dprope_factors.json").read_text())
     ext = torch.tensor(report["factors"])
-    assert np.allclose(_written(extended["llama3"]), (src.spec.prior_factors * ext).numpy(), rtol=1e-6)
+    assert np.allclose(_written(extended["llama3"]), src.spec.prior_factors * ext.numpy(), rtol=1e-6)
     assert float(src.spec.prior_factors.max()) == pytest.approx(2.0)  # llama3's own factor 2 on low frequencies
 
 
@@ -184,7 +184,7 @@ def test_transformers_457_rotates_the_same(extended, mt, tf457):
     p = subprocess.run([sys.executable, "-c", CHILD_457, str(d), str(pos)], capture_output=True, text=True, env=env)
     assert p.returncode == 0, p.stderr[-2000:]
     got = json.loads(p.stdout.strip().splitlines()[-1])
-    inv = dprope.base_inv_freq(float(cfg["rope_theta"]), int(cfg["head_dim"])).double() / torch.tensor(_written(d))
+    inv = torch.from_numpy(dprope.base_inv_freq(float(cfg["rope_theta"]), int(cfg["head_dim"]))).double() / torch.tensor(_written(d))
     ang = torch.cat([pos * inv, pos * inv])
     t = float(cfg["dprope"]["temperature"])
     assert np.allclose(got["cos"], (ang.cos() * t).numpy(), atol=2e-5)

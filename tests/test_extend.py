@@ -62,7 +62,7 @@ def test_output_loads_in_transformers_with_the_factors(tiny_models, tmp_path, mo
 
     model = AutoModelForCausalLM.from_pretrained(str(out)).eval()
     base = AutoModelForCausalLM.from_pretrained(str(src)).eval()
-    base_inv = dprope.base_inv_freq(10000.0, 16)
+    base_inv = torch.from_numpy(dprope.base_inv_freq(10000.0, 16))
     ids = torch.randint(0, model.config.vocab_size, (1, 3 * ORIGINAL))  # past the original window
     with torch.no_grad():
         got = model(ids).logits
@@ -90,7 +90,7 @@ def test_methods_share_the_path(tiny_models, tmp_path):
         long = torch.tensor(cfg["rope_scaling"]["long_factor"])
         ctx = dprope.RopeContext(dprope.base_inv_freq(10000.0, 16), 10000.0, ORIGINAL, TARGET)
         name = {"pi": "interpolation"}.get(method, method)
-        assert torch.allclose(long, dprope.get_candidate(name).factors(ctx))
+        assert torch.allclose(long, torch.from_numpy(dprope.get_candidate(name).factors(ctx)))
         if method == "yarn":
             assert cfg["rope_scaling"]["attention_factor"] == pytest.approx(0.1 * torch.log(torch.tensor(4.0)) + 1)
 
@@ -112,13 +112,13 @@ def test_already_scaled_base_keeps_its_scaling(tiny_copy, tmp_path):
                 max_position_embeddings=64)
     spec = open_source(src).spec
     base_model = AutoModelForCausalLM.from_pretrained(str(src))
-    assert torch.allclose(spec.inv_freq, base_model.model.rotary_emb.inv_freq, rtol=1e-6)
+    assert torch.allclose(torch.from_numpy(spec.inv_freq), base_model.model.rotary_emb.inv_freq, rtol=1e-6)
     out = _extend(src, tmp_path / "o")
     model = AutoModelForCausalLM.from_pretrained(str(out))
     factors = torch.tensor(json.loads((out / "dprope_factors.json").read_text())["factors"])
     with torch.no_grad():
         model(torch.zeros(1, 100, dtype=torch.long))
-    assert torch.allclose(model.model.rotary_emb.inv_freq, spec.inv_freq / factors, rtol=1e-5)
+    assert torch.allclose(model.model.rotary_emb.inv_freq, torch.from_numpy(spec.inv_freq) / factors, rtol=1e-5)
 
 
 def test_cli_extend_and_inspect(tiny_models, tmp_path):

@@ -49,3 +49,42 @@ def test_loading_an_extended_checkpoint_prints_nothing(tiny_models, tmp_path, ca
     load_hf(out)
     err = capfd.readouterr().err
     assert "Loading weights" not in err and "mscale" not in err, err
+
+
+PLAIN_CALLS = """
+import logging, sys
+from pathlib import Path
+from convert.runtimes.llamacpp import llama_cpp_tokenize
+from convert.stages.bake import bake_gguf, make_plan
+from convert.stages.inspect import describe
+src, out = Path(sys.argv[1]), Path(sys.argv[2])
+if sys.argv[3] == "debug":  # an application that configures logging gets llama.cpp's lines as records
+    logging.basicConfig(level=logging.DEBUG, stream=sys.stdout, format="RECORD %(name)s %(levelname)s %(message)s")
+ids = llama_cpp_tokenize(src, "The pass key is 12345.")  # a vocabulary-only load
+bake_gguf(src, out, make_plan(target_length=16384), progress=False)
+describe(out)
+print("TOKENS", len(ids))
+"""
+
+
+def test_plain_library_calls_print_nothing_to_stderr(tmp_path):
+    """A library user who configured no logging sees nothing on stderr from a vocabulary-only llama.cpp load (whose
+    "n_ctx_seq > n_ctx_train (0)" warning would otherwise reach Python's last-resort handler), an in-place extension
+    or its description; an application that configures logging receives llama.cpp's lines as records."""
+    import subprocess
+    import sys
+
+    from test_smollm2 import smollm2_gguf
+
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    for mode in ("plain", "debug"):
+        out = tmp_path / f"{mode}.gguf"
+        p = subprocess.run([sys.executable, "-c", PLAIN_CALLS, str(smollm2_gguf()), str(out), mode],
+                           capture_output=True, text=True, cwd=root, timeout=300)
+        assert p.returncode == 0, p.stderr[-2000:]
+        assert p.stderr == "", p.stderr[-2000:]
+        assert "TOKENS" in p.stdout and out.is_file()
+        if mode == "debug":
+            assert "RECORD llama.cpp" in p.stdout and "n_ctx_train" in p.stdout  # demoted to DEBUG, not lost
+        else:
+            assert "RECORD" not in p.stdout

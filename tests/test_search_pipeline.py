@@ -132,7 +132,7 @@ def test_fitness_specs_parse_and_refuse_unknown_names():
 def _constraints_hold(out: Path, src_dir: Path):
     cfg = json.loads((out / "config.json").read_text())
     spec = open_source(src_dir).spec
-    factors = torch.tensor(cfg["rope_scaling"]["long_factor"]) / spec.prior_factors
+    factors = torch.tensor(cfg["rope_scaling"]["long_factor"]) / torch.from_numpy(spec.prior_factors)
     assert is_valid(factors, TARGET / ORIGINAL, 0.01), factors  # monotone, on the 0.01 grid, in [1, 1 + s]
     rep = json.loads((out / "dprope_factors.json").read_text())
     assert torch.allclose(torch.tensor(rep["factors"]), factors, atol=1e-6)

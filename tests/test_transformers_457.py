@@ -59,5 +59,5 @@ def test_config_loads_in_transformers_457_with_the_same_inv_freq(tf457, tiny_mod
     assert got["attention_scaling"] == pytest.approx(cfg["rope_scaling"]["attention_factor"])
     import dprope
 
-    want = dprope.base_inv_freq(10000.0, 16) / factors
+    want = torch.from_numpy(dprope.base_inv_freq(10000.0, 16)) / factors
     assert torch.allclose(torch.tensor(got["inv_freq"]), want, rtol=1e-6, atol=0)

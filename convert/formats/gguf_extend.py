@@ -70,7 +70,7 @@ def gguf_form(spec: RopeSpec, long: np.ndarray, target: int, temperature: float)
 
 
 def write_extended_gguf(src: Path, dst: Path, spec: RopeSpec, form: dict, provenance: dict, *, force: bool = False,
-                        progress: bool = True) -> dict:
+                        progress: bool = True, info=None) -> dict:
     """Write ``dst``: ``src`` with ``form``'s keys and tensors (:func:`gguf_form`) and the provenance keys
     (``dprope.method``, ``dprope.target_length``, ``dprope.version``, ``dprope.rope_form``); returns the rewrite's
     summary."""
@@ -78,7 +78,7 @@ def write_extended_gguf(src: Path, dst: Path, spec: RopeSpec, form: dict, proven
 
     from convert.arch import gguf_fields
 
-    meta, _ = gguf_fields(src)
+    meta, _ = gguf_fields(src, info)
     garch = meta["general.architecture"]
     vt = gguf.GGUFValueType
     set_kv = {f"{garch}.{k}": (v, getattr(vt, t)) for k, (v, t) in form["keys"].items()}
@@ -97,7 +97,7 @@ def write_extended_gguf(src: Path, dst: Path, spec: RopeSpec, form: dict, proven
 
 
 def extend_gguf_file(src: Path, dst: Path, spec: RopeSpec, plan: Any, result, *, force: bool = False,
-                     progress: bool = True) -> dict:
+                     progress: bool = True, info=None) -> dict:
     """``src`` extended in place into ``dst`` with a method's ``result`` (its factors relative to the base's effective
     frequencies, and its temperature); returns the rewrite's summary with the form written, its factors and
     temperature, and the exact factors the method asked for (total, relative to the plain base)."""
@@ -106,9 +106,10 @@ def extend_gguf_file(src: Path, dst: Path, spec: RopeSpec, plan: Any, result, *,
     from convert.formats.hf import attention_factor, hf_factors
 
     long, _ = hf_factors(spec, result, plan.short_factor)
-    form = gguf_form(spec, long.double().numpy(), plan.target_length, attention_factor(spec, result))
+    form = gguf_form(spec, long.astype("float64"), plan.target_length, attention_factor(spec, result))
     summary = write_extended_gguf(src, dst, spec, form, {"method": plan.method, "target_length": plan.target_length,
-                                                         "version": dprope.__version__}, force=force, progress=progress)
+                                                         "version": dprope.__version__}, force=force, progress=progress,
+                                  info=info)
     info = {"form": form["form"], "temperature": form["temperature"], "factors": [float(x) for x in form["factors"]],
             "arch": spec.arch.name, "original_length": spec.original_length, "target_length": plan.target_length,
             "method": plan.method, "exact_factors": [float(x) for x in long.tolist()]}

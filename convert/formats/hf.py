@@ -21,7 +21,7 @@ from convert.io.safetensors_io import safetensors_layout
 from convert.names import FACTORS_FILE
 
 if TYPE_CHECKING:
-    import torch
+    import numpy as np
 
     from dprope import DPRoPEResult
 
@@ -31,22 +31,24 @@ def attention_factor(spec: RopeSpec, result: DPRoPEResult) -> float:
     return float(result.temperature) * spec.attention_factor
 
 
-def hf_factors(spec: RopeSpec, result: DPRoPEResult, short: str) -> tuple[torch.Tensor, torch.Tensor]:
+def hf_factors(spec: RopeSpec, result: DPRoPEResult, short: str) -> tuple[np.ndarray, np.ndarray]:
     """(long, short) factors relative to the plain base b^(-2i/d), as HF longrope and llama.cpp expect.  A longrope
     base (Phi-3) keeps its own short factors: they serve inside its own original window, where it was trained with
-    them."""
-    import torch
+    them.  float32 NumPy [n_pairs] each."""
+    import numpy as np
 
-    long = (spec.prior_factors * result.factors).float()
+    from dprope.freqs import as_array
+
+    long = (spec.prior_factors * as_array(result.factors)).astype(np.float32)
     if spec.rope_type == "longrope":
-        short_t = torch.tensor(spec.params.get("short_factor") or spec.params["long_factor"], dtype=torch.float32)
+        short_t = np.array(spec.params.get("short_factor") or spec.params["long_factor"], dtype=np.float32)
     else:
-        short_t = long.clone() if short == "same" else spec.prior_factors.float().clone()
+        short_t = long.copy() if short == "same" else spec.prior_factors.astype(np.float32)
     n = spec.head_dim // 2
     for name, t in (("long", long), ("short", short_t)):
-        if t.numel() != n or not bool(torch.isfinite(t).all()) or not bool((t > 0).all()):
+        if t.size != n or not bool(np.isfinite(t).all()) or not bool((t > 0).all()):
             raise ConvertError(f"{name} factors must be {n} finite values > 0 (head_dim {spec.head_dim}), "
-                               f"got {t.numel()}")
+                               f"got {t.size}")
     return long, short_t
 
 
@@ -78,7 +80,7 @@ def _provenance(spec: RopeSpec, plan: Any, attn: float, form: dict) -> dict:
             "target_length": plan.target_length, "temperature": attn, **form}
 
 
-def longrope_config(cfg: dict, spec: RopeSpec, plan: Any, long: torch.Tensor, short: torch.Tensor,
+def longrope_config(cfg: dict, spec: RopeSpec, plan: Any, long: np.ndarray, short: np.ndarray,
                     attn: float) -> dict:
     """config.json in the portable longrope form: 4.x `rope_scaling` + top-level rope_theta, which transformers 4.57
     and 5.x both read (5.x converts it in transformers/modeling_rope_utils.py; 4.57 ignores `rope_parameters`).
@@ -114,19 +116,19 @@ def longrope_config(cfg: dict, spec: RopeSpec, plan: Any, long: torch.Tensor, sh
     return out
 
 
-def fit_yarn_for(spec: RopeSpec, plan: Any, result: DPRoPEResult, long: torch.Tensor):
+def fit_yarn_for(spec: RopeSpec, plan: Any, result: DPRoPEResult, long: np.ndarray):
     """The YaRN parametrisation closest to the total factors ``long`` (relative to the plain base), and the
     angle-distribution disturbance of both (:mod:`dprope`'s criterion, in nats): (fit, {exact_disturbance,
     fit_disturbance})."""
-    import torch
+    import numpy as np
 
-    from dprope.freqs import RopeContext
+    from dprope.freqs import RopeContext, as_array
     from dprope.methods import run_method
     from dprope.yarn_fit import fit_yarn
 
-    fit = fit_yarn(long.double().numpy(), spec.head_dim, spec.rope_theta, spec.original_length,
+    fit = fit_yarn(as_array(long, np.float64), spec.head_dim, spec.rope_theta, spec.original_length,
                    plan.target_length)
-    rel = torch.tensor(fit.factors, dtype=torch.float32) / spec.prior_factors.float()
+    rel = np.array(fit.factors, dtype=np.float32) / spec.prior_factors.astype(np.float32)
     ctx = RopeContext(spec.inv_freq, spec.rope_theta, spec.original_length, plan.target_length)
     fit_d = run_method("factors", ctx, long=[float(x) for x in rel.tolist()]).disturbance["selected"]
     return fit, {"exact_disturbance": float(result.disturbance["selected"]), "fit_disturbance": float(fit_d)}
@@ -164,13 +166,13 @@ def yarn_config(cfg: dict, spec: RopeSpec, plan: Any, fit, attn: float, exact: d
 HF_FORMS = ("auto", "exact")
 
 
-def rope_config(cfg: dict, spec: RopeSpec, plan: Any, result: DPRoPEResult, long: torch.Tensor, short: torch.Tensor,
-                attn: float) -> tuple[dict, torch.Tensor, torch.Tensor]:
+def rope_config(cfg: dict, spec: RopeSpec, plan: Any, result: DPRoPEResult, long: np.ndarray, short: np.ndarray,
+                attn: float) -> tuple[dict, np.ndarray, np.ndarray]:
     """(config.json, long, short factors it runs) of the extension in the form every output of the arch can carry
     (``plan.hf_form``): the exact per-pair factors (longrope), or, for an arch whose GGUF can carry only YaRN (qwen3,
     gemma3; convert/arch.py), the YaRN fit and its factors, unless ``hf_form`` is "exact" (then the provenance
     block records how far a GGUF will differ)."""
-    import torch
+    import numpy as np
 
     if not spec.arch.hf_yarn:
         return longrope_config(cfg, spec, plan, long, short, attn), long, short
@@ -181,8 +183,8 @@ def rope_config(cfg: dict, spec: RopeSpec, plan: Any, result: DPRoPEResult, long
                                       "original_length": fit.original_length, "rms_log_error": fit.rms_log_error,
                                       "temperature": yarn_temperature(fit), **exact}
         return out, long, short
-    fitted = torch.tensor(fit.factors, dtype=torch.float32)
-    return yarn_config(cfg, spec, plan, fit, attn, exact), fitted, fitted.clone()
+    fitted = np.array(fit.factors, dtype=np.float32)
+    return yarn_config(cfg, spec, plan, fit, attn, exact), fitted, fitted.copy()
 
 
 def write_safetensors(path: Path, tensors: dict, metadata: dict[str, str]) -> None:
@@ -195,7 +197,10 @@ def write_safetensors(path: Path, tensors: dict, metadata: dict[str, str]) -> No
     header: dict = {"__metadata__": {k: str(v) for k, v in sorted(metadata.items())}}
     blobs, offset = [], 0
     for name in sorted(tensors):
-        a = np.ascontiguousarray(tensors[name].detach().cpu().float().numpy(), dtype="<f4")
+        t = tensors[name]
+        if hasattr(t, "detach"):  # a torch tensor
+            t = t.detach().cpu().float().numpy()
+        a = np.ascontiguousarray(t, dtype="<f4")
         header[name] = {"dtype": "F32", "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
         blobs.append(a.tobytes())
         offset += a.nbytes
@@ -208,7 +213,7 @@ def write_safetensors(path: Path, tensors: dict, metadata: dict[str, str]) -> No
             f.write(b)
 
 
-def write_factors(out: Path, long: torch.Tensor, short: torch.Tensor, result: DPRoPEResult) -> None:
+def write_factors(out: Path, long: np.ndarray, short: np.ndarray, result: DPRoPEResult) -> None:
     write_safetensors(out / FACTORS_FILE,
                       {"long_factor": long, "short_factor": short, "inv_freq": result.inv_freq,
                        "base_inv_freq": result.base_inv_freq},

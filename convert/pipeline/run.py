@@ -330,6 +330,9 @@ def plan(recipe: Recipe, run: RunDir, start: str | None = None, stop: str | None
         if s == "bake" and recipe.export.in_place:
             out.append(StagePlan(s, "", "skip (export.in_place: the export stage extends the GGUF itself)"))
             continue
+        if s == "validate" and not recipe.validate_.resolved(release).tasks:
+            out.append(StagePlan(s, "", "skip (validate.tasks is empty)"))
+            continue
         inputs = ins.of(s, model)
         if "model" in inputs:
             inputs["model_dir"] = model.name
@@ -681,7 +684,7 @@ def _verify_in_place(recipe: Recipe, run: RunDir, echo) -> dict:
     result = dprope.DPRoPEResult.from_dict(json.loads((run.root / RUN_FACTORS).read_text()))
     long, _ = hf_factors(spec, result, plan.short_factor)
     out = run.export / gguf_file_name(recipe.name, "in-place")
-    report = verify_gguf(out, src.gguf_path, factors=long.double().tolist(), temperature=attention_factor(spec, result),
+    report = verify_gguf(out, src.gguf_path, factors=[float(x) for x in long.tolist()], temperature=attention_factor(spec, result),
                          write=False)
     echo(report.table())
     write_atomic(run.root / VERIFY_FILE, json.dumps({"ok": report.ok, "gguf": out.name, "checks": [

@@ -6,11 +6,16 @@ clearing the context's memory, and routing llama.cpp's own log lines into Python
 32k tokens and a 49k vocabulary; abetlen/llama-cpp-python ``llama_cpp/llama.py``, ``Llama.__init__`` and
 ``Llama.eval``).  Here a model is created with ``logits_all=False`` and batches are decoded through llama.cpp's C
 API (``llama_batch_init``, ``llama_decode``, ``llama_get_logits``, ``llama_memory_clear``, ``llama_memory_seq_rm``:
-ggml-org/llama.cpp ``include/llama.h``, bound one to one in ``llama_cpp/llama_cpp.py``), asking for the rows a
-caller needs, so at most ``n_ubatch`` rows of logits exist at a time, and a prompt whose logits are not needed goes
-in one ``llama_decode`` call.  Everything else (loading, tokenising, detokenising) uses
-``Llama``'s public methods.  ``tests/test_llamacpp.py`` pins this module to the installed llama-cpp-python: its
-logits equal ``Llama.eval``'s with ``logits_all=True``.
+ggml-org/llama.cpp ``include/llama.h``, bound one to one in ``llama_cpp/llama_cpp.py``), asking for the rows a caller
+needs: a position's logits are computed and handed back only where its ``llama_batch.logits`` flag is set
+(``include/llama.h``, ``struct llama_batch``: "if zero, the logits ... for the respective token will not be output";
+each model's graph drops the other rows in its last layer, before the output head: ``src/models/<arch>.cpp``, "skip
+computing output for unused tokens", with ``build_inp_out_ids`` of ``src/llama-graph.cpp``).  A call asks for at most
+``Decoder.max_rows`` rows (``n_ubatch``, which :func:`open_llama` lowers for large vocabularies so a ubatch's logits
+stay within ``LOGIT_BYTES``), so memory holds one slice of logits whatever the context, and a prompt whose logits are
+not needed goes in one ``llama_decode`` call.  Everything else (loading, tokenising, detokenising) uses ``Llama``'s
+public methods.  ``tests/test_llamacpp.py`` pins this module to the installed llama-cpp-python: its logits equal
+``Llama.eval``'s with ``logits_all=True``.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import contextlib
 import ctypes
 import logging
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Iterator, Literal, Sequence
 
@@ -32,6 +37,15 @@ from convert.runtimes.base import Runtime, register_runtime
 
 log = logging.getLogger(__name__)
 NATIVE = logging.getLogger("llama.cpp")  # llama.cpp's own log lines (its stderr output otherwise)
+# A library's records reach the application's handlers, never Python's last-resort stderr handler when the
+# application configured none (the logging HOWTO, "Configuring Logging for a Library")
+NATIVE.addHandler(logging.NullHandler())
+
+# The most bytes of logits (float32 rows of the vocabulary) one ubatch computes and one llama_decode call hands back:
+# 512 rows of a vocabulary of up to 131,072 tokens (SmolLM2, Llama 3: llama.cpp's default n_ubatch), 256 rows of
+# Gemma 3's 262,144.  llama.cpp sizes its compute buffer for n_ubatch rows of logits (src/llama-context.cpp: the
+# worst-case graph is reserved with n_outputs = n_ubatch) and its output buffer for the rows one call asks for.
+LOGIT_BYTES = 256 << 20
 
 # ggml_type ids of the KV cache types offered (ggml-org/llama.cpp ggml/include/ggml.h: GGML_TYPE_F32 = 0, F16 = 1)
 KV_TYPES = {"f32": 0, "f16": 1}
@@ -61,28 +75,58 @@ class LlamaCppOptions:
     own tools resolve ``--flash-attn auto`` on a CPU, and off with an f32 one; its numbers differ from the unfused
     path's by rounding.  ``n_batch``: tokens per ``llama_decode`` call (default: the whole context, so a prompt goes
     in one call); ``n_ubatch``: tokens per graph computation inside a call (llama.cpp's physical batch), and so the
-    most rows of logits held at once.  ``n_threads``: default every core."""
+    most rows of logits held at once.  ``logit_bytes``: the most bytes those rows may take (``n_ubatch x n_vocab x
+    4``): a model whose vocabulary would pass it runs with ``n_ubatch`` lowered to fit (:meth:`for_vocab`; None:
+    ``n_ubatch`` as given).  ``n_threads``: default every core."""
 
     kv_cache: Literal["f16", "f32"] = "f16"
     flash_attn: bool | None = None  # None: on with an f16 cache, off with f32; resolved at construction
     n_batch: int | None = None
     n_ubatch: int = 512
     n_threads: int | None = None
+    logit_bytes: int | None = LOGIT_BYTES
 
     def __post_init__(self):
         if self.kv_cache not in KV_TYPES:
             raise ConvertError(f"KV cache type '{self.kv_cache}' is not offered; choose {', '.join(KV_TYPES)}")
         if (self.n_batch is not None and self.n_batch < 1) or self.n_ubatch < 1:
             raise ConvertError(f"n_batch ({self.n_batch}) and n_ubatch ({self.n_ubatch}) must be positive")
+        if self.logit_bytes is not None and self.logit_bytes < 1:
+            raise ConvertError(f"logit_bytes ({self.logit_bytes}) must be positive (or None: no bound)")
         resolved = self.kv_cache == "f16" if self.flash_attn is None else bool(self.flash_attn)
         object.__setattr__(self, "flash_attn", resolved)  # frozen: set once, here
 
+    def for_vocab(self, n_vocab: int) -> "LlamaCppOptions":
+        """These options as a model of ``n_vocab`` tokens runs with them: ``n_ubatch`` lowered where its rows of
+        logits would pass ``logit_bytes`` (:func:`logit_rows`).  Idempotent."""
+        return replace(self, n_ubatch=logit_rows(n_vocab, self.n_ubatch, self.logit_bytes))
+
     def key(self) -> dict:
         """What changes the numbers (thread count does not: ggml splits rows, not sums, across threads; the batch
-        sizes can, through the fused attention's tiling: see ``Decoder.decode``)."""
+        sizes can, through the fused attention's tiling: see ``Decoder.decode``).  ``logit_bytes`` acts only through
+        ``n_ubatch``: key the options :meth:`for_vocab` gives for the model, whose ``n_ubatch`` is what runs."""
         d = asdict(self)
         d.pop("n_threads")
+        d.pop("logit_bytes")
         return d
+
+
+def logit_rows(n_vocab: int, n_ubatch: int, budget: int | None = LOGIT_BYTES) -> int:
+    """``n_ubatch`` where ``n_ubatch`` rows of ``n_vocab`` float32 logits fit ``budget`` bytes; otherwise the largest
+    power of two whose rows fit (at least 1): 256 for a 262,144-token vocabulary at 256 MiB.  ``budget`` None: no
+    bound."""
+    n_ubatch, n_vocab = int(n_ubatch), int(n_vocab)
+    if budget is None or n_vocab < 1 or n_ubatch * n_vocab * 4 <= budget:
+        return n_ubatch
+    fit = max(1, int(budget) // (4 * n_vocab))
+    return 1 << (fit.bit_length() - 1)
+
+
+def gguf_vocab_size(path: Path) -> int:
+    """The number of tokens in a GGUF's vocabulary (``tokenizer.ggml.tokens``), from its header; 0 if it has none."""
+    from convert.io.gguf_meta import read_gguf
+
+    return int(read_gguf(Path(path)).meta.get("tokenizer.ggml.tokens#len", 0))
 
 
 def gguf_context_length(path: Path) -> int:
@@ -105,14 +149,18 @@ class _NativeLog:
         self.level = logging.INFO
         self.depth = 0
         self.callback = None
+        self.demote: tuple[str, ...] = ()  # substrings of warnings that are expected in the current load
 
     def __call__(self, level: int, text: bytes, _user) -> None:
         if level != 5:
             self.level = _LEVELS.get(level, logging.INFO)
         line = text.decode("utf-8", errors="replace").rstrip()
         if line:
-            NATIVE.log(self.level, "%s", line)
-            if self.level >= logging.WARNING:
+            lvl = self.level
+            if lvl >= logging.WARNING and any(d in line for d in self.demote):
+                lvl = logging.DEBUG  # expected for this load, not a problem to report
+            NATIVE.log(lvl, "%s", line)
+            if lvl >= logging.WARNING:
                 self.recent.append(line)
 
 
@@ -162,7 +210,7 @@ def open_llama(path: Path, n_ctx: int, options: LlamaCppOptions = LlamaCppOption
     checked first, so a truncated or foreign file is refused naming the problem, not llama.cpp's 'failed to load'.
     ``rope_overrides``: llama.cpp's own context parameters for RoPE (``rope_scaling_type``, ``rope_freq_scale``,
     ``yarn_orig_ctx``, ...: llama_cpp/llama.py ``Llama.__init__``), for controls that let llama.cpp compute a
-    scaling itself."""
+    scaling itself.  ``n_ubatch`` is the one :meth:`LlamaCppOptions.for_vocab` gives for the file's vocabulary."""
     from convert.io.gguf_meta import read_gguf
 
     path = Path(path)
@@ -172,8 +220,9 @@ def open_llama(path: Path, n_ctx: int, options: LlamaCppOptions = LlamaCppOption
     llama_cpp = import_llama_cpp()
     threads = options.n_threads or max(1, os.cpu_count() or 1)
     n_ctx = int(n_ctx)
-    n_batch = min(n_ctx, options.n_batch or n_ctx, _batch_cap(n_ctx, meta.get("tokenizer.ggml.tokens#len", 0)))
-    n_ubatch = min(n_batch, options.n_ubatch)
+    n_vocab = int(meta.get("tokenizer.ggml.tokens#len", 0))
+    n_batch = min(n_ctx, options.n_batch or n_ctx, _batch_cap(n_ctx, n_vocab))
+    n_ubatch = min(n_batch, options.for_vocab(n_vocab).n_ubatch)
     if n_batch < n_ctx:  # a whole number of ubatches per call (Decoder.decode cuts calls at ubatch edges)
         n_batch = n_batch // n_ubatch * n_ubatch
     kw = dict(n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_ubatch, logits_all=False,
@@ -182,29 +231,37 @@ def open_llama(path: Path, n_ctx: int, options: LlamaCppOptions = LlamaCppOption
               **rope_overrides)
     with native_logs() as nl:
         nl.recent.clear()
+        # a vocabulary-only load has no trained context (n_ctx_train 0), so llama.cpp's context check always warns
+        # (src/llama-context.cpp: "n_ctx_seq (...) > n_ctx_train (...)"): nothing the caller can act on
+        saved, nl.demote = nl.demote, (("n_ctx_seq", "n_ctx_train") if vocab_only else ())
         try:
             return llama_cpp.Llama(str(path), **kw)
         except ValueError as e:
             said = "; ".join(nl.recent) or str(e)
             raise ConvertError(f"llama.cpp could not load {path}: {said}. Re-export the file (dprope export-gguf) "
                                "or update llama-cpp-python") from None
+        finally:
+            nl.demote = saved
 
 
 class Decoder:
     """Decodes one sequence (seq 0) into a ``Llama`` context, returning the logits of the rows asked for.
 
     It remembers the tokens the context's memory holds (``held``), so a next sequence that shares a prefix with
-    them keeps it and is decoded from the first differing position (:meth:`reuse`).  ``n_decoded`` counts the tokens
-    sent to ``llama_decode``, ``n_calls`` the calls."""
+    them keeps it and is decoded from the first differing position (:meth:`reuse`).  ``max_rows``: the most rows of
+    logits one ``llama_decode`` call asks for (default and at most ``n_ubatch``).  ``n_decoded`` counts the tokens
+    sent to ``llama_decode``, ``n_calls`` the calls, ``n_outputs`` the rows of logits asked for and
+    ``peak_outputs`` the most rows one call asked for."""
 
-    def __init__(self, llm):
+    def __init__(self, llm, max_rows: int | None = None):
         self.llama_cpp = import_llama_cpp()
         self.llm = llm
         self.n_batch = int(llm.n_batch)  # tokens per llama_decode call (the context's n_batch)
-        self.n_ubatch = int(llm.context_params.n_ubatch)  # rows of logits per call, at most
+        self.n_ubatch = int(llm.context_params.n_ubatch)  # tokens per graph computation
+        self.max_rows = self.n_ubatch if max_rows is None else max(1, min(int(max_rows), self.n_ubatch))
         self.n_ctx = int(llm.n_ctx())
         self.n_vocab = int(llm.n_vocab())
-        self.n_decoded = self.n_calls = 0
+        self.n_decoded = self.n_calls = self.n_outputs = self.peak_outputs = 0
         self._held: list[int] | None = None  # tokens at positions 0.. of the memory; None: not known
         b = self._batch = self.llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         for i in range(self.n_batch):  # one sequence: every token in seq 0, set once
@@ -265,18 +322,39 @@ class Decoder:
             del held[k:]
         return k
 
+    def keep(self, n: int) -> bool:
+        """Keep exactly the first ``n`` cached positions and forget the rest (``llama_memory_seq_rm``), with no cut
+        to ``n_ubatch`` (unlike :meth:`reuse`): what follows is decoded in other ubatches than a decode from position
+        0 would use, which changes the fused attention's sums by rounding (not the unfused path's).  False, with
+        nothing kept, where the memory does not hold that many known positions or cannot drop part of a sequence."""
+        held = self._held
+        if held is None or len(held) < n:
+            self.clear()
+            return False
+        if len(held) > n:
+            lc = self.llama_cpp
+            if not lc.llama_memory_seq_rm(lc.llama_get_memory(self.llm.ctx), 0, int(n), -1):
+                self.clear()
+                return False
+            del held[n:]
+        return True
+
     def decode(self, tokens: Sequence[int], start: int = 0, outputs: Sequence[bool] | None = None
                ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Decode ``tokens`` at positions start.. after what is cached, in as few ``llama_decode`` calls as
-        ``n_batch`` allows with at most ``n_ubatch`` rows of logits each.  Yields, per call that has any, (indices
-        into ``tokens``, logits [k, n_vocab] float32) for the tokens whose ``outputs`` flag is set (default: all).
-        The logits array is llama.cpp's own buffer: valid until the next decode.
+        ``n_batch`` allows with at most ``max_rows`` rows of logits each.  Yields, per call that has any, (indices
+        into ``tokens``, logits [k, n_vocab] float32) for the tokens whose ``outputs`` flag is set (default: all);
+        only those rows are flagged in the batch, so llama.cpp computes the output head for them alone and tokens
+        with no flag (a prompt, the context prefix of a window) cost no logits.  The logits array is llama.cpp's own
+        buffer (``llama_get_logits``: the call's rows, in batch order): valid until the next decode, so a caller
+        reduces each slice before asking for the next.
 
         Calls start only at positions that are multiples of ``n_ubatch``, so llama.cpp's ubatches (``n_ubatch``
         tokens from each call's start: ggml-org/llama.cpp ``src/llama-batch.cpp``, ``split_simple``) are the same
         whichever rows are asked for and wherever a kept prefix ends.  That matters for the numbers: the CPU's fused
         attention tiles a ubatch's rows (``ggml/src/ggml-cpu/ops.cpp``, ``ggml_compute_forward_flash_attn_ext_f16``),
-        and its sums depend on the tiling; the unfused path's do not."""
+        and its sums depend on the tiling; the unfused path's do not.  Only a ``max_rows`` below ``n_ubatch`` (never
+        the default) cuts a call inside a ubatch, after its ``max_rows``-th flagged row."""
         lc, b = self.llama_cpp, self._batch
         if b is None:
             raise ConvertError("this decoder was closed")
@@ -288,16 +366,18 @@ class Decoder:
         flags = np.ones(n, dtype=bool) if outputs is None else np.asarray(outputs, dtype=bool)
         if self._held is not None and start != len(self._held):
             self._held = None  # a gap or an overlap: what the memory holds is no longer a known prefix
-        ub = self.n_ubatch
+        ub, cap = self.n_ubatch, self.max_rows
         s = 0
         while s < n:
-            # whole ubatches (cut at multiples of n_ubatch), up to n_batch tokens and n_ubatch rows of logits
+            # whole ubatches (cut at multiples of n_ubatch), up to n_batch tokens and max_rows rows of logits
             e = min(n, (start + s) // ub * ub + ub - start)
             rows = int(flags[s:e].sum())
-            while e < n:
+            if rows > cap:  # max_rows < n_ubatch: this ubatch's rows take more than one call
+                e, rows = s + int(np.flatnonzero(flags[s:e])[cap - 1]) + 1, cap
+            while e < n and (start + e) % ub == 0:
                 nxt = min(n, e + ub)
                 more = int(flags[e:nxt].sum())
-                if nxt - s > self.n_batch or rows + more > ub:
+                if nxt - s > self.n_batch or rows + more > cap:
                     break
                 e, rows = nxt, rows + more
             m = e - s
@@ -308,6 +388,8 @@ class Decoder:
             rc = lc.llama_decode(self.llm.ctx, b)
             self.n_decoded += m
             self.n_calls += 1
+            self.n_outputs += rows
+            self.peak_outputs = max(self.peak_outputs, rows)
             if rc != 0:
                 self._held = None
                 raise ConvertError(f"llama_decode returned {rc} at positions {start + s}..{start + e} "
@@ -325,8 +407,9 @@ class Decoder:
 def log_softmax_at(logits: np.ndarray, targets: np.ndarray, scratch: bool = False
                    ) -> tuple[np.ndarray, np.ndarray]:
     """log p(targets[j]) under softmax(logits[j]) (float32 [k]) and whether each target is the argmax
-    (bool [k]); ``logits`` [k, vocab].  ``scratch``: ``logits`` may be overwritten (llama.cpp's output buffer, read
-    once), which saves a [k, vocab] temporary."""
+    (bool [k]); ``logits`` [k, vocab].  The log-sum-exp is taken in float64 (the exponentials of ``logits - max``
+    summed in float64).  ``scratch``: ``logits`` may be overwritten (llama.cpp's output buffer, read once), which
+    saves a [k, vocab] temporary, so a slice needs no memory beyond its own rows."""
     m = logits.max(axis=1)
     picked = logits[np.arange(len(targets)), targets]
     tmp = logits if scratch else np.empty_like(logits)
@@ -376,12 +459,57 @@ class LlamaCppRuntime(Runtime):
     source = "ggml-org/llama.cpp: src/llama-model.cpp (llama_model::load_hparams), src/models/<arch>.cpp"
 
     def __init__(self, path: Path, n_ctx: int | None = None, options: LlamaCppOptions | None = None,
-                 **rope_overrides):
+                 llm=None, decoder: Decoder | None = None, **rope_overrides):
         super().__init__(path)
-        self.llm = open_llama(path, int(n_ctx or gguf_context_length(path)),
-                              options or LlamaCppOptions("f32", flash_attn=False), **rope_overrides)
-        self.decoder = Decoder(self.llm)
+        self._owns = llm is None
+        self.llm = llm if llm is not None else open_llama(path, int(n_ctx or gguf_context_length(path)),
+                                                          options or LlamaCppOptions("f32", flash_attn=False),
+                                                          **rope_overrides)
+        self.decoder = decoder if decoder is not None else Decoder(self.llm)
         self.n_ctx = int(self.llm.n_ctx())
+
+    @classmethod
+    def wrap(cls, llm, decoder: Decoder | None = None, path: Path | None = None) -> "LlamaCppRuntime":
+        """A model already open (a ``Llama`` and its :class:`Decoder`, e.g. validation's ``GGUFModel``); closing the
+        runtime leaves them open."""
+        return cls(Path(path or getattr(llm, "model_path", ".")), llm=llm, decoder=decoder)
+
+    def generate_after(self, prefix: Sequence[int], suffixes: Sequence[Sequence[int]], max_new_tokens: int,
+                       stop=None) -> list[list[int]]:
+        """The prefix is decoded once into the context's memory (no logits asked for); before each suffix the memory
+        is cut back to exactly the prefix (:meth:`Decoder.keep`, ``llama_memory_seq_rm``) and only the suffix and
+        the answer are decoded, as llama-cpp-python's ``Llama.eval`` continues from ``Llama.n_tokens``.  With the
+        f32 cache (unfused attention) the answers are those of each whole prompt from an empty cache; with the f16
+        cache and flash attention they can differ from them by rounding (the ubatches are cut elsewhere)."""
+        d = self.decoder
+        before = d.n_decoded
+        prefix = [int(t) for t in prefix]
+        d.clear()
+        for _ in d.decode(prefix, 0, np.zeros(len(prefix), dtype=bool)):
+            pass
+        outs: list[list[int]] = []
+        for s in suffixes:
+            ids = [int(t) for t in s]
+            start = len(prefix) if d.keep(len(prefix)) else 0
+            if start == 0:  # the memory could not keep the prefix: the whole prompt again
+                ids = prefix + ids
+            flags = np.zeros(len(ids), dtype=bool)
+            flags[-1] = True
+            last = [r for _, r in d.decode(ids, start, flags)][-1][-1]
+            pos = start + len(ids)
+            out: list[int] = []
+            while len(out) < int(max_new_tokens):
+                tok = int(np.argmax(last))
+                if d.is_eog(tok):
+                    break
+                out.append(tok)
+                if len(out) >= int(max_new_tokens) or (stop is not None and stop(out)):
+                    break
+                last = next(r for _, r in d.decode([tok], pos))[-1]
+                pos += 1
+            outs.append(out)
+        self.tokens_processed += d.n_decoded - before
+        return outs
 
     def logits(self, token_ids: Sequence[int], start_pos: int = 0) -> np.ndarray:
         self.decoder.clear()
@@ -412,6 +540,9 @@ class LlamaCppRuntime(Runtime):
         return out
 
     def close(self) -> None:
+        if not getattr(self, "_owns", True):  # wrapped: the owner closes them
+            self.decoder = self.llm = None
+            return
         if getattr(self, "decoder", None) is not None:
             self.decoder.close()
             self.decoder = None

@@ -19,8 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
-import yaml
-
 import dprope
 from dprope.methods import DEFAULT_METHOD
 
@@ -102,7 +100,7 @@ def make_plan(method: str = DEFAULT_METHOD, target_length: int = 0, candidates: 
     from convert.evaluate.fitness import check_options, is_search
 
     if is_search(m.name):
-        check_options(m.name, opts)
+        check_options(m.name, opts, int(target_length) or None, original_length)
     if m.name == "dpe":  # the needle scorer's settings, checked before anything is loaded
         from convert.evaluate.needle import NeedleConfig
 
@@ -346,6 +344,8 @@ def bake(src: Source, out: Path, plan: BakePlan, *, force: bool = False, plot: b
 
 
 def _recipe_text(src: Source, plan: BakePlan) -> str:
+    import yaml
+
     recipe = {"source": src.given, "source_kind": src.kind, **plan.as_dict()}
     flags = f"--target-length {plan.target_length} --method {plan.method}"
     for k, v in plan.options.items():
@@ -356,18 +356,21 @@ def _recipe_text(src: Source, plan: BakePlan) -> str:
 
 
 def bake_gguf(src: Path, out: Path, plan: BakePlan, *, force: bool = False, progress: bool = True,
-              result: DPRoPEResult | None = None) -> dict:
+              result: DPRoPEResult | None = None, info=None) -> dict:
     """Extend the GGUF ``src`` in place into ``out`` (a .gguf): its tensors copied as they are, the factors and rope
     keys its architecture's llama.cpp graph reads (convert/formats/gguf_extend.py).  Returns the rewrite's summary
-    with the form written, the factors and the temperature."""
+    with the form written, the factors and the temperature.  ``info``: the source's header, already read."""
     from convert.arch import rope_spec_from_gguf
     from convert.formats.gguf_extend import extend_gguf_file
+    from convert.io.gguf_meta import read_gguf
 
     src, out = Path(src), Path(out)
     if out.suffix != ".gguf":
         raise ConvertError(f"{out}: a GGUF source extended in place needs an output file name ending in .gguf "
                            "(or an output directory, to dequantise into a Hugging Face checkpoint instead)")
-    spec = plan.spec_for(rope_spec_from_gguf(src))
+    if info is None and src.is_file():
+        info = read_gguf(src)
+    spec = plan.spec_for(rope_spec_from_gguf(src, info))
     check_target_length(plan.target_length, spec.original_length, ConvertError)
     from convert.evaluate.fitness import is_search
 
@@ -376,4 +379,4 @@ def bake_gguf(src: Path, out: Path, plan: BakePlan, *, force: bool = False, prog
                            "directory (the GGUF is dequantised once), or give found factors with --method factors "
                            "--opt long=FILE")
     result = result or compute(spec, plan, None, progress)
-    return extend_gguf_file(src, out, spec, plan, result, force=force, progress=progress)
+    return extend_gguf_file(src, out, spec, plan, result, force=force, progress=progress, info=info)

@@ -24,10 +24,15 @@ def describe(path: Path) -> str:
     path = Path(path)
     if not path.exists():
         raise ConvertError(f"{path} does not exist")
-    spec = rope_spec(path)
+    info = None
+    if path.is_file() and path.suffix == ".gguf":
+        from convert.io.gguf_meta import read_gguf
+
+        info = read_gguf(path)  # the header once, for the spec and the listing
+    spec = rope_spec(path, info)
     lines = [f"{path}"]
     if path.suffix == ".gguf":
-        meta, reader = gguf_fields(path)
+        meta, reader = gguf_fields(path, info)
         arch = meta.get("general.architecture")
         lines.append(f"  format: GGUF v{meta.get('GGUF.version')}, architecture {arch}, name {meta.get('general.name')}")
         for key in ("context_length", "rope.freq_base", "rope.dimension_count", "rope.scaling.type",

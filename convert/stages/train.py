@@ -347,7 +347,7 @@ def train(ckpt: Path, out: Path, args: TrainArgs, *, force_cpu: bool = False, fo
     from convert.compat import rotary_table
 
     inv, _ = rotary_table(rot)  # the scaled table (Gemma 3: the full-attention layers')
-    plain = dprope.base_inv_freq(json.loads(baked_cfg)["rope_theta"], inv.numel() * 2)
+    plain = torch.from_numpy(dprope.base_inv_freq(json.loads(baked_cfg)["rope_theta"], inv.numel() * 2))
     if not torch.allclose(inv.float().cpu(), plain / long, rtol=1e-6):
         raise ConvertError("the rotary frequencies changed during training; refusing to write the output")
     summary = {"steps": int(trainer.state.global_step), "resumed_from": str(last) if last else None,

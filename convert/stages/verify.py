@@ -149,6 +149,14 @@ def _gguf_type(p: Path) -> str:
     return "base-quant"
 
 
+def _torch_inv_freq(theta: float, head_dim: int):
+    """Plain RoPE frequencies as transformers computes them, with torch's own float32 pow (NumPy's may differ by an
+    ulp; verify compares against what the runtime really holds)."""
+    import torch
+
+    return (1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))).numpy()
+
+
 def _expected(ckpt: Path) -> dict:
     """The truth to compare against: the baked factors file, the config's lengths."""
     from safetensors.numpy import load_file
@@ -163,9 +171,7 @@ def _expected(ckpt: Path) -> dict:
     f = load_file(str(fpath))
     head_dim = head_dim_of(cfg)
     theta = float(p["rope_theta"])
-    import dprope
-
-    plain = dprope.base_inv_freq(theta, head_dim).numpy()  # torch's float32 pow, as transformers computes it
+    plain = _torch_inv_freq(theta, head_dim)
     own = cfg.get("dprope") or {}
     if own.get("rope_form") == "yarn-fit":  # YaRN's original_max_position_embeddings is a fitted parameter
         orig = int(own["original_length"])
@@ -239,12 +245,11 @@ def check_hf(ckpt: Path, exp: dict, report: Report):
 
 def _check_sliding(ckpt: Path, exp: dict, rot, report: Report) -> None:
     """Gemma 3's sliding-window layers keep their own base and no scaling (only the global layers are extended)."""
-    import dprope
     from convert.compat import rotary_table
 
     inv, scaling = rotary_table(rot, "sliding_attention")
     local = float(exp["cfg"].get("rope_local_base_freq") or 10000.0)
-    want = dprope.base_inv_freq(local, exp["head_dim"]).numpy()
+    want = _torch_inv_freq(local, exp["head_dim"])
     ok = bool(np.allclose(inv.float().numpy(), want, rtol=1e-6, atol=0)) and math.isclose(scaling, 1.0)
     report.add("hf-sliding-layers", ckpt.name, ok, f"sliding layers: base {local:g}, scale {scaling:.6g}" if ok else
                f"sliding layers changed: inv_freq max rel {np.max(np.abs(inv.float().numpy() / want - 1)):.3g}, "
@@ -568,7 +573,7 @@ def verify_gguf(out: Path, source: Path, factors: list[float] | None = None, tem
         with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
             ctl = Path(tmp) / "uniform.gguf"
             uni = {"form": "rope_freqs", "keys": {"context_length": (target, "UINT32")},
-                   "tensors": {"rope_freqs.weight": (spec.prior_factors.numpy() * s).astype(np.float32)}}
+                   "tensors": {"rope_freqs.weight": (spec.prior_factors * s).astype(np.float32)}}
             write_extended_gguf(source, ctl, spec, uni, {"method": "pi", "target_length": target, "version": ""},
                                 progress=False)
             mine = _probe(ctl, ids, start, n_ctx)
