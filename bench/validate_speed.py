@@ -1,13 +1,19 @@
 """Validation's speed: one perplexity window and one passkey prompt through transformers, our llama.cpp path and
-llama.cpp's own tools, on SmolLM2-135M extended to 32k, in one run.
+llama.cpp's own tools, on SmolLM2-135M extended to 32k (or any GGUF: ours and llama.cpp's), in one run.
 
     python bench/validate_speed.py                                  # 16384 and 32768 (about an hour on 2 cores)
     python bench/validate_speed.py --lengths 4096 --tasks ppl       # a quick agreement check (minutes)
+    python bench/validate_speed.py --model gemma3 --lengths 49152 --tasks ppl   # Gemma 3 270M (262k vocabulary)
 
 Model (made once by ``validate_memory.prepare``, cached under bench/.data/validate-memory/): SmolLM2-135M extended
-to ``--target`` with the default method, as a HF directory and a q8_0 GGUF.  Text: validate's perplexity corpus
-(Python's docs, ~113k tokens).  Each (task, length, path) runs in a fresh process (``_measure.measure``: wall time
-and peak RSS; CPU time is user + system of all its threads, the better measure of cost on a shared machine).
+to ``--target`` with the default method, as a HF directory and a q8_0 GGUF.  ``--gguf PATH`` measures that file
+instead (ours and the peers only: there is no HF checkpoint), ``--model gemma3`` the Gemma 3 270M Q4_K_M GGUF that
+``make setup-gemma3`` assembles (.venv/models/gemma-3-270m-Q4_K_M.gguf); their results go to
+validate-speed-<file stem>-<length>.md.  Text: validate's perplexity corpus (Python's docs, ~113k SmolLM2 tokens),
+written to one file that every path reads, repeated where the model's tokenizer makes fewer than the 2 x length
+tokens llama-perplexity needs (the scored window, inside the first copy, is unchanged).  Each (task, length, path)
+runs in a fresh process (``_measure.measure``: wall time and peak RSS; CPU time is user + system of all its
+threads, the better measure of cost on a shared machine).
 
 - ``ppl``: one window of ``length`` tokens, the corpus as llama.cpp tokenises it with BOS first, the same tokens for
   every path.  ``llama-perplexity`` (ggml-org/llama.cpp ``tools/perplexity/perplexity.cpp``, ``perplexity``)
@@ -22,10 +28,16 @@ and peak RSS; CPU time is user + system of all its threads, the better measure o
   python's own ``Llama.create_completion`` (greedy), what a user of the binding runs.
 
 Settings are the same for llama.cpp in all paths: threads (``--threads``; transformers gets the same number),
-``n_ubatch``, KV cache type, flash attention, context = length.  ``n_batch`` differs on purpose: ours sends a prompt
+``n_ubatch`` (default: what validate runs the file with, 512 lowered for a large vocabulary so a ubatch's logits
+stay within 256 MiB: 256 for Gemma 3, ``convert.runtimes.llamacpp.logit_rows``), KV cache type, flash attention,
+context = length.  ``n_batch`` differs on purpose: ours sends a prompt
 in one ``llama_decode`` call (n_batch = the context); llama-perplexity keeps its default 2048 (a larger one makes it
 keep the logits of every scored row of a chunk at once), and so does the ``Llama`` peer; n_batch changes the number
 of calls, not the ubatches computed.
+
+``llama-perplexity`` keeps the logits of every scored row of its chunk (``logits.insert`` of each batch's
+outputs): (length/2) x n_vocab x 4 bytes, 3.2 GB for SmolLM2 at 32k but 25.8 GB for Gemma 3 at 48k; where that and
+its batch's output buffer do not fit the memory available, the peer is not run and the report says why.
 
 ``llama-perplexity`` is built once from the llama.cpp that the installed llama-cpp-python vendors (its sdist's
 ``vendor/llama.cpp``, fetched with ``pip download``), cached under bench/.data/llama-perplexity/<version>/.
@@ -55,6 +67,9 @@ from gguf_vs_llamacpp import llama_cpp_sdist_files  # noqa: E402
 from validate_memory import prepare  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parents[1]
+# GGUFs measured by name (--model): the Gemma 3 270M Q4_K_M file `make setup-gemma3` assembles
+MODELS = {"gemma3": ROOT / ".venv" / "models" / "gemma-3-270m-Q4_K_M.gguf"}
 PPL_TOL = 1e-4  # ours vs llama-perplexity: same file, tokens, settings and ubatches; relative perplexity
 PASSKEY_DEPTH = 0.5
 TARGET_VS_HF, TARGET_VS_PEER = 1.0, 1.2  # ours / transformers, ours / the peer (score seconds)
@@ -132,6 +147,24 @@ def peer_command(exe: Path, model: Path, text_file: Path, length: int, s: dict) 
             "--ppl-output-type", "1"]
 
 
+def peer_memory_bytes(length: int, n_vocab: int, peer_batch: int) -> int:
+    """What llama-perplexity holds in logits for one ``length`` chunk: every scored row (positions length/2 ..
+    length - 1: its ``logits`` vector, ggml-org/llama.cpp ``tools/perplexity/perplexity.cpp``) plus llama.cpp's
+    output buffer for one batch's rows, float32."""
+    return (length - length // 2 + min(peer_batch, length)) * int(n_vocab) * 4
+
+
+def available_memory() -> int | None:
+    """MemAvailable from /proc/meminfo, bytes (None where there is none)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def parse_peer(output: str) -> dict:
     """Mean log-likelihood and perplexity from llama-perplexity's ``--ppl-output-type 1`` line
     (``<start>  <ppl>  <mean nll>  <its error>``), and its own seconds per pass."""
@@ -154,25 +187,48 @@ def scored_tokens(ids: list[int], length: int) -> tuple[list[int], list[int]]:
     return window[:-1], window[length // 2 + 1 :]
 
 
-def corpus_ids(llm) -> list[int]:
-    """The corpus as llama-perplexity tokenises it (common_tokenize(..., add_special=true, parse_special=false))."""
-    from convert.evaluate.tasks.ppl import corpus_text
+def corpus_ids(llm, text_file: Path) -> list[int]:
+    """The text file as llama-perplexity tokenises it (common_tokenize(..., add_special=true, parse_special=false))."""
+    return llm.tokenize(Path(text_file).read_text(encoding="utf-8").encode("utf-8"), add_bos=True, special=False)
 
-    return llm.tokenize(corpus_text(None).encode("utf-8"), add_bos=True, special=False)
+
+def corpus_file(gguf: Path, lengths: list[int], dest: Path) -> Path:
+    """validate's corpus (Python's docs) written to ``dest``, repeated until the GGUF's tokenizer makes at least the
+    2 x length tokens llama-perplexity asks for; a window (the first ``length`` tokens) lies in the first copy."""
+    from convert.evaluate.tasks.ppl import corpus_text
+    from convert.runtimes.llamacpp import open_llama
+
+    text = one = corpus_text(None)
+    longest = max(lengths, default=0)
+    vocab = open_llama(gguf, 64, vocab_only=True)
+    try:
+        count = lambda t: len(vocab.tokenize(t.encode("utf-8"), add_bos=True, special=False))  # noqa: E731
+        if count(one) < longest:
+            raise SystemExit(f"validate's corpus is {count(one)} tokens of {Path(gguf).name}: shorter than one "
+                             f"{longest}-token window")
+        while count(text) < 2 * longest:
+            text += "\n\n" + one
+    finally:
+        vocab.close()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_text(text, encoding="utf-8")
+    return dest
 
 
 def gguf_options(s: dict):
+    """Our path's options: the bench's ``n_ubatch`` as given (main sets it by validate's rule unless told), so the
+    peers run the same ubatches."""
     from convert.runtimes.llamacpp import LlamaCppOptions
 
     return LlamaCppOptions(kv_cache=s["kv_cache"], flash_attn=s["flash_attn"], n_ubatch=s["n_ubatch"],
-                           n_threads=s["threads"])
+                           n_threads=s["threads"], logit_bytes=None)
 
 
-def passkey_prompt(hf: Path, length: int) -> str:
+def passkey_prompt(tokenizer_dir: Path, length: int) -> str:
     from convert.evaluate.tasks.common import tokenizer
     from convert.evaluate.tasks.passkey import build_prompt
 
-    return build_prompt(tokenizer(str(hf)), length, PASSKEY_DEPTH, "58213")
+    return build_prompt(tokenizer(str(tokenizer_dir)), length, PASSKEY_DEPTH, "58213")
 
 
 def _request(prompt: str):
@@ -200,13 +256,13 @@ def child(kind: str, task: str, models: dict, length: int, s: dict) -> dict:
                                 max_batch_size=1)
         if task == "ppl":
             vocab = open_llama(models["gguf"], 64, vocab_only=True)
-            inputs, targets = scored_tokens(corpus_ids(vocab), length)
+            inputs, targets = scored_tokens(corpus_ids(vocab, models["text"]), length)
             vocab.close()
             t = time.perf_counter()
             lp = chunked_token_logprobs(lm.model, torch.tensor([inputs]), targets, lm.logit_chunk)
             out["score_s"] = time.perf_counter() - t
         else:
-            prompt = passkey_prompt(models["hf"], length)
+            prompt = passkey_prompt(models["tokenizer"], length)
             t = time.perf_counter()
             out["answer"] = lm.generate_until([_request(prompt)], True)[0]
             out["score_s"] = time.perf_counter() - t
@@ -218,17 +274,20 @@ def child(kind: str, task: str, models: dict, length: int, s: dict) -> dict:
         with native_logs():
             lm = GGUFLM(GGUFModel(models["gguf"], length, gguf_options(s)), max_length=length)
         if task == "ppl":
-            inputs, targets = scored_tokens(corpus_ids(lm.model.llm), length)
+            inputs, targets = scored_tokens(corpus_ids(lm.model.llm, models["text"]), length)
             t = time.perf_counter()
             lp, _ = lm.model.score(inputs, targets)  # what GGUFLM.loglikelihood_rolling scores a window with
             out["score_s"] = time.perf_counter() - t
         else:
-            prompt = passkey_prompt(models["hf"], length)
+            prompt = passkey_prompt(models["tokenizer"], length)
             t = time.perf_counter()
             out["answer"] = lm.generate_until([_request(prompt)], True)[0]
             out["score_s"] = time.perf_counter() - t
             out["prompt_tokens"] = len(lm.tok_encode(prompt))
-        out["llama_decode_calls"] = lm.model.decoder.n_calls
+        d = lm.model.decoder
+        # the rows of logits asked for (the scored tokens), the most in one call, and the vocabulary they span
+        out.update(llama_decode_calls=d.n_calls, rows_out=d.n_outputs, peak_rows=d.peak_outputs, n_vocab=d.n_vocab,
+                   n_ubatch=d.n_ubatch)
         lm.model.close()
     elif kind == "peer-passkey":
         import llama_cpp
@@ -239,7 +298,7 @@ def child(kind: str, task: str, models: dict, length: int, s: dict) -> dict:
             llm = llama_cpp.Llama(str(models["gguf"]), n_ctx=length, n_batch=s["peer_batch"], n_ubatch=s["n_ubatch"],
                                   n_threads=s["threads"], n_threads_batch=s["threads"], flash_attn=s["flash_attn"],
                                   type_k=KV_TYPES[s["kv_cache"]], type_v=KV_TYPES[s["kv_cache"]], verbose=False)
-        prompt = passkey_prompt(models["hf"], length)
+        prompt = passkey_prompt(models["tokenizer"], length)
         t = time.perf_counter()
         r = llm.create_completion(prompt, max_tokens=GEN_KWARGS["max_gen_toks"], temperature=0.0,
                                   stop=GEN_KWARGS["until"])
@@ -270,17 +329,21 @@ def ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}" if a and b else ""
 
 
-def report(length: int, target: int, rows: list[dict], s: dict, command: str) -> str:
-    """The markdown of one length: per task a table of the paths, with ours / each path (score, wall, CPU)."""
+def report(length: int, target: int, rows: list[dict], s: dict, command: str, model: str | None = None,
+           notes: list[str] = ()) -> str:
+    """The markdown of one length: per task a table of the paths, with ours / each path (score, wall, CPU);
+    ``model`` names the GGUF measured (default: SmolLM2 extended to ``target``), ``notes`` say what was not run."""
     today = datetime.date.today().isoformat()
+    model = model or f"SmolLM2-135M extended to {target}, q8_0 GGUF"
     lines = [f"# `{command}`, {today}, this {os.cpu_count()}-core CPU; other jobs shared the CPU at times, so wall "
              "times are noisy and CPU s is the cost", "",
-             f"SmolLM2-135M extended to {target}, q8_0 GGUF; llama.cpp: {s['threads']} threads, n_ubatch "
+             f"{model}; llama.cpp: {s['threads']} threads, n_ubatch "
              f"{s['n_ubatch']}, KV cache {s['kv_cache']}, flash attention {'on' if s['flash_attn'] else 'off'}, "
              f"context {length}; n_batch: ours the context (one llama_decode call per prompt), the peers "
              f"{s['peer_batch']}; transformers (f32 checkpoint) {s['threads']} threads.  score s: the scoring or "
              "generation call alone (llama-perplexity: its own seconds per pass); wall, CPU and peak RSS: the whole "
              "process (load, tokenise, score).", ""]
+    lines += [*notes, ""] if notes else []
     ratios = "ours / this: score, wall, CPU |"
     head = {"ppl": "| path | score s | wall s | CPU s | peak RSS MB | perplexity | vs peer | " + ratios,
             "passkey": "| path | prompt tokens | score s | wall s | CPU s | peak RSS MB | answer | " + ratios}
@@ -308,6 +371,11 @@ def report(length: int, target: int, rows: list[dict], s: dict, command: str) ->
                 lines.append(f"| {PATH_NAMES[r['path']]} | {r.get('prompt_tokens', '')} | {cost} | "
                              f"{json.dumps(r['answer'])} | {vs} |")
         lines.append("")
+        if task == "ppl" and ours and ours.get("rows_out") is not None:
+            mib = ours["peak_rows"] * ours["n_vocab"] * 4 / 2**20
+            lines += [f"ours asked llama.cpp for {ours['rows_out']} rows of logits (the {ours['tokens']} scored "
+                      f"tokens), at most {ours['peak_rows']} per llama_decode call ({ours['peak_rows']} x "
+                      f"{ours['n_vocab']} x 4 bytes = {mib:.0f} MiB), in {ours['llama_decode_calls']} calls.", ""]
         hf = next((r for r in got if r["path"] == "hf"), None)
         if ours and (hf or peer):
             lines += [f"targets ({task}, score s): " + "; ".join(
@@ -352,17 +420,23 @@ def sweep(length: int, target: int, s: dict, run_child, command: str) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--lengths", default="16384,32768", help="window / prompt lengths, comma-separated")
-    ap.add_argument("--target", type=int, default=32768, help="the extended model's window")
+    ap.add_argument("--target", type=int, default=32768, help="the extended SmolLM2's window")
+    ap.add_argument("--model", choices=sorted(MODELS), help="measure this GGUF instead of the extended SmolLM2 "
+                    "(gemma3: .venv/models/gemma-3-270m-Q4_K_M.gguf, from `make setup-gemma3`); ours and the peers")
+    ap.add_argument("--gguf", type=Path, help="measure this GGUF file instead of the extended SmolLM2; ours and the "
+                    "peers")
     ap.add_argument("--tasks", default="ppl,passkey", help="ppl, passkey")
-    ap.add_argument("--paths", default="hf,ours,peer", help="hf, ours, peer (llama-perplexity for ppl, "
-                    "llama-cpp-python's Llama for passkey)")
+    ap.add_argument("--paths", help="hf, ours, peer (llama-perplexity for ppl, llama-cpp-python's Llama for "
+                    "passkey); default hf,ours,peer, with --model/--gguf ours,peer")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--n-ubatch", type=int, default=512, help="llama.cpp's physical batch (its default 512)")
+    ap.add_argument("--n-ubatch", type=int, help="llama.cpp's physical batch, for every path (default: validate's, "
+                    "512 or fewer for a large vocabulary: 256 for Gemma 3)")
     ap.add_argument("--peer-batch", type=int, default=2048, help="the peers' n_batch (llama.cpp's default 2048)")
     ap.add_argument("--kv-cache", default="f16", choices=["f16", "f32"])
     ap.add_argument("--flash-attn", default="on", choices=["on", "off"])
     ap.add_argument("--out", type=Path, default=RESULTS, help="folder for validate-speed-<length>.md")
-    ap.add_argument("--sweep", action="store_true", help="instead: our path's perplexity window under each llama.cpp setting of SWEEP, between two transformers runs (validate-speed-sweep-<length>.md)")
+    ap.add_argument("--sweep", action="store_true", help="instead: our path's perplexity window under each llama.cpp "
+                    "setting of SWEEP, between two transformers runs (validate-speed-sweep-<length>.md; SmolLM2)")
     ap.add_argument("--child", nargs=4, metavar=("KIND", "TASK", "LENGTH", "RESULT"), help=argparse.SUPPRESS)
     ap.add_argument("--models", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -372,20 +446,49 @@ def main() -> int:
         kind, task, length, result = args.child
         Path(result).write_text(json.dumps(child(kind, task, json.loads(args.models), int(length), s)))
         return 0
+    from convert.runtimes.llamacpp import LlamaCppOptions, gguf_vocab_size, logit_rows
+
     lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    paths = [p.strip() for p in args.paths.split(",") if p.strip()]
-    made = prepare(args.target, ["q8_0"])
-    models = {"hf": str(made["hf"]), "gguf": str(made["q8_0"])}
-    if "peer" in paths and "ppl" in tasks:
-        models["peer"] = str(llama_perplexity())
-        peer_env(Path(models["peer"]))  # its exit pause, built once
-        from convert.evaluate.tasks.ppl import corpus_text
+    gguf = args.gguf or (MODELS[args.model] if args.model else None)
+    paths = [p.strip() for p in (args.paths or ("ours,peer" if gguf else "hf,ours,peer")).split(",") if p.strip()]
+    if gguf is not None:
+        if not gguf.is_file():
+            raise SystemExit(f"{gguf} does not exist" + (" (make setup-gemma3 assembles it)" if args.model else ""))
+        if "hf" in paths or args.sweep:
+            raise SystemExit("--paths hf and --sweep need the HF checkpoint only the extended SmolLM2 has; "
+                             "with --model/--gguf use --paths ours,peer")
+        models = {"gguf": str(gguf)}
+        tag, label = f"{gguf.stem}-", f"`{gguf.name}`"
+    else:
+        made = prepare(args.target, ["q8_0"])
+        models = {"hf": str(made["hf"]), "gguf": str(made["q8_0"]), "tokenizer": str(made["hf"])}
+        tag, label = "", None
+    n_vocab = gguf_vocab_size(Path(models["gguf"]))
+    if s["n_ubatch"] is None:  # what validate runs the file with (LlamaCppOptions.for_vocab), for every path
+        s["n_ubatch"] = logit_rows(n_vocab, LlamaCppOptions().n_ubatch)
+        print(f"n_ubatch {s['n_ubatch']} (validate's for a {n_vocab}-token vocabulary)", flush=True)
+    if "passkey" in tasks and "tokenizer" not in models:
+        from convert.formats.checkpoint import gguf_tokenizer_dir
 
-        text = DATA / "validate-speed" / "corpus.txt"
-        text.parent.mkdir(parents=True, exist_ok=True)
-        text.write_text(corpus_text(None), encoding="utf-8")
-        models["text"] = str(text)
+        models["tokenizer"] = str(gguf_tokenizer_dir(Path(models["gguf"])))
+    if "ppl" in tasks:
+        gg = Path(models["gguf"])
+        models["text"] = str(corpus_file(gg, lengths, DATA / "validate-speed" / f"corpus-{gg.stem}.txt"))
+    skip_peer = {}  # length -> why llama-perplexity is not run there: its logits do not fit the memory available
+    if "peer" in paths and "ppl" in tasks:
+        avail = available_memory()
+        for length in lengths:
+            need = peer_memory_bytes(length, n_vocab, s["peer_batch"])
+            if avail is not None and need > avail:
+                skip_peer[length] = (f"llama-perplexity not run at {length}: it keeps the logits of every scored row "
+                                     f"of its chunk ({length - length // 2} rows) and of one batch "
+                                     f"({min(s['peer_batch'], length)} rows), x {n_vocab} x 4 bytes = "
+                                     f"{need / 1e9:.1f} GB, more than the {avail / 1e9:.1f} GB available here.")
+                print(skip_peer[length], flush=True)
+        if len(skip_peer) < len(lengths):  # built only where it will run
+            models["peer"] = str(llama_perplexity())
+            peer_env(Path(models["peer"]))  # its exit pause, built once
     command = "python bench/validate_speed.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
 
@@ -412,14 +515,16 @@ def main() -> int:
         return 0
     failed = False
     for length in lengths:
-        rows = []
+        rows, notes = [], [skip_peer[length]] if length in skip_peer else []
         for task in tasks:
             for path in paths:
+                if path == "peer" and task == "ppl" and length in skip_peer:
+                    continue
                 rows.append(run_child(f"peer-{task}" if path == "peer" else path, task, length, s))
-        text = report(length, args.target, rows, s, command)
+        text = report(length, args.target, rows, s, command, label, notes)
         print("\n" + text)
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / f"validate-speed-{length}.md").write_text(text)
+        (args.out / f"validate-speed-{tag}{length}.md").write_text(text)
         ours = next((r for r in rows if r["task"] == "ppl" and r["path"] == "ours"), None)
         peer = next((r for r in rows if r["task"] == "ppl" and r["path"] == "peer-ppl"), None)
         if ours and peer and abs(ours["perplexity"] / peer["perplexity"] - 1) > PPL_TOL:

@@ -150,11 +150,49 @@ def test_a_prompt_goes_in_one_call_with_only_its_last_row(f32_gguf):
         some[[3, 40, 41, 42, 149]] = True
         some[60:100] = True
         d.clear()
-        sizes = [len(i) for i, _ in d.decode(_ids(), 0, some)]
+        parts = [(i.copy(), r.copy()) for i, r in d.decode(_ids(), 0, some)]
+        sizes = [len(i) for i, _ in parts]
         assert sum(sizes) == int(some.sum()) and max(sizes) <= 16
+        assert d.n_outputs == 1 + int(some.sum()) and d.peak_outputs == 16  # the rows asked for, counted
+        # a smaller slice than a ubatch (max_rows): a ubatch with more rows is cut after its 5th, the same rows (the
+        # unfused attention of the f32 cache does not depend on where calls are cut)
+        small = Decoder(llm, max_rows=5)
+        small.clear()
+        got = [(i.copy(), r.copy()) for i, r in small.decode(_ids(), 0, some)]
+        # rows 3, 40-42 | 60-63 | 64-78 in threes of 5 | 79 | 80-94 in threes of 5 | 95 with 96-99 | 149
+        assert [len(i) for i, _ in got] == [4, 4, 5, 5, 5, 1, 5, 5, 5, 5, 1]
+        assert small.peak_outputs == 5 and small.n_outputs == int(some.sum()) and small.n_decoded == N
+        assert np.array_equal(np.concatenate([i for i, _ in got]), np.flatnonzero(some))
+        assert np.abs(np.concatenate([r for _, r in got]) - np.concatenate([r for _, r in parts])).max() < 1e-5
+        small.close()
     finally:
         d.close()
         llm.close()
+
+
+def test_a_large_vocabulary_runs_in_smaller_ubatches_so_a_slice_of_logits_stays_bounded(f32_gguf):
+    """n_ubatch x n_vocab x 4 bytes stays within LlamaCppOptions.logit_bytes (256 MiB): unchanged for vocabularies
+    up to 131,072 tokens at n_ubatch 512, the largest power of two that fits above that (Gemma 3's 262,144: 256)."""
+    from convert.runtimes.llamacpp import LOGIT_BYTES, logit_rows
+
+    assert LOGIT_BYTES == 256 << 20
+    assert logit_rows(49152, 512) == 512 and logit_rows(128256, 512) == 512  # SmolLM2, Llama 3
+    assert logit_rows(262144, 512) == 256 and logit_rows(151936, 512) == 256  # Gemma 3, Qwen2.5
+    assert logit_rows(262144, 2048) == 256 and logit_rows(262144, 100) == 100 and logit_rows(262144, 512, None) == 512
+    assert logit_rows(10**9, 512) == 1
+    opts = LlamaCppOptions(kv_cache="f32", n_ubatch=16, logit_bytes=6 * 512 * 4)  # 6 rows of the tiny vocabulary
+    assert opts.for_vocab(512).n_ubatch == 4 == opts.for_vocab(512).for_vocab(512).n_ubatch
+    assert opts.for_vocab(512).key() == {**opts.key(), "n_ubatch": 4}
+    llm = open_llama(f32_gguf, 256, opts)
+    d = Decoder(llm)
+    try:
+        assert d.n_ubatch == d.max_rows == 4 and d.n_ubatch * d.n_vocab * 4 <= opts.logit_bytes
+        assert len(list(d.decode(_ids()))) == -(-N // 4) and d.peak_outputs == 4
+    finally:
+        d.close()
+        llm.close()
+    with pytest.raises(ConvertError, match="logit_bytes"):
+        LlamaCppOptions(logit_bytes=0)
 
 
 def test_options_flash_attention_follows_the_cache_type_and_batch_sizes_are_part_of_the_key():

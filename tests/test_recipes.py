@@ -237,3 +237,50 @@ def test_recipes_accept_every_registered_method_and_plugin_candidates(tmp_path):
                      ({"name": "dprope", "plugins": ["no_such_module_xyz"]}, "failed to import")):
         with pytest.raises(ConvertError, match=msg):
             load_recipe(ROOT / "recipes/smollm2/135m_16k.yaml", {"method": bad})
+
+
+def test_gates_the_recipe_cannot_decide_are_refused_when_it_loads(tmp_path):
+    """A gate naming a length, task or perplexity bucket the release run does not make, or an accuracy bound its
+    samples cannot reach, is one more problem of the one load error, not a failure at the end of a run."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_text('{"max_position_embeddings": 8192}')  # the base's window: 8192
+    bad = tmp_path / "gates.yaml"
+    bad.write_text(yaml.safe_dump({
+        "name": "gates", "source": str(src), "target_length": 32768,
+        "validate": {"tasks": ["passkey", "ppl"], "lengths": [8192, 16384], "limit": 5, "colour": 1,
+                     "gates": ["passkey@32768 >= 0.5", "ppl@0-4096 <= 1.05x base", "ruler@8192 >= 0.5",
+                               "passkey@8192 >= 0.9", "ppl@8192-16384 <= 0.5x base"]}}))
+    with pytest.raises(ConvertError) as e:
+        load_recipe(bad)
+    msg = str(e.value)
+    assert "5 error(s)" in msg and "validate.colour" in msg
+    assert "gate 'passkey@32768 >= 0.5' names length 32768; the run scores passkey at 8192, 16384" in msg
+    assert "gate 'ppl@0-4096 <= 1.05x base' names perplexity bucket 0-4096" in msg and "make 0-8192, 8192-16384" in msg
+    assert "gate 'ruler@8192 >= 0.5' needs a RULER task" in msg
+    assert "gate 'passkey@8192 >= 0.9' cannot hold with n = 5 samples" in msg and "n >= 35" in msg
+    # gates apply to release runs: the release section's lengths are the ones that count
+    ok = tmp_path / "ok.yaml"
+    ok.write_text(yaml.safe_dump({
+        "name": "ok", "source": str(tmp_path / "not-here"), "target_length": 32768,
+        "validate": {"tasks": ["passkey", "ppl"], "lengths": [8192], "limit": 1,
+                     "gates": ["passkey-multi@32768 >= 0.9", "ppl@0-4096 <= 1.05x base"],
+                     "release": {"tasks": ["passkey-multi", "ppl"], "lengths": [4096, 32768], "limit": 5}}}))
+    assert load_recipe(ok).validate_.resolved(True).lengths == [4096, 32768]
+    # a bucket split at the base's window: read from the source where it is here (a HF config's
+    # max_position_embeddings), one common split point where it is not
+    split = {"name": "split", "source": str(src), "target_length": 32768,
+             "validate": {"tasks": ["ppl"], "lengths": [4096, 16384], "gates": ["ppl@8192-16384 <= 0.5x base"]}}
+    (tmp_path / "split.yaml").write_text(yaml.safe_dump(split))
+    load_recipe(tmp_path / "split.yaml")
+    (src / "config.json").write_text('{"max_position_embeddings": 12288}')
+    with pytest.raises(ConvertError, match=r"bucket 8192-16384.*split at the base's window 12288"):
+        load_recipe(tmp_path / "split.yaml")
+    split["source"] = str(tmp_path / "elsewhere")  # not on this machine: any one split point
+    split["validate"]["gates"] = ["ppl@8192-16384 <= 0.5x base", "ppl@4096-8192 <= 1.1x base"]
+    (tmp_path / "split.yaml").write_text(yaml.safe_dump(split))
+    load_recipe(tmp_path / "split.yaml")
+    split["validate"]["gates"].append("ppl@4096-12288 <= 1.1x base")
+    (tmp_path / "split.yaml").write_text(yaml.safe_dump(split))
+    with pytest.raises(ConvertError, match="split perplexity buckets at several positions"):
+        load_recipe(tmp_path / "split.yaml")

@@ -70,18 +70,75 @@ def test_ppl_buckets_split_at_the_window_from_the_block_sums():
     assert ppl_buckets(both, [100, 300], edges=[100]) == ppl_buckets(both, [100, 300])
 
 
-def test_gates_parse_and_decide():
-    rows = [{"name": "passkey @256", "task": "passkey", "length": 256, "base": 0.2, "extended": 0.95},
-            {"name": "ppl 0-64", "task": "ppl", "length": (0, 64), "base": 10.0, "extended": 10.4}]
-    gates = [Gate.parse("passkey@256 >= 0.9"), Gate.parse("ppl@0-64 <= 1.05x base"),
-             Gate.parse("ppl@0-64 <= 1.01x base"), Gate.parse("passkey@512 >= 0.5")]
+def _acc(model, task, length, k, n):
+    """A run result with per-prompt scores: k of n correct."""
+    return {"model": model, "task": task, "length": length,
+            "metrics": {"acc": k / n, "samples": [1.0] * k + [0.0] * (n - k)}}
+
+
+def _ppl(model, length, nll_per_doc, tokens=64):
+    """A perplexity run over documents with the given mean negative log-likelihood per token."""
+    ll = [-x * tokens for x in nll_per_doc]
+    return {"model": model, "task": "ppl", "length": length,
+            "metrics": {"loglik_sum": sum(ll), "token_count": tokens * len(ll), "doc_ll": ll,
+                        "doc_tokens": [tokens] * len(ll)}}
+
+
+def test_gates_parse_and_decide_on_the_95_percent_bound():
+    import numpy as np
+
+    base_nll = list(np.log(np.linspace(9.5, 10.5, 20)))
+    runs = [_acc("base", "passkey", 256, 4, 20), _acc("extended", "passkey", 256, 20, 20),
+            _ppl("base", 64, base_nll), _ppl("extended", 64, [x + np.log(1.04) for x in base_nll])]
+    rows = table_rows(runs, [64, 256])
+    gates = [Gate.parse("passkey@256 >= 0.8"), Gate.parse("ppl@0-64 <= 1.05x base"),
+             Gate.parse("ppl@0-64 <= 1.01x base"), Gate.parse("passkey@512 >= 0.5"),
+             Gate.parse("passkey@256 >= 0.9"), Gate.parse("passkey@256 >= 2x base")]
     failed = {g.text: why for g, why in check_gates(rows, gates)}
-    assert set(failed) == {"ppl@0-64 <= 1.01x base", "passkey@512 >= 0.5"}
+    # 20 of 20: Wilson lower bound 0.839, so >= 0.8 holds and >= 0.9 does not, though the point estimate is 1.0
+    assert set(failed) == {"ppl@0-64 <= 1.01x base", "passkey@512 >= 0.5", "passkey@256 >= 0.9"}
+    assert "lower bound 0.8389 is not >= 0.9" in failed["passkey@256 >= 0.9"]
     assert "not measured" in failed["passkey@512 >= 0.5"]
+    row = next(r for r in rows if r["task"] == "ppl")
+    assert row["paired"]["value"] == pytest.approx(1.04) and row["paired"]["hi"] == pytest.approx(1.04)
     with pytest.raises(ConvertError, match="not understood"):
         Gate.parse("passkey is good")
     with pytest.raises(ConvertError, match="bucket"):
         Gate.parse("ppl@4096 <= 10")
+
+
+def test_a_gate_holding_on_the_point_estimate_but_not_on_its_bound_fails():
+    # 19 of 20 = 0.95 >= 0.9, but the Wilson interval is [0.764, 0.991]: a release cannot be decided on it
+    rows = table_rows([_acc("extended", "passkey", 64, 19, 20)], [64])
+    (gate, why), = check_gates(rows, [Gate.parse("passkey@64 >= 0.9")])
+    assert rows[0]["extended"] == 0.95 and "lower bound 0.7639" in why
+    # perplexity 1.03x base on average, but with documents this spread the ratio's upper bound is above 1.05
+    base = [2.0, 2.6, 1.6, 2.2, 3.0]
+    ext = [2.0 + d for d in (0.1, -0.05, 0.12, -0.02, 0.0)]
+    rows = table_rows([_ppl("base", 64, base), _ppl("extended", 64, ext)], [64])
+    s = rows[0]["paired"]
+    assert s["value"] < 1.05 < s["hi"] and s["n"] == 5 and s["unit"] == "documents"
+    (gate, why), = check_gates(rows, [Gate.parse("ppl@0-64 <= 1.05x base")])
+    assert "upper bound" in why
+    # the same gate with the lower bound, an accuracy relative to the base
+    rows = table_rows([_acc("base", "passkey", 64, 10, 20), _acc("extended", "passkey", 64, 12, 20)], [64])
+    assert check_gates(rows, [Gate.parse("passkey@64 >= 1.1x base")])  # 0.6 >= 0.55 on the point, not the bound
+    assert not check_gates(rows, [Gate.parse("passkey@64 >= 0.5x base")])
+
+
+def test_gates_naming_what_the_run_does_not_make_are_refused_before_it_runs(extended_llama, tmp_path):
+    from convert.evaluate.results import gate_problems
+
+    probs = gate_problems(["passkey@512 >= 0.5", "ppl@0-100 <= 1.1x base", "ruler@64 >= 0.5", "ppl@0-64 <= 2",
+                           "passkey-multi@64 >= 0.5"], ["passkey", "ppl"], [64, 256])
+    assert len(probs) == 4
+    assert "gate 'passkey@512 >= 0.5' names length 512; the run scores passkey at 64, 256" in probs[0]
+    assert "bucket 0-100" in probs[1] and "make 0-64, 64-256" in probs[1]
+    assert "needs a RULER task" in probs[2] and "passkey-multi" in probs[3]
+    assert not gate_problems(["ppl@64-128 <= 2"], ["ppl"], [64, 256], window=128)  # split at the base's window
+    res = CliRunner().invoke(main, ["validate", str(extended_llama), "--lengths", "64", "--tasks", "passkey",
+                                    "--limit", "1", "--out", str(tmp_path / "r"), "--gate", "passkey@128 >= 0.5"])
+    assert res.exit_code == 2 and "names length 128" in res.output and not (tmp_path / "r").exists()
 
 
 def test_table_rows_side_by_side():
@@ -90,6 +147,29 @@ def test_table_rows_side_by_side():
     rows = table_rows(runs, [64, 128])
     assert [(r["name"], r["base"], r["extended"]) for r in rows] == [("passkey @64", 1.0, 1.0),
                                                                    ("passkey @128", 0.0, 0.5)]
+
+
+def test_per_sample_scores_are_kept_for_ruler_and_averaged_with_intervals():
+    from convert.evaluate.engine import _metric
+
+    logged = [{"doc_id": 1, "filter": "none", "4096": 1.0, "8192": -1.0},
+              {"doc_id": 0, "filter": "none", "4096": 0.5, "8192": -1.0}]
+    m = _metric("niah_single_1", 4096, {"results": {"niah_single_1": {"4096,none": 0.75}},
+                                        "samples": {"niah_single_1": logged}})
+    assert m == {"score": 0.75, "samples": [0.5, 1.0]}
+    runs = [{"model": mod, "task": t, "length": 4096, "metrics": {"score": sum(x) / len(x), "samples": x}}
+            for mod, t, x in (("base", "niah_single_1", [0.0, 1.0, 0.0, 0.0]), ("base", "ruler_vt", [0.2, 0.4, 0.6]),
+                              ("extended", "niah_single_1", [1.0, 1.0, 0.0, 1.0]),
+                              ("extended", "ruler_vt", [0.4, 0.4, 0.8]))]
+    rows = {r["name"]: r for r in table_rows(runs, [4096])}
+    avg = rows["ruler average @4096"]
+    assert avg["extended"] == pytest.approx((0.75 + 1.6 / 3) / 2) and avg["stats"]["extended"]["n"] == 7
+    assert avg["stats"]["extended"]["method"].startswith("stratified")
+    assert avg["paired"]["value"] == pytest.approx(avg["extended"] - avg["base"]) and avg["paired"]["n"] == 7
+    assert rows["niah_single_1 @4096"]["stats"]["base"]["method"] == "Wilson score"
+    assert rows["ruler_vt @4096"]["stats"]["base"]["method"].startswith("percentile bootstrap")
+    assert not check_gates(list(rows.values()), [Gate.parse("ruler@4096 >= 0.1")])
+    assert check_gates(list(rows.values()), [Gate.parse("ruler@4096 >= 0.6")])  # 0.64 on the point, not the bound
 
 
 def test_local_haystack_swaps_and_restores():
@@ -124,12 +204,22 @@ def test_validate_end_to_end_through_lm_eval(extended_llama, tiny_models, tmp_pa
     names = [r["name"] for r in data["rows"]]
     assert names == ["passkey @64", "passkey @256", "ppl 0-64", "ppl 64-256"]
     assert all(r["base"] is not None and r["extended"] is not None for r in data["rows"])
+    # every cell carries n and its 95% interval, and the paired comparison on the same samples
+    for r in data["rows"]:
+        for m in ("base", "extended"):
+            s = r["stats"][m]
+            assert s["n"] == 2 and s["lo"] <= s["value"] <= s["hi"] and s["value"] == pytest.approx(r[m])
+        assert r["paired"]["n"] == 2 and r["paired"]["lo"] <= r["paired"]["value"] <= r["paired"]["hi"]
+    assert {r["stats"]["base"]["unit"] for r in data["rows"]} == {"prompts", "documents"}
     runs = data["runs"]
     assert len(runs) == 8 and all(r["lm_eval"]["n-samples"] for r in runs)
+    assert all(len(r["metrics"]["samples"]) == 2 for r in runs if r["task"] == "passkey")
+    assert all(len(r["metrics"]["doc_ll"]) == 2 for r in runs if r["task"] == "ppl")
     ppl = {(r["model"], r["length"]): r["metrics"] for r in runs if r["task"] == "ppl"}
     # the same two documents, four times as long: about four times the tokens
     assert 3.5 < ppl[("extended", 256)]["token_count"] / ppl[("extended", 64)]["token_count"] <= 4
-    assert "| ppl 64-256 |" in (out / "validation.md").read_text()
+    md = (out / "validation.md").read_text()
+    assert "| ppl 64-256 |" in md and "(n=2 docs)" in md and "95% interval" in md
     # the second run comes from the cache: no model can be loaded and nothing evaluated, same numbers
     def no_load(*a, **k):
         raise AssertionError("a model was loaded although every result is cached")

@@ -144,6 +144,7 @@ def test_validate_gguf_end_to_end_cached_by_content(files, tmp_path, monkeypatch
     assert [m["n_ctx"] for m in data["models"]] == [TARGET, 256]  # the target; the base's 64 raised to 256
     md = (out / "validation.md").read_text()
     assert "(llama.cpp, n_ctx 256, KV cache f16, flash attention)" in md and "| ppl 64-256 |" in md
+    assert "(n=2 docs)" in md and all(r["stats"]["extended"]["n"] == 2 and r["paired"] for r in data["rows"])
     assert "`ppl@0-64 <= 100x base`: pass" in md
 
     # the same files again: every result from the cache, nothing loaded, the same numbers
@@ -231,6 +232,8 @@ def test_recipe_validates_the_checkpoint_and_its_gguf_and_the_card_shows_both(ti
     section = card.split("## Validation", 1)[1]
     assert "### hf: hf/ in transformers" in section and "### f32: `tiny-f32.gguf` in llama.cpp" in section
     assert section.count("| ppl 64-128 |") == 2
+    assert "value [95% interval] (n)" in section and section.count("(n=1 blocks of") == 0  # n and intervals shown
+    assert section.count("blocks of") >= 4  # one document: the intervals are over blocks of its positions
     # the manifest still describes the card the validation rewrote; nothing is left to do
     from convert.stages.export import manifest_problems
 
@@ -286,3 +289,44 @@ def test_generate_until_decodes_a_shared_prefix_once_with_the_same_answers(files
         assert got == want and all(want)
     finally:
         lm.close()
+
+
+def test_rolling_perplexity_asks_only_for_the_scored_rows_in_bounded_slices(files):
+    """lm-eval's rolling windows through dprope-gguf: llama.cpp is asked for the logits of every scored position
+    once and of no other (the context prefix of the last, partial window is decoded with no output rows), at most
+    the slice bound's rows per llama_decode call (LlamaCppOptions.logit_bytes, here 6 rows of the 512-token
+    vocabulary, lowers n_ubatch to 4), and the per-token log-probabilities equal those of the whole window's logits
+    (every row at once, reduced in float64 afterwards)."""
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+    from pydoc_data.topics import topics
+
+    from convert.evaluate.lmeval_gguf import GGUFLM, GGUFModel
+    from convert.runtimes.llamacpp import LlamaCppOptions
+
+    L = 64
+    text = topics["assert"]
+    budget = 6 * 512 * 4
+    with GGUFModel(files["ext.gguf"], TARGET, LlamaCppOptions(kv_cache="f32", logit_bytes=budget)) as m:
+        d = m.decoder
+        assert d.n_vocab == 512 and d.n_ubatch == d.max_rows == m.options.n_ubatch == 4
+        lm = GGUFLM(m, max_length=L)
+        lm.loglikelihood_rolling(_requests("loglikelihood_rolling", [(text,)]), True)
+        got = lm.token_logprobs[0]
+        ids = lm.tok_encode(text, add_special_tokens=False)
+        windows = [make_disjoint_window(w) for w in get_rolling_token_windows(ids, lm.prefix_token_id, L, 1)]
+        assert len(got) == len(ids) and len(windows) >= 3 and len(ids) % L  # the last window has a context prefix
+        assert d.n_outputs == len(ids)  # one row per scored token, none for context
+        assert d.n_decoded == len(windows) * L and d.n_decoded - d.n_outputs == L - len(ids) % L
+        assert d.peak_outputs == 4 and d.peak_outputs * d.n_vocab * 4 <= budget  # never more rows at once
+
+    with GGUFModel(files["ext.gguf"], TARGET, LlamaCppOptions(kv_cache="f32", logit_bytes=None)) as ref:
+        want = []
+        for context, cont in windows:
+            ref.decoder.clear()
+            inputs = (context + cont)[:-1]
+            rows = np.concatenate([r.copy() for _, r in ref.decoder.decode(inputs)]).astype(np.float64)
+            assert rows.shape == (L, 512) and ref.decoder.n_calls == len(want) + 1  # the whole window at once
+            lse = rows.max(1) + np.log(np.exp(rows - rows.max(1, keepdims=True)).sum(1))
+            tail = np.arange(L - len(cont), L)
+            want.append(rows[tail, cont] - lse[tail])
+    assert np.abs(got - np.concatenate(want)).max() < 1e-5

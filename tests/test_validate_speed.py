@@ -97,3 +97,39 @@ def test_the_report_states_each_target_met_or_missed():
     rows[1]["score_s"], rows[1]["perplexity"] = 90.0, 10.5
     text = V.report(1024, 4096, rows, s, "cmd")
     assert "ours / transformers 0.90x (<= 1.0x: met)" in text and "DISAGREE" in text
+
+
+def test_another_gguf_its_text_the_peers_memory_and_the_report(tiny_gguf, tmp_path):
+    """--gguf/--model: the corpus file every path reads is repeated until it has the 2 x length tokens
+    llama-perplexity needs (the first window unchanged); the peer's logits are sized before it runs (Gemma 3 at 48k:
+    ~28 GB, skipped where they do not fit, and the report says so); ours reports the rows it asked for."""
+    import validate_speed as V
+
+    from convert.runtimes.llamacpp import open_llama
+
+    assert V.MODELS["gemma3"].name == "gemma-3-270m-Q4_K_M.gguf"
+    assert V.peer_memory_bytes(49152, 262144, 2048) == (24576 + 2048) * 262144 * 4  # 27.9 GB
+    assert V.peer_memory_bytes(32768, 49152, 2048) == (16384 + 2048) * 49152 * 4  # SmolLM2 at 32k: 3.6 GB
+    vocab = open_llama(tiny_gguf, 64, vocab_only=True)
+    try:
+        one = V.corpus_file(tiny_gguf, [64], tmp_path / "one.txt")
+        first = V.corpus_ids(vocab, one)
+        n = len(first)
+        two = V.corpus_file(tiny_gguf, [n - 8], tmp_path / "two.txt")
+        ids = V.corpus_ids(vocab, two)
+    finally:
+        vocab.close()
+    assert len(ids) >= 2 * (n - 8) and two.read_text().startswith(one.read_text() + "\n\n")
+    assert ids[: n - 8] == first[: n - 8]  # the window scored lies in the first copy
+    with pytest.raises(SystemExit, match="shorter than one"):
+        V.corpus_file(tiny_gguf, [10 * n], tmp_path / "three.txt")
+
+    s = {"threads": 2, "n_ubatch": 256, "peer_batch": 2048, "kv_cache": "f16", "flash_attn": True}
+    ours = {"task": "ppl", "path": "ours", "wall_s": 1.0, "cpu_s": 1.0, "peak_rss_mb": 1.0, "tokens": 24575,
+            "score_s": 10.0, "perplexity": 7.0, "rows_out": 24575, "peak_rows": 256, "n_vocab": 262144,
+            "llama_decode_calls": 99}
+    text = V.report(49152, 0, [ours], s, "cmd", "`gemma-3-270m-Q4_K_M.gguf`", ["llama-perplexity not run at 49152"])
+    assert "`gemma-3-270m-Q4_K_M.gguf`; llama.cpp: 2 threads, n_ubatch 256" in text and "SmolLM2" not in text
+    assert "llama-perplexity not run at 49152" in text
+    assert "24575 rows of logits (the 24575 scored tokens), at most 256 per llama_decode call" in text
+    assert "256 x 262144 x 4 bytes = 256 MiB" in text

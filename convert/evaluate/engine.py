@@ -10,6 +10,8 @@ llama.cpp through llama-cpp-python (``convert.evaluate.lmeval_gguf.GGUFLM``), lo
 
 Tasks:
   passkey          project task (convert/evaluate/tasks): key retrieval at several depths, exact match;
+  passkey-multi    project task run on the runtime interface, not lm-eval (tasks/passkey_multi.py): K keys in one
+                   haystack, K questions on its KV cache, n = K x prompts;
   ppl              project task: token perplexity per length bucket on a local corpus;
   niah_single_1, niah_multikey_2, niah_multikey_3, ruler_vt, ruler_cwe, ruler_fwe
                    stock RULER synthetic tasks, offline as shipped;
@@ -40,16 +42,24 @@ log = logging.getLogger(__name__)
 
 TASK_DIR = Path(__file__).parent / "tasks"  # this package's lm-eval task files
 PROJECT_TASKS = {"passkey": "dprope_passkey", "ppl": "dprope_ppl"}
+# tasks run by this engine on the runtime interface (convert/runtimes/base.py) instead of lm-eval: lm-eval's
+# generate_until requests are whole prompts and cannot share a prefix's KV cache
+RUNTIME_TASKS = ("passkey-multi",)
+ACCURACY_TASKS = ("passkey", "passkey-multi")  # reported as the mean of 0/1 scores ("acc")
 RULER_OFFLINE = ("niah_single_1", "niah_multikey_2", "niah_multikey_3", "ruler_vt", "ruler_cwe", "ruler_fwe")
 RULER_ESSAY = ("niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multivalue", "niah_multiquery")
 RULER_LENGTHS = (4096, 8192, 16384, 32768, 65536, 131072)
 RULER_NEEDS_HUB = ("ruler_qa_squad", "ruler_qa_hotpot", "qa_squad", "qa_hotpot")
-CACHE_VERSION = 3
+CACHE_VERSION = 4  # 4: per-sample scores kept (intervals), passkey-multi
 BLOCK = 128  # tokens per block of the stored perplexity-by-position sums (fewer for short lengths)
 
 
 def supported_tasks() -> list[str]:
-    return [*PROJECT_TASKS, *RULER_OFFLINE, *RULER_ESSAY]
+    return [*PROJECT_TASKS, *RUNTIME_TASKS, *RULER_OFFLINE, *RULER_ESSAY]
+
+
+def is_ruler(task: str) -> bool:
+    return task not in PROJECT_TASKS and task not in RUNTIME_TASKS
 
 
 def check_tasks(tasks: Sequence[str], lengths: Sequence[int]) -> None:
@@ -60,7 +70,7 @@ def check_tasks(tasks: Sequence[str], lengths: Sequence[int]) -> None:
                            f"offline tasks: {', '.join(supported_tasks())}")
     if unknown:
         raise ConvertError(f"unknown task(s) {', '.join(unknown)}; supported: {', '.join(supported_tasks())}")
-    ruler = [t for t in tasks if t not in PROJECT_TASKS]
+    ruler = [t for t in tasks if is_ruler(t)]
     odd = [L for L in lengths if L not in RULER_LENGTHS]
     if ruler and odd:
         raise ConvertError(f"RULER tasks score only lengths {', '.join(map(str, RULER_LENGTHS))}; "
@@ -195,13 +205,15 @@ def with_backend(run: Run, backend) -> Run:
 
 def gguf_run(label: str, path: Path, lengths: Sequence[int], options) -> Run:
     """A GGUF measured in llama.cpp.  Its cache identity is the file's content plus what changes llama.cpp's
-    numbers: the context it is loaded at, the runtime options and the llama-cpp-python version."""
+    numbers: the context it is loaded at, the runtime options as the file runs them (``n_ubatch`` lowered for a
+    large vocabulary: ``LlamaCppOptions.for_vocab``) and the llama-cpp-python version."""
     from convert.io.files import combine, file_digest
-    from convert.runtimes.llamacpp import gguf_context_length, import_llama_cpp
+    from convert.runtimes.llamacpp import gguf_context_length, gguf_vocab_size, import_llama_cpp
     from convert.formats.checkpoint import gguf_tokenizer_dir
 
     path = Path(path)
     n_ctx = max(gguf_context_length(path), max(lengths))  # reads the whole header: a bad file stops here
+    options = options.for_vocab(gguf_vocab_size(path))
     version = import_llama_cpp().__version__
     digest = combine({"gguf": file_digest(path), "n_ctx": n_ctx, "llama.cpp": options.key(),
                       "llama_cpp_python": version})[:16]
@@ -211,16 +223,27 @@ def gguf_run(label: str, path: Path, lengths: Sequence[int], options) -> Run:
 
 
 def _metric(task: str, length: int, results: dict) -> dict:
-    """The numbers we report from one lm-eval result block."""
+    """The numbers we report from one lm-eval result block, with the per-sample scores the intervals need
+    (``samples``, in document order, and ``sample_ids`` that name each where the document says which key it asks
+    for): lm-eval logs them per document (``log_samples``) before reducing them to one number per task."""
     name = PROJECT_TASKS.get(task, task)
     r = results["results"][name]
     pick = lambda k: next((v for key, v in r.items() if key.split(",")[0] == k), None)  # noqa: E731
+    logged = sorted((results.get("samples") or {}).get(name) or [], key=lambda x: x["doc_id"])
+    logged = [x for x in logged if x.get("filter") == logged[0].get("filter")]  # one entry per document
     if task == "passkey":
-        return {"acc": pick("acc")}
+        out = {"acc": pick("acc")}
+        if logged:
+            out["samples"] = [float(x["acc"]) for x in logged]
+            out["sample_ids"] = [f"{x['doc_id']}:{(x.get('doc') or {}).get('answer')}" for x in logged]
+        return out
     if task == "ppl":
         return {"token_perplexity": pick("token_perplexity"), "loglik_sum": pick("loglik_sum"),
                 "token_count": pick("token_count")}
-    return {"score": pick(str(length))}
+    out = {"score": pick(str(length))}
+    if logged:  # RULER scores every length; -1 marks the lengths a document is not of
+        out["samples"] = [float(x[str(length)]) for x in logged if float(x.get(str(length), -1)) != -1]
+    return out
 
 
 def corpus_digest(corpus: str | None) -> str:
@@ -243,6 +266,13 @@ def run_one(model, tokenizer, run: Run, task: str, length: int, limit: int | Non
     if cfile.exists():
         log.info("cached: %s %s @%d", run.label, task, length)
         return json.loads(cfile.read_text())
+    if task in RUNTIME_TASKS:
+        out = {"task": task, "length": length, "limit": limit, "model": run.label, "model_hash": run.hash,
+               "runtime": run.runtime, "corpus_digest": corpus_digest(corpus), "chunk_tokens": chunk_tokens,
+               "seed": seed, "metrics": run_multi(model, tokenizer, run, length, limit, seed)}
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        cfile.write_text(json.dumps(out, indent=1, default=str))
+        return out
     import lm_eval
     from lm_eval.tasks import TaskManager
 
@@ -275,7 +305,7 @@ def run_one(model, tokenizer, run: Run, task: str, length: int, limit: int | Non
         if task in RULER_ESSAY:
             ctx.enter_context(local_haystack(corpus_text(corpus)))
         ctx.enter_context(quiet_lm_eval())
-        res = lm_eval.simple_evaluate(model=lm, tasks=[name], task_manager=tm, limit=limit, log_samples=False,
+        res = lm_eval.simple_evaluate(model=lm, tasks=[name], task_manager=tm, limit=limit, log_samples=True,
                                       random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
                                       fewshot_random_seed=seed)
     metrics = _metric(task, length, res)
@@ -288,6 +318,10 @@ def run_one(model, tokenizer, run: Run, task: str, length: int, limit: int | Non
         metrics["block_ll"] = [[float(b.sum()) for b in np.split(lp.astype(np.float64),
                                                                     range(block, len(lp), block))]
                                for _, lp in sorted(lm.token_logprobs.items())]
+        # per document: the log-likelihood sum and the tokens scored (the units of the perplexity's interval)
+        docs = [lp for _, lp in sorted(lm.token_logprobs.items())]
+        metrics["doc_ll"] = [float(lp.astype(np.float64).sum()) for lp in docs]
+        metrics["doc_tokens"] = [int(len(lp)) for lp in docs]
     out = {"task": task, "length": length, "limit": limit, "model": run.label, "model_hash": run.hash,
            "runtime": run.runtime,
            "corpus_digest": corpus_digest(corpus), "chunk_tokens": chunk_tokens, "seed": seed, "metrics": metrics,
@@ -296,6 +330,35 @@ def run_one(model, tokenizer, run: Run, task: str, length: int, limit: int | Non
     cache_dir.mkdir(parents=True, exist_ok=True)
     cfile.write_text(json.dumps(out, indent=1, default=str))
     return out
+
+
+def run_multi(model, tokenizer, run: Run, length: int, limit: int | None, seed: int = 0) -> dict:
+    """``passkey-multi`` on a loaded model: ``limit`` haystacks (default 5) of ``length`` tokens sized with the run's
+    transformers tokenizer, each decoded once, its K questions on the runtime interface's shared-prefix generation
+    (transformers: the prefill's KV cache; llama.cpp: the context's memory).  Text is tokenised as the lm-eval
+    models do it: by the transformers tokenizer with its own special tokens, or by the GGUF's own tokenizer."""
+    from convert.evaluate.tasks import passkey_multi
+    from convert.evaluate.tasks.common import tokenizer as load_tokenizer
+
+    prompts = passkey_multi.make_prompts(load_tokenizer(str(run.tokenizer or run.path)), length, limit or 5, seed)
+    if run.runtime == "llama.cpp":
+        from convert.runtimes.llamacpp import LlamaCppRuntime
+
+        llm = model.llm
+        rt = LlamaCppRuntime.wrap(llm, model.decoder, run.path)
+        encode = lambda text, special: llm.tokenize(text.encode("utf-8"), add_bos=special, special=True)  # noqa: E731
+        decode = lambda ids: llm.detokenize(ids).decode("utf-8", errors="replace")  # noqa: E731
+    else:
+        from convert.runtimes.hf import TransformersRuntime
+
+        rt = TransformersRuntime.wrap(model)
+        encode = lambda text, special: tokenizer(text, add_special_tokens=special).input_ids  # noqa: E731
+        decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+    with quiet_lm_eval():
+        metrics = passkey_multi.run(rt, encode, decode, prompts)
+    log.info("%s passkey-multi @%d: %d of %d keys, %d tokens processed (%d as separate prompts)", run.label, length,
+             int(sum(metrics["samples"])), metrics["n"], metrics["tokens_processed"], metrics["tokens_separate"])
+    return metrics
 
 
 # llama.cpp and the transformers tokenizer rebuilt from a GGUF may split a long text a few tokens apart (Gemma 3's

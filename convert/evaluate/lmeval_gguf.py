@@ -9,11 +9,13 @@ lm-eval ships no GGUF model that runs without a server (EleutherAI/lm-evaluation
 
 - ``loglikelihood`` and ``loglikelihood_rolling`` follow lm-eval's ``HFLM`` (lm_eval/models/huggingface.py): the
   same left truncation to ``max_length``, the same rolling windows (``utils.get_rolling_token_windows`` +
-  ``make_disjoint_window``), the same prefix token (BOS, else EOS).  Each window is decoded from an empty cache and
-  only the rows that are scored come back from llama.cpp, ``n_ubatch`` at a time (``convert.runtimes.llamacpp``), so
-  memory holds one batch of logits, never ``n_ctx x n_vocab``; the tokens before the first scored one go in one
-  ``llama_decode`` call.  Per-token log-probabilities are kept by
-  ``doc_id`` (``token_logprobs``) like ``ChunkedHFLM``'s.
+  ``make_disjoint_window``), the same prefix token (BOS, else EOS).  Each window is decoded from an empty cache with
+  only its scored positions flagged for output (``llama_batch.logits``): llama.cpp computes the output head for
+  those rows alone and hands them back in slices of at most ``Decoder.max_rows`` (``n_ubatch``, lowered for large
+  vocabularies so a slice stays within ``LOGIT_BYTES``: ``convert.runtimes.llamacpp``), each reduced to the targets'
+  log-probabilities before the next is asked for, so memory holds one slice of logits, never ``n_ctx x n_vocab``;
+  the context prefix of a window (the tokens before its first scored one) goes in one ``llama_decode`` call with no
+  output rows.  Per-token log-probabilities are kept by ``doc_id`` (``token_logprobs``) like ``ChunkedHFLM``'s.
 - ``generate_until`` decodes greedily (argmax), stopping at an end-of-generation token, a stop string or
   ``max_gen_toks``, like ``HFLM`` with ``do_sample=False``; prompts are left-truncated to ``max_length -
   max_gen_toks``.  A prompt goes in one ``llama_decode`` call with only its last row of logits.  Requests are run in
@@ -57,6 +59,7 @@ class GGUFModel:
         self.llm = open_llama(self.path, self.n_ctx, options)
         self.decoder = Decoder(self.llm)
         self.n_ctx = self.decoder.n_ctx  # what llama.cpp allocated
+        self.options = options.for_vocab(self.decoder.n_vocab)  # the n_ubatch it runs with
 
     def close(self) -> None:
         self.decoder.close()
@@ -70,7 +73,9 @@ class GGUFModel:
 
     def score(self, inputs: list[int], targets: list[int]) -> tuple[np.ndarray, np.ndarray]:
         """log p(targets[j] | inputs[:len(inputs) - len(targets) + j + 1]) float32 [n] and whether each target is
-        the argmax, from an empty cache; ``targets`` align with the LAST len(targets) positions of ``inputs``."""
+        the argmax, from an empty cache; ``targets`` align with the LAST len(targets) positions of ``inputs``.  Only
+        those positions are flagged for output; each slice of their logits (at most ``decoder.max_rows`` rows) is
+        reduced to log-probabilities (:func:`log_softmax_at`) as it arrives."""
         n = len(targets)
         flags = np.zeros(len(inputs), dtype=bool)
         flags[len(inputs) - n :] = True

@@ -15,7 +15,7 @@ from __future__ import annotations
 import abc
 import importlib
 from pathlib import Path
-from typing import ClassVar, Sequence
+from typing import Callable, ClassVar, Sequence
 
 import numpy as np
 
@@ -76,6 +76,25 @@ class Runtime(abc.ABC):
     @abc.abstractmethod
     def generate(self, token_ids: Sequence[int], max_new_tokens: int) -> list[int]:
         """Greedy continuation of ``token_ids`` (at positions 0..), stopping at an end-of-generation token."""
+
+    # tokens this runtime has run through the model for generate_after (prompts, suffixes, generated tokens)
+    tokens_processed: int = 0
+
+    def generate_after(self, prefix: Sequence[int], suffixes: Sequence[Sequence[int]], max_new_tokens: int,
+                       stop: Callable[[list[int]], bool] | None = None) -> list[list[int]]:
+        """Greedy continuation of ``prefix + suffix`` for each suffix (many questions about one long document),
+        each at most ``max_new_tokens`` tokens, ending before an end-of-generation token or once ``stop(tokens)`` is
+        true.  A runtime with a KV cache decodes the prefix once and reuses it for every suffix (transformers: the
+        prefill's cache, cut back after each question; llama.cpp: the context's memory); this default runs every
+        whole prompt, as separate prompts would.  ``tokens_processed`` grows by the tokens run through the model."""
+        outs = []
+        for s in suffixes:
+            prompt = [*map(int, prefix), *map(int, s)]
+            out = list(self.generate(prompt, max_new_tokens))
+            cut = next((i + 1 for i in range(len(out)) if stop is not None and stop(out[: i + 1])), len(out))
+            outs.append(out[:cut])
+            self.tokens_processed += len(prompt) + max(0, len(out) - 1)
+        return outs
 
     def close(self) -> None:
         """Free the model now rather than at garbage collection."""

@@ -51,6 +51,15 @@ def hf_logits(ckpt: Path | None, token_ids: Sequence[int], model=None, start_pos
         return model(ids, position_ids=pos).logits[0].float().numpy()
 
 
+def _eos_ids(model) -> set[int]:
+    """The end-of-generation ids of a model (its generation config's, else its config's)."""
+    ids = set()
+    for cfg in (getattr(model, "generation_config", None), model.config):
+        e = getattr(cfg, "eos_token_id", None) if cfg is not None else None
+        ids |= {int(x) for x in (e if isinstance(e, (list, tuple)) else [e]) if x is not None}
+    return ids
+
+
 @register_runtime
 class TransformersRuntime(Runtime):
     name = "transformers"
@@ -82,6 +91,52 @@ class TransformersRuntime(Runtime):
             out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=int(max_new_tokens),
                                       do_sample=False, pad_token_id=self.model.config.eos_token_id)
         return out[0, ids.shape[1]:].tolist()
+
+    def generate_after(self, prefix: Sequence[int], suffixes: Sequence[Sequence[int]], max_new_tokens: int,
+                       stop=None) -> list[list[int]]:
+        """The prefix is prefilled once (the decoder alone: no logits for its positions), and every suffix and its
+        answer run on its KV cache (``past_key_values``, ``cache`` in transformers 5.25: ``convert.compat``): after each question the cache is cropped back to the
+        prefix (``DynamicCache.crop`` with a negative count, which transformers 4.57 and 5.x both read as tokens to
+        remove), or, where a layer keeps only a sliding window (Gemma 3's local layers, which cannot be cropped
+        back past their window), each question starts from a copy of the prefill's cache.  Only the last position's
+        logits are computed per step (``logits_to_keep=1``)."""
+        import copy
+
+        import torch
+
+        from convert.compat import kv_cache_kwargs, kv_cache_of
+
+        model = self.model
+        eos = _eos_ids(model)
+        dev = model.device
+        prefix = [int(t) for t in prefix]
+        outs: list[list[int]] = []
+        with torch.no_grad():
+            decoder = getattr(model, model.base_model_prefix)
+            cache = kv_cache_of(decoder(input_ids=torch.tensor([prefix], device=dev), use_cache=True))
+            self.tokens_processed += len(prefix)
+            sliding = any(getattr(cache, "is_sliding", None) or ()) or any(
+                "sliding" in str(t) for t in (getattr(model.config, "layer_types", None) or ()))
+            for s in suffixes:
+                c = copy.deepcopy(cache) if sliding else cache
+                extra = c.get_seq_length() - len(prefix)
+                if extra > 0:
+                    c.crop(-extra)  # negative: the number of tokens to remove (the last question and answer)
+                ids = [int(t) for t in s]
+                out: list[int] = []
+                while True:
+                    logits = model(input_ids=torch.tensor([ids], device=dev), use_cache=True, logits_to_keep=1,
+                                   **kv_cache_kwargs(model, c)).logits
+                    self.tokens_processed += len(ids)
+                    nxt = int(logits[0, -1].argmax())
+                    if nxt in eos:
+                        break
+                    out.append(nxt)
+                    if len(out) >= int(max_new_tokens) or (stop is not None and stop(out)):
+                        break
+                    ids = [nxt]
+                outs.append(out)
+        return outs
 
     def close(self) -> None:
         self.model = None

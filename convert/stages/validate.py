@@ -23,7 +23,7 @@ from convert.evaluate.engine import (  # noqa: F401  (the engine's names, as the
     PROJECT_TASKS, RULER_ESSAY, RULER_LENGTHS, RULER_OFFLINE, TASK_DIR, Run, cache_file, check_tasks, corpus_digest,
     gguf_run, model_hash, quiet_lm_eval, run_one, supported_tasks, with_backend)
 from convert.evaluate.engine import load_run
-from convert.evaluate.results import Gate, check_gates, markdown, plot, table_rows  # noqa: F401
+from convert.evaluate.results import Gate, check_gates, gate_problems, markdown, plot, public_row, table_rows  # noqa: F401
 
 @dataclass
 class Validation:
@@ -66,6 +66,11 @@ def validate(checkpoint: Path, base: Path | None = None, lengths: Sequence[int] 
     parsed_gates = [Gate.parse(g) for g in gates]
     if any(g.relative for g in parsed_gates) and base is None:
         raise ConvertError("relative gates ('x base') need --base")
+    # the base's window splits the perplexity bucket it falls in (inside and past it), also where no length is it
+    window = base_window(base) if base is not None else None
+    problems = gate_problems(parsed_gates, tasks, lengths, window)
+    if problems:  # refused before anything runs, not after
+        raise ConvertError("; ".join(problems))
     if corpus and not Path(corpus).exists():
         raise ConvertError(f"corpus {corpus} does not exist")
     checkpoint = Path(checkpoint)
@@ -107,8 +112,6 @@ def validate(checkpoint: Path, base: Path | None = None, lengths: Sequence[int] 
             if hasattr(model, "close"):  # llama.cpp frees its context now, not at garbage collection
                 model.close()
             del model
-    # perplexity inside and past the base's window, also where no length is the window
-    window = base_window(base) if base is not None else None
     rows = table_rows(results, lengths, [window] if window else [])
     failed = check_gates(rows, parsed_gates)
     md = markdown(rows, command or f"dprope validate {checkpoint}", failed, parsed_gates,
@@ -117,8 +120,7 @@ def validate(checkpoint: Path, base: Path | None = None, lengths: Sequence[int] 
     from convert.card import versions
 
     (out_dir / "validation.json").write_text(json.dumps(
-        {"rows": [{**r, "length": list(r["length"]) if isinstance(r["length"], tuple) else r["length"]}
-                  for r in rows],
+        {"rows": [public_row(r) for r in rows],
          "gates": [{"gate": g.text, "passed": g.text not in {f.text for f, _ in failed},
                     "reason": next((w for f, w in failed if f.text == g.text), None)} for g in parsed_gates],
          "runs": results, "versions": versions(), "lengths": lengths, "tasks": list(tasks), "limit": limit,

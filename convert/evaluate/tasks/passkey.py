@@ -9,8 +9,6 @@ from __future__ import annotations
 import random
 import re
 
-import datasets
-
 from convert.evaluate.tasks.common import tokenizer as load_tokenizer
 
 INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
@@ -50,6 +48,8 @@ def build_prompt(tok, length: int, depth: float, key: str) -> str:
 
 def make_dataset(length: int, tokenizer: str, depths=DEFAULT_DEPTHS, seed: int = 0, per_depth: int = N_PER_DEPTH,
                  **_) -> dict:
+    import datasets  # here, not at import: passkey-multi and the recipe check read this module's constants
+
     tok = load_tokenizer(str(tokenizer))
     rng = random.Random(f"{seed}-{length}")
     rows = []
