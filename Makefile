@@ -15,7 +15,7 @@ RECIPES := $(sort $(wildcard recipes/*/*.yaml))
 recipe_target = $(subst _,-,$(subst /,-,$(patsubst recipes/%.yaml,%,$(1))))
 RECIPE_TARGETS := $(foreach r,$(RECIPES),$(call recipe_target,$(r)))
 
-.PHONY: setup test test-all extend bench bench-quick bench-quality bench-search-proxy clean help release recipes $(RECIPE_TARGETS)
+.PHONY: setup test test-all extend bench bench-quick bench-quality bench-search-proxy bench-short-window-rank clean help release recipes $(RECIPE_TARGETS)
 
 help:
 	@echo "make extend   extend the embedded SmolLM2-135M (8k) to 16k tokens into $(OUT)/ (sets itself up)"
@@ -23,8 +23,10 @@ help:
 	@echo "make bench    run the benchmarks (minutes)"
 	@echo "make bench-quality   every method through extend -> lm-eval on SmolLM2 (hours on a 2-core CPU; QUALITY_ARGS=...)"
 	@echo "make bench-search-proxy   the search's CPU proxy against full-length perplexity (~1 hour; SEARCH_PROXY_ARGS=...)"
+	@echo "make bench-short-window-rank   the fit's short-window (PoSE) objective against full-length perplexity on the same sets (SHORT_WINDOW_RANK_ARGS=...)"
 	@echo "make bench-train-quality  continued training from each initialisation, 8k -> 32k (a GPU's work)"
 	@echo "make bench-validate-speed  one ppl window and one passkey prompt at 16k and 32k: transformers, ours, llama.cpp (~1-2 hours here)"
+	@echo "make bench-validate-speed-gemma3  one 48k ppl window of Gemma 3 270M's GGUF: ours vs llama-perplexity (VALIDATE_SPEED_GEMMA3_ARGS=...)"
 	@echo "make release RECIPE=recipes/<family>/<size>_<target>.yaml   full validation with gates"
 	@echo "make gemma3-270m-64k   Gemma 3 270M's Q4_K_M GGUF extended in place to 64k, validated in llama.cpp (fetches it)"
 	@echo "recipes:      $(RECIPE_TARGETS)"
@@ -84,6 +86,13 @@ SEARCH_PROXY_ARGS ?= --target 16384 --corpus pydoc --random 8 --proxies proxy,pr
 bench-search-proxy: setup
 	$(PY) bench/search_proxy.py $(SEARCH_PROXY_ARGS)
 
+# dprope-fit's short-window objective (W-token windows, PoSE's skipped position ids) against the full-length perplexity
+# bench-search-proxy measured on its 29 sets (bench/results/search_proxy.json, SmolLM2 8k -> 16k); each set's value
+# stored beside the report, resumable; --temperature-mode fixed ranks the factors alone
+SHORT_WINDOW_RANK_ARGS ?= --window 2048 --chunks 2 --samples 8
+bench-short-window-rank: setup
+	$(PY) bench/short_window_rank.py $(SHORT_WINDOW_RANK_ARGS)
+
 # continued training from each initialisation (PI, YaRN, dprope-paper, dprope, longrope-search with LongRoPE's full
 # search), SmolLM2 8k -> 32k, then perplexity, passkey and RULER before and after: a GPU's work (the README's table took
 # about 25 min of one H100); TRAIN_QUALITY_ARGS=... for other sizes, --jobs N for initialisations side by side
@@ -124,3 +133,11 @@ gemma3-270m-64k: $(GEMMA3_GGUF)
 GGUF_INPLACE_ARGS ?= --repeats 3
 bench-gguf-inplace: setup-gemma3
 	$(PY) bench/gguf_inplace.py $(GGUF_INPLACE_ARGS)
+
+# validation's speed on a 262,144-token vocabulary: one 48k perplexity window of the Gemma 3 270M Q4_K_M GGUF, our
+# llama.cpp path vs llama-perplexity on the same file and text (the peer is skipped, saying why, where the ~28 GB of
+# logits it keeps do not fit); writes bench/results/validate-speed-gemma-3-270m-Q4_K_M-49152.md
+VALIDATE_SPEED_GEMMA3_ARGS ?= --model gemma3 --lengths 49152 --tasks ppl
+.PHONY: bench-validate-speed-gemma3
+bench-validate-speed-gemma3: setup-gemma3
+	$(PY) bench/validate_speed.py $(VALIDATE_SPEED_GEMMA3_ARGS)

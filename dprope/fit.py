@@ -26,8 +26,13 @@ it), the gradient of the loss with respect to the log-factors [n_pairs] and to t
 when the temperature is not fitted); ``step`` numbers the evaluations from 0, so a loss that draws its text per step
 draws it reproducibly.  This module never runs a model.
 
-The result is the evaluated point with the lowest loss (the start included: a fit never hands back factors its own
-loss rates worse than where it began).  A run is resumable: its state (the parameters, Adam's moments, the best
+The result (``pick``): "best", the evaluated point with the lowest loss (the start included: a fit never hands back
+factors its own loss rates worse than where it began), for a loss that reads the same text every step; or "average",
+the mean of the evaluated points from step ``average_from`` on (Polyak & Juditsky 1992's iterate averaging), for a
+loss that draws new text every step (short windows, or a batch of a larger pool): there the losses of two steps are
+measured on different tokens, so their minimum picks the easiest text, not the best factors, while the average of the
+iterates cancels the steps' noise.  The constraints are convex (a box and a monotone cone), so the average keeps
+them.  A run is resumable: its state (the parameters, Adam's moments, the best
 point, the trace) is written atomically as JSON after every ``save_every`` steps and on an exception (Ctrl-C
 included); the same call with that file continues where it stopped and, for a deterministic loss, ends exactly as an
 uninterrupted run (floats round-trip through JSON exactly).  A budget is required: ``budget_steps`` and/or
@@ -99,6 +104,10 @@ class FitConfig:
     fit_temperature: fit ln t too, within ``temperature_range``
     budget_steps / budget_seconds: stop after this many loss-and-gradient evaluations / seconds (None: no limit;
         seconds add up over resumed runs; one of the two is required)
+    pick: "best" (the evaluated point of lowest loss) or "average" (the mean of the evaluated points from step
+        ``average_from`` on; for a loss that draws its text per step); see the module docstring
+    average_from: the first step averaged (with ``pick`` "average"); a fraction < 1 of ``budget_steps`` (0.5: the
+        second half) or a step number
     save_every: write the state after this many steps (and always on an exception and at the end)
     """
 
@@ -116,9 +125,11 @@ class FitConfig:
     budget_steps: int | None = None
     budget_seconds: float | None = None
     save_every: int = 1
+    pick: str = "best"
+    average_from: float = 0.5
 
-    # fields that only limit a run; a state may be resumed under other values
-    RUN_LIMITS = ("budget_steps", "budget_seconds", "save_every")
+    # fields that only limit a run or choose among its points; a state may be resumed under other values
+    RUN_LIMITS = ("budget_steps", "budget_seconds", "save_every", "pick", "average_from")  # the path is the same
 
     def __post_init__(self) -> None:
         def pair(v, name):
@@ -145,6 +156,15 @@ class FitConfig:
         se = self.save_every
         if isinstance(se, bool) or not isinstance(se, int) or se < 1:
             raise DPRoPEError(f"fit option save_every must be a whole number >= 1, got {se!r}")
+        if self.pick not in ("best", "average"):
+            raise DPRoPEError(f"fit option pick must be best or average, got {self.pick!r}")
+        af = self.average_from
+        if isinstance(af, bool) or not isinstance(af, (int, float)) or not (af >= 0 and math.isfinite(af)):
+            raise DPRoPEError(f"fit option average_from must be a step number or a fraction of the steps >= 0, "
+                              f"got {af!r}")
+        if self.pick == "average" and af < 1 and self.budget_steps is None:
+            raise DPRoPEError("pick=average with a fractional average_from needs budget_steps (the fraction is of "
+                              "the steps); give average_from as a step number for a time budget")
         lo, hi = self.temperature_range
         if not (0 < lo <= hi):
             raise DPRoPEError(f"temperature_range must be 0 < low <= high, got {self.temperature_range}")
@@ -186,7 +206,9 @@ def config_fields() -> tuple[str, ...]:
 class FitResult:
     """The best point of a fit and how the fit went.
 
-    factors: float32 [n_pairs]; temperature: its cos/sin multiplier; loss: its loss (lower is better)
+    factors: float32 [n_pairs]; temperature: its cos/sin multiplier; loss: its loss (lower is better; with pick
+    "average", the mean loss of the averaged steps); best_step: that point's step (with "average": the first step
+    averaged)
     trace: per evaluation {"step", "loss", "best", "temperature", "grad_norm"}
     steps: loss-and-gradient evaluations made; stopped: "budget_steps" or "budget_seconds"
     init: {"method", "loss"}: where the fit started and that point's loss
@@ -304,6 +326,28 @@ def start_point(ctx, cfg: FitConfig) -> tuple[list[float], float, str]:
 
 
 # ----------------------------------------------------------------------------------------------- the fit
+def average_start(cfg: FitConfig, steps: int) -> int:
+    """The first step ``pick`` = "average" averages: ``average_from`` x budget_steps for a fraction < 1, else the
+    step number; never past the last step made."""
+    af = float(cfg.average_from)
+    start = int(af * int(cfg.budget_steps)) if af < 1 and cfg.budget_steps else int(af)
+    return max(0, min(start, int(steps) - 1))
+
+
+def averaged(st: dict[str, Any], cfg: FitConfig) -> dict[str, Any]:
+    """{"x", "y", "loss", "step"}: the mean of the evaluated points from :func:`average_start` on (log-factors and
+    log-temperature), the mean loss of those steps (each on its own text: an estimate, not the average point's own
+    loss), and the first step averaged."""
+    pts = st.get("points") or []
+    start = average_start(cfg, len(pts))
+    tail = pts[start:]
+    n = len(tail)
+    x = [sum(p[0][i] for p in tail) / n for i in range(len(tail[0][0]))]
+    y = sum(p[1] for p in tail) / n
+    loss = sum(e["loss"] for e in st["trace"][start:]) / n
+    return {"x": x, "y": y, "loss": loss, "step": start}
+
+
 def _ctx_dict(ctx) -> dict[str, Any]:
     return {"n_pairs": ctx.n_pairs, "original_length": ctx.original_length, "target_length": ctx.target_length,
             "rope_theta": ctx.rope_theta, "inv_freq": [float(x) for x in ctx.inv_freq.tolist()]}
@@ -405,6 +449,7 @@ def fit(ctx, loss_and_grad: LossAndGrad, config: FitConfig | None = None, state_
             # the step is done: the state moves to it in one go (an exception before here leaves the last one)
             st.update(x=new_x, y=new_y, m=m, v=v, step=k + 1, best=best)
             st["trace"].append(entry)
+            st.setdefault("points", []).append([x, y])  # the evaluated point, for pick=average
             if k == 0:
                 st["init"]["loss"] = loss
             log.info("fit step %d: loss %.6g (best %.6g), |grad| %.3g", k, loss, best["loss"], entry["grad_norm"])
@@ -421,9 +466,14 @@ def fit(ctx, loss_and_grad: LossAndGrad, config: FitConfig | None = None, state_
     best = st["best"]
     if best is None:
         raise DPRoPEError("the fit stopped before its first step (budget too small)")
+    if cfg.pick == "average":
+        best = averaged(st, cfg)
+        log.info("fit stopped (%s) after %d steps; the average of steps %d.. (mean loss there %.6g; start %.6g)",
+                 stopped, st["step"], best["step"], best["loss"], st["init"].get("loss", math.nan))
+    else:
+        log.info("fit stopped (%s) after %d steps; best loss %.6g at step %d (start %.6g)", stopped, st["step"],
+                 best["loss"], best["step"], st["init"].get("loss", math.nan))
     factors = torch.tensor([math.exp(v) for v in best["x"]], dtype=torch.float64).float()
-    log.info("fit stopped (%s) after %d steps; best loss %.6g at step %d (start %.6g)", stopped, st["step"],
-             best["loss"], best["step"], st["init"].get("loss", math.nan))
     temp = math.exp(best["y"]) if cfg.fit_temperature else float(st["init"]["temperature"])
     return FitResult(factors=factors, temperature=temp, loss=float(best["loss"]),
                      trace=[dict(e) for e in st["trace"]], steps=int(st["step"]), stopped=stopped,

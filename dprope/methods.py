@@ -48,11 +48,11 @@ def _candidates(value) -> list[str]:
 
 def factor_grid(scale: float, steps: int) -> dict[str, Any]:
     """``steps`` + 1 uniform per-pair factors 1, ..., s (every pair the same), named by their value."""
-    import torch
+    import numpy as np
 
     if int(steps) != steps or steps < 1:
         raise DPRoPEError(f"grid needs a whole number of steps >= 1, got {steps}")
-    vals = torch.linspace(1.0, float(scale), int(steps) + 1, dtype=torch.float64)
+    vals = np.linspace(1.0, float(scale), int(steps) + 1, dtype=np.float64)
     return {f"x{float(v):.4g}": float(v) for v in vals}
 
 
@@ -83,11 +83,11 @@ register_method("llama3", "Llama 3.1 wavelength bands (low 1, high 4), no temper
 # ----------------------------------------------------------------------------------------------- DPRoPE family
 def _dprope(ctx, *, candidates=DEFAULT_CANDIDATES, select="argmin", bins=DEFAULT_BINS, density="sampled",
             guard=None, grid=0, temperature="none"):
-    import torch
+    import numpy as np
 
     extra = {}
     if grid:
-        extra = {name: torch.full((ctx.n_pairs,), v, dtype=torch.float32)
+        extra = {name: np.full(ctx.n_pairs, v, dtype=np.float32)
                  for name, v in factor_grid(ctx.scale, grid).items()}
     r = _compute(ctx, candidates=_candidates(candidates), selection=select, bins=int(bins), density=density,
                  guard=None if guard in (None, 0, "none") else float(guard), extra_candidates=extra)
@@ -134,16 +134,16 @@ def _ramp(ctx, *, low=1e-4, high=1e-2, bins=DEFAULT_BINS, density="coverage", te
     ``low`` nats (weight 0, keep the frequency) to ``high`` nats (weight 1, PI); blended like YaRN blends
     frequencies, theta' = theta ((1 - w) + w / s).  The disturbance gain is made monotone from high to low
     frequency (a slower pair is never extrapolated more than a faster one)."""
-    import torch
+    import numpy as np
 
     if not (0 < float(low) < float(high)):
         raise DPRoPEError(f"ramp needs 0 < low < high (nats), got low={low}, high={high}")
     r = _compute(ctx, candidates=list(DEFAULT_CANDIDATES), bins=int(bins), density=density)
-    gain = (r.per_pair["extrapolation"] - r.per_pair["interpolation"]).clamp(min=1e-30)
-    gain = torch.cummax(gain, dim=0).values  # pairs go from high to low frequency
-    w = ((gain / float(low)).log() / math.log(float(high) / float(low))).clamp(0, 1)
-    f = (1.0 / ((1 - w) + w / ctx.scale)).float()
-    f = torch.where(w >= 1, torch.full_like(f, float(ctx.scale)), torch.where(w <= 0, torch.ones_like(f), f))
+    gain = np.maximum(r.per_pair["extrapolation"] - r.per_pair["interpolation"], 1e-30)
+    gain = np.maximum.accumulate(gain)  # pairs go from high to low frequency
+    w = np.clip(np.log(gain / float(low)) / math.log(float(high) / float(low)), 0, 1)
+    f = (1.0 / ((1 - w) + w / ctx.scale)).astype(np.float32)
+    f = np.where(w >= 1, np.float32(ctx.scale), np.where(w <= 0, np.float32(1), f)).astype(np.float32)
     # score the blend by the same criterion, for the report
     blended = _compute(ctx, candidates=[], extra_candidates={"ramp": f}, bins=int(bins), density=density)
     r.per_pair["ramp"] = blended.per_pair["ramp"]
@@ -151,8 +151,8 @@ def _ramp(ctx, *, low=1e-4, high=1e-2, bins=DEFAULT_BINS, density="coverage", te
     r.candidates = [*r.candidates, "ramp"]
     r.params["candidates"] = r.candidates
     r.chosen = ["extrapolation" if x <= 0 else "interpolation" if x >= 1 else "ramp" for x in w.tolist()]
-    r.factors = f.contiguous()
-    r.inv_freq = r.base_inv_freq / r.factors
+    r.factors = np.ascontiguousarray(f)
+    r.inv_freq = (r.base_inv_freq / r.factors).astype(np.float32)
     r.disturbance["ramp"] = float(r.per_pair["ramp"].mean())
     r.disturbance["selected"] = float(r.per_pair["ramp"].mean())
     r.params.update(selection=f"ramp:{low}..{high}", ramp_weight=[float(x) for x in w.tolist()])
@@ -213,7 +213,7 @@ register_method("longrope-search", "LongRoPE's evolutionary search of per-pair f
 # Options of the loss the pipeline builds for `dprope-fit` (convert/evaluate/fit.py): declared here so that recipes,
 # --opt and the report carry them; the fit itself (dprope/fit.py) reads only the FitConfig fields.
 FIT_LOSS_OPTIONS = dict(corpus=None, samples=1, length=None, score_from=None, batch=None, seed=0, dtype="auto",
-                        device="auto", gradient_checkpointing=True, loss_chunk=1024)
+                        device="auto", gradient_checkpointing=True, loss_chunk=1024, window=None, chunks=2, skip=0)
 
 
 def _dprope_fit(ctx, *, loss_and_grad=None, state_path=None, progress=None, write_state=True, bins=DEFAULT_BINS,
@@ -254,7 +254,11 @@ def _fit_defaults() -> dict[str, Any]:
 register_method("dprope-fit", "per-pair factors fitted by gradient, the weights frozen: Adam on the log-factors "
                 "against the next-token loss past the original window on long text, from the default's factors, "
                 "monotone within 1..1+s as LongRoPE's search; needs a loss callable that runs the model "
-                "(LongRoPE's objective, Ding et al. 2024, descended instead of searched)", "search",
+                "(LongRoPE's objective, Ding et al. 2024, descended instead of searched); window=W (chunks=N, "
+                "default 2): short W-token windows with PoSE's skipped position ids (Zhu et al. 2024) instead of "
+                "full-length ones, relative distances up to the target for a W-token pass, the temperature kept "
+                "fixed (a short window cannot measure attention dilution) and the result the average of the "
+                "iterates from average_from on (pick=average: each step reads other text)", "search",
                 loss_and_grad=None, state_path=None, progress=None, write_state=True, bins=DEFAULT_BINS,
                 **_fit_defaults(), **FIT_LOSS_OPTIONS)(_dprope_fit)
 
@@ -339,7 +343,7 @@ def _given(ctx, *, long=None, temperature="none", bins=DEFAULT_BINS, provenance=
     """Factors given as they are (a search's result found elsewhere, a paper's table), scored like every method.
     ``provenance``: where they came from (method, corpus, budget, seed, hardware), carried into the report and the
     model card; by default the file's own "provenance" or "found_with" string."""
-    import torch
+    import numpy as np
 
     if long is None:
         raise DPRoPEError("factors needs long=[...] (one factor per rotary pair) or long=path/to/factors.json")
@@ -349,7 +353,7 @@ def _given(ctx, *, long=None, temperature="none", bins=DEFAULT_BINS, provenance=
                           f"(head_dim {ctx.head_dim} / 2): give one factor per pair")
     if not all(math.isfinite(v) and v > 0 for v in vals):
         raise DPRoPEError("factors must be finite numbers > 0 (1: the pair as pre-trained, s: slowed by s)")
-    r = _compute(ctx, candidates=[], extra_candidates={"given": torch.tensor(vals, dtype=torch.float32)},
+    r = _compute(ctx, candidates=[], extra_candidates={"given": np.array(vals, dtype=np.float32)},
                  bins=int(bins))
     r.temperature = _temp(temperature, ctx)
     prov = provenance if provenance not in (None, "") else _file_provenance(long)

@@ -104,7 +104,7 @@ def test_guarded_fast_pairs_keep_the_init_factor():
     assert guarded_pairs(ctx, 32) == 11 and guarded_pairs(ctx, None) == 0
     init = run_method("dprope", ctx).factors
     r = fit(ctx, _quadratic(torch.full((32,), 0.7, dtype=torch.float64)), FitConfig(budget_steps=5, lr=0.1))
-    assert torch.equal(r.factors[:11], init[:11]) and not torch.equal(r.factors[11:], init[11:])
+    assert torch.equal(r.factors[:11], torch.from_numpy(init[:11])) and not torch.equal(r.factors[11:], torch.from_numpy(init[11:]))
     assert r.fixed_pairs == 11 and satisfies(r.factors, 4.0)
 
 
@@ -227,6 +227,127 @@ def test_the_loss_equals_the_baked_checkpoint_s(tiny_models, tmp_path):
     assert value == pytest.approx(want, rel=1e-4)
 
 
+# ------------------------------------------------------------------------------------------- short windows (PoSE)
+WINDOW = 32  # a short window: half the tiny models' original window, an eighth of the target
+
+
+@pytest.fixture(scope="module")
+def short_loss(tiny_models):
+    """The fit's loss on 32-token windows with PoSE's skipped positions (2 chunks), 2 windows a step."""
+    from convert.evaluate.fit import make_fit_loss
+
+    src = open_source(tiny_models[("llama", False)])
+    return make_fit_loss(src.path, src.spec, TARGET, {"window": WINDOW, "samples": 2, "seed": 0})
+
+
+def test_short_windows_read_skipped_positions_and_the_fit_descends_through_them(short_loss):
+    loss = short_loss
+    assert loss.short and loss.length == WINDOW and loss.chunks == 2 and loss.score_from == ORIGINAL
+    assert len(loss.windows) > 100 and loss.tokens_per_step() == 2 * WINDOW  # the pool: every 32-token window
+    ident, label = loss.identity(), loss.label()
+    assert ident["window"] == WINDOW and ident["chunks"] == 2 and ident["positions"] == "pose"
+    assert ":window=32:chunks=2:" in label
+    for step in range(3):
+        inputs = loss.step_inputs(step)
+        assert len(inputs) == 2
+        for ids, targets, pos, first in inputs:
+            p = pos[0]
+            assert ids.shape == (1, WINDOW) and p[0] == 0 and p[-1] < TARGET and bool((p.diff() >= 1).all())
+            assert p[-1] >= ORIGINAL  # redrawn until the window scores something
+            assert first == int((p < ORIGINAL).sum())  # the scored targets: positions >= score_from
+    # the same step draws the same windows and positions; another step others
+    a, b = loss.step_inputs(1), loss.step_inputs(1)
+    assert all(torch.equal(x[2], y[2]) and torch.equal(x[0], y[0]) for x, y in zip(a, b))
+    assert any(not torch.equal(x[2], y[2]) for x, y in zip(a, loss.step_inputs(2)))
+    # the gradient through the skipped positions: central differences on a slow pair
+    ctx = RopeContext(loss.spec.inv_freq, loss.spec.rope_theta, ORIGINAL, TARGET)
+    x = torch.linspace(0.0, math.log(SCALE), 8, dtype=torch.float64)
+    _, g, gt = loss(x, 1.0, 0)
+    assert gt is None
+    e = torch.zeros_like(x)
+    e[5] = 1e-2
+    fd = (loss(x + e, 1.0, 0)[0] - loss(x - e, 1.0, 0)[0]) / 2e-2
+    assert fd == pytest.approx(float(g[5]), rel=0.05)
+    # the fit on one step's windows (a fixed objective): the factors move and the best loss is below the start's
+    r = run_method("dprope-fit", ctx, loss_and_grad=lambda x, t, step: loss(x, t, 0), budget_steps=4, lr=0.1)
+    s = r.params["search"]
+    assert s["fitness"] < s["init"]["loss"] and s["best_step"] > 0
+    assert not torch.allclose(torch.as_tensor(r.factors), torch.as_tensor(run_method("dprope", ctx).factors))
+    assert satisfies(r.factors, SCALE)
+
+
+def test_short_windows_score_only_the_targets_past_score_from(short_loss, tiny_models, monkeypatch):
+    """A constructed case: window 0 at positions 0..9 and 100..121 scores its last 22 targets, window 1 at 0..31
+    none; the value is the model's own loss on those 22 tokens under the same position ids."""
+    import numpy as np
+
+    from convert.evaluate.fitness import apply_factors, load_model
+
+    loss = short_loss
+    pos0 = np.concatenate([np.arange(0, 10), np.arange(100, 122)])
+    monkeypatch.setattr(loss, "positions", lambda step, j: pos0 if j == 0 else np.arange(WINDOW))
+    factors = torch.tensor([1.0, 1.0, 1.13, 1.5, 2.24, 3.1, 3.9, 4.37])
+    value, _, _ = loss(factors.double().log(), 1.07, 0)
+    assert loss.scored[-1] == 22
+    model, _ = load_model(tiny_models[("llama", False)], device="cpu")  # a model of its own, baked in memory
+    apply_factors(model, loss.spec, factors, 1.07)
+    ids, targets, pos, first = loss.step_inputs(0)[0]
+    assert first == 10 and torch.equal(pos[0], torch.from_numpy(pos0))
+    with torch.no_grad():
+        logits = model(ids, position_ids=pos, attention_mask=torch.ones_like(ids)).logits[0, first:].float()
+    want = torch.nn.functional.cross_entropy(logits, targets[first:]).item()
+    assert value == pytest.approx(want, rel=1e-4)
+    # nothing scored at all: one clear error, no division by zero
+    monkeypatch.setattr(loss, "positions", lambda step, j: np.arange(WINDOW))
+    with pytest.raises(ConvertError, match="scored no token at step 0"):
+        loss(factors.double().log(), 1.07, 0)
+
+
+def test_an_interrupted_short_window_fit_resumes_to_the_uninterrupted_result(short_loss, tmp_path):
+    loss = short_loss
+    ctx = RopeContext(loss.spec.inv_freq, loss.spec.rope_theta, ORIGINAL, TARGET)
+    cfg = dict(lr=0.05)
+    whole = fit(ctx, loss, FitConfig(budget_steps=4, **cfg), state_path=tmp_path / "whole.json")
+    # a budget of 2, then 4: the second run continues the first's state
+    state = tmp_path / "budget.json"
+    assert fit(ctx, loss, FitConfig(budget_steps=2, **cfg), state_path=state).steps == 2
+    more = fit(ctx, loss, FitConfig(budget_steps=4, **cfg), state_path=state)
+    # an exception from the loss at step 3, then the same call
+    calls = []
+
+    def dies_at_3(x, t, step):
+        calls.append(step)
+        if step == 3 and len(calls) == 4:
+            raise KeyboardInterrupt
+        return loss(x, t, step)
+
+    broken = tmp_path / "broken.json"
+    with pytest.raises(KeyboardInterrupt):
+        fit(ctx, dies_at_3, FitConfig(budget_steps=4, **cfg), state_path=broken)
+    assert json.loads(broken.read_text())["step"] == 3
+    resumed = fit(ctx, dies_at_3, FitConfig(budget_steps=4, **cfg), state_path=broken)
+    assert calls == [0, 1, 2, 3, 3]
+    for r in (more, resumed):
+        assert torch.equal(torch.as_tensor(r.factors), torch.as_tensor(whole.factors)) and r.trace == whole.trace
+        assert r.loss == whole.loss and r.steps == 4
+
+
+def test_the_short_window_objective_scores_factor_sets_on_fixed_windows(short_loss):
+    from convert.evaluate.fit import ShortWindowObjective
+
+    loss = short_loss
+    obj = ShortWindowObjective(loss.model, loss.tok, loss.spec, TARGET,
+                               {"window": WINDOW, "samples": 2, "seed": 0, "steps": 2})
+    ones, other = torch.ones(8), torch.linspace(1.0, 4.0, 8)
+    a = obj(ones, 1.0)
+    assert obj(ones, 1.0) == a and obj(other, 1.0) != a and obj(ones, 1.2) != a
+    assert obj.tokens_per_call() == 2 * 2 * WINDOW and obj.identity()["steps"] == 2 and obj.scored[0] > 0
+    # the fit's own loss at step 0 on the same options: the same value (the same windows, positions and scoring)
+    one = ShortWindowObjective(loss.model, loss.tok, loss.spec, TARGET, {"window": WINDOW, "samples": 2, "seed": 0})
+    assert one(ones, 1.0) == pytest.approx(loss(torch.zeros(8, dtype=torch.float64), 1.0, 0)[0], rel=1e-6)
+    assert all(p.grad is None for p in loss.model.parameters())
+
+
 # ------------------------------------------------------------------------------------------- the pipeline
 def _fit_report(out: Path) -> dict:
     return json.loads((out / "dprope_factors.json").read_text())
@@ -295,6 +416,13 @@ def test_interrupted_fit_through_the_cli_resumes_to_the_uninterrupted_result(tin
     (["--budget", "2", "--opt", "init=nope"], "unknown method 'nope'"),
     (["--budget", "2", "--opt", "dtype=int8"], "dtype must be auto"),
     (["--budget", "2", "--opt", "steps=3"], r"no option(s) steps"),
+    (["--budget", "2", "--opt", "window=32", "--opt", "fit_temperature=true"],
+     "cannot measure the dilution the temperature compensates"),
+    (["--budget", "2", "--opt", f"window={TARGET + 1}"], f"pass window < {TARGET}"),
+    (["--budget", "2", "--opt", "window=8", "--opt", "chunks=9"], "window=8 is too short for chunks=9"),
+    (["--budget", "2", "--opt", "window=32", "--opt", "chunks=0"], "chunks must be a whole number >= 1"),
+    (["--budget", "2", "--opt", "window=32", "--opt", "length=128"], "length and window exclude each other"),
+    (["--budget", "2", "--opt", "window=32", "--opt", "chunks=1"], "pass chunks >= 2 (skipped positions)"),
 ])
 def test_bad_fit_inputs_are_one_clear_error(tiny_models, tmp_path, extra, msg):
     out = tmp_path / "out"
@@ -432,3 +560,36 @@ def test_the_searched_preset_bakes_on_a_cpu(tmp_path, monkeypatch):
     assert rope["attention_factor"] == pytest.approx(want["temperature"], rel=1e-9)
     card = (tmp_path / "run" / "hf" / "README.md").read_text()
     assert "- Factors from: LongRoPE's evolutionary search (longrope-search" in card
+
+
+def test_pick_average_returns_the_mean_of_the_iterates_not_the_luckiest_step():
+    """A loss whose noise differs step by step (short windows draw new text each step): "best" picks the step with
+    the luckiest noise; "average" returns the mean of the evaluated points from average_from on, which lies nearer
+    the minimum than the noisy iterates, and keeps the constraints (they are convex)."""
+    ctx = _ctx()
+    target = torch.linspace(0.2, 1.2, ctx.n_pairs, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(0)
+    noise = [torch.randn(ctx.n_pairs, generator=gen, dtype=torch.float64) * 0.5 for _ in range(60)]
+    offsets = torch.randn(60, generator=gen, dtype=torch.float64).abs() * 2  # text that is easier or harder
+
+    def noisy(x, t, step):
+        d = x - target
+        return float((d * d).sum() + offsets[step]), 2 * d + noise[step], None
+
+    base = dict(budget_steps=60, lr=0.05, guard=None)
+    best = fit(ctx, noisy, FitConfig(**base))
+    avg = fit(ctx, noisy, FitConfig(**base, pick="average", average_from=0.5))
+    want = torch.tensor(project(target.tolist(), 0.0, math.log(1 + SCALE), True))
+    err = lambda r: float((r.factors.double().log() - want).norm())  # noqa: E731
+    assert avg.best_step == 30 and err(avg) < err(best)
+    assert avg.loss == pytest.approx(sum(e["loss"] for e in avg.trace[30:]) / 30)
+    assert satisfies(avg.factors, SCALE)
+    # the average is of the evaluated points, kept in the state: a run in two parts ends the same
+    state = Path(__import__("tempfile").mkdtemp()) / "fit.json"
+    fit(ctx, noisy, FitConfig(**{**base, "budget_steps": 40}, pick="average", average_from=30), state_path=state)
+    again = fit(ctx, noisy, FitConfig(**base, pick="average", average_from=30), state_path=state)
+    assert torch.equal(again.factors, avg.factors) and again.loss == avg.loss
+    with pytest.raises(dprope.DPRoPEError, match="needs budget_steps"):
+        FitConfig(budget_seconds=10, pick="average")
+    with pytest.raises(dprope.DPRoPEError, match="pick must be best or average"):
+        FitConfig(budget_steps=1, pick="median")

@@ -62,9 +62,12 @@ def longrope_inv_freq(spec: RopeSpec, factors: torch.Tensor) -> torch.Tensor:
     if f.numel() != spec.head_dim // 2 or not bool(torch.isfinite(f).all()) or not bool((f > 0).all()):
         raise ConvertError(f"factors must be {spec.head_dim // 2} finite values > 0 (head_dim {spec.head_dim}), "
                            f"got {f.numel()}")
-    from convert.arch import longrope_inv_freq as from_long_factor
-
-    return from_long_factor((spec.prior_factors * f).float(), spec.rope_theta, spec.head_dim)
+    # the long factors exactly as the bake writes them (convert/formats/hf.py hf_factors), then transformers' own
+    # torch arithmetic on them (modeling_rope_utils.py _compute_longrope_parameters), so a value here is bit for bit
+    # what the baked checkpoint computes (torch's vectorised pow differs from NumPy's by an ulp here and there)
+    long = torch.from_numpy((spec.prior_factors * f.numpy()).astype("float32"))
+    shape = torch.arange(0, spec.head_dim, 2, dtype=torch.int64).float() / spec.head_dim
+    return 1.0 / (long * float(spec.rope_theta) ** shape)
 
 
 def rotary_modules(model) -> list:
@@ -414,13 +417,15 @@ def is_search(method: str) -> bool:
     return method.lower() in SEARCH_METHODS
 
 
-def check_options(method: str, options: Mapping[str, Any]) -> None:
+def check_options(method: str, options: Mapping[str, Any], target_length: int | None = None,
+                  original_length: int | None = None) -> None:
     """Refuse, with one message naming the fix, a search plan that cannot run: no budget, an unknown fitness,
-    settings the search rejects."""
+    settings the search rejects (``target_length`` and the model's ``original_length``, when given, check what
+    depends on them)."""
     from dprope.search_config import SearchConfig
 
     if method.lower() == FIT_METHOD:
-        return check_fit_options(options)
+        return check_fit_options(options, target_length, original_length)
     problems = []
     fit = options.get("fitness")
     if not callable(fit):
@@ -471,6 +476,9 @@ def fit_loss_problems(options: Mapping[str, Any]) -> list[str]:
     seed = options.get("seed")
     if isinstance(seed, bool) or not isinstance(seed, int):
         problems.append(f"dprope-fit option seed must be a whole number, got {seed!r}")
+    skip = options.get("skip", 0)
+    if isinstance(skip, bool) or not isinstance(skip, int) or skip < 0:
+        problems.append(f"dprope-fit option skip must be a whole number of tokens >= 0, got {skip!r}")
     if options.get("dtype") not in ("auto", "float32", "bfloat16", "float16"):
         problems.append(f"dprope-fit option dtype must be auto, float32, bfloat16 or float16, got "
                         f"{options.get('dtype')!r}")
@@ -486,8 +494,54 @@ def fit_loss_problems(options: Mapping[str, Any]) -> list[str]:
     return problems
 
 
-def check_fit_options(options: Mapping[str, Any]) -> None:
-    """Refuse, with one message naming the fix, a ``dprope-fit`` plan that cannot run: no budget, bad settings."""
+SHORT_WINDOW_TEMPERATURE = (
+    "fit_temperature=true cannot go with window: a short window never spreads attention over the target length's "
+    "tokens, so it cannot measure the dilution the temperature compensates; keep the temperature fixed (the init's, "
+    "or temperature=longrope: LongRoPE's sqrt(1 + ln s / ln L)), or fit it on full-length windows (leave window unset)")
+
+
+def short_window_problems(options: Mapping[str, Any], target_length: int | None = None,
+                          original_length: int | None = None) -> list[str]:
+    """What is wrong with the short-window options (``window``, ``chunks``) of a fit, each with its fix.  The
+    target length and the original window are checked against when given."""
+    w, n = options.get("window"), options.get("chunks", 2)
+    problems = []
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        problems.append(f"dprope-fit option chunks must be a whole number >= 1 (PoSE's default: 2), got {n!r}")
+        n = None
+    if w is None:
+        return problems
+    if isinstance(w, bool) or not isinstance(w, int) or w < 1:
+        return problems + [f"dprope-fit option window must be a whole number of tokens (or unset: full-length "
+                           f"windows), got {w!r}"]
+    if n is not None and w < 2 * n:
+        problems.append(f"dprope-fit window={w} is too short for chunks={n}: a window needs at least 2 tokens per "
+                        f"chunk; pass window >= {2 * n} or fewer chunks")
+    if target_length is not None and w >= int(target_length):
+        problems.append(f"dprope-fit window={w} is not shorter than the target length {target_length}: a short "
+                        f"window must be shorter than the target; pass window < {target_length}, or leave window "
+                        "unset for full-length windows")
+    if options.get("length") is not None:
+        problems.append("dprope-fit options length and window exclude each other (length: full windows of that many "
+                        "tokens; window: short windows with skipped positions); pass one of them")
+    if options.get("fit_temperature") is True:
+        problems.append(SHORT_WINDOW_TEMPERATURE)
+    sf = options.get("score_from")
+    score_from = sf if isinstance(sf, int) and not isinstance(sf, bool) else original_length
+    if score_from is not None:
+        if target_length is not None and score_from >= int(target_length):
+            problems.append(f"dprope-fit scores positions >= {score_from}, but no position reaches it below the "
+                            f"target length {target_length}; pass score_from < {target_length}")
+        if n == 1 and w <= score_from:
+            problems.append(f"dprope-fit window={w} with chunks=1 has positions 0..{w - 1} only, none >= "
+                            f"score_from {score_from}: pass chunks >= 2 (skipped positions) or window > {score_from}")
+    return problems
+
+
+def check_fit_options(options: Mapping[str, Any], target_length: int | None = None,
+                      original_length: int | None = None) -> None:
+    """Refuse, with one message naming the fix, a ``dprope-fit`` plan that cannot run: no budget, bad settings
+    (short windows against ``target_length`` and ``original_length`` when they are given)."""
     from dprope.fit import FitConfig, config_fields
 
     problems = []
@@ -507,6 +561,7 @@ def check_fit_options(options: Mapping[str, Any]) -> None:
     except (dprope.DPRoPEError, TypeError, ValueError) as e:
         problems.append(str(e))
     problems += fit_loss_problems(options)
+    problems += short_window_problems(options, target_length, original_length)
     if problems:
         raise ConvertError("; ".join(problems))
 

@@ -37,7 +37,6 @@ import dprope
 from convert.errors import ConvertError
 from convert.evaluate.fitness import (  # noqa: F401
     _FIT_INTERNAL, _INTERNAL, FIT_METHOD, SEARCH_METHODS, _config_options, check_options, is_search)
-from convert.evaluate.report import plot_trace, write_trace  # noqa: F401
 from convert.names import TRACE_JSON, TRACE_PNG  # noqa: F401
 
 if TYPE_CHECKING:
@@ -243,10 +242,14 @@ def run_fit(src: Any, plan: Any, work: Path, *, progress: bool = True, loss=None
     from convert.evaluate.fit import describe_device, make_fit_loss
     from convert.evaluate.fitness import process_group
 
-    check_options(plan.method, plan.options)
     spec = plan.spec_for(src.spec)
+    check_options(plan.method, plan.options, plan.target_length, spec.original_length)
     check_target_length(plan.target_length, spec.original_length, ConvertError)
     opts = {k: v for k, v in plan.options.items() if k not in _FIT_INTERNAL}
+    if opts.get("window") is not None and "pick" not in opts:
+        # short windows draw new text every step: the lowest loss picks the easiest text, the iterates' average
+        # cancels the noise (dprope/fit.py, pick)
+        opts["pick"] = "average"
     cfg = FitConfig(**{k: v for k, v in opts.items() if k in set(config_fields())})
     rank, world = process_group()
     work = Path(work)
