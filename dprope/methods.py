@@ -239,7 +239,8 @@ def _dprope_fit(ctx, *, loss_and_grad=None, state_path=None, progress=None, writ
     r.temperature = float(res.temperature)
     r.params["search"] = {"kind": "fit", "fitness": res.loss, "evals": res.steps, "stopped": res.stopped,
                           "trace": res.trace, "config": res.config, "critical_pair": None, "elapsed": res.elapsed,
-                          "best_step": res.best_step, "init": res.init, "fixed_pairs": res.fixed_pairs}
+                          "best_step": res.best_step, "init": res.init, "fixed_pairs": res.fixed_pairs,
+                          "pick": res.pick}
     return r
 
 

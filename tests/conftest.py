@@ -10,6 +10,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))  # the be
 
 from tiny import make_tiny, tiny_tokenizer  # noqa: E402
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # pytest-xdist (make test: -n auto) runs one worker per core: each computes on one thread, so two workers do not
+    # fight over the cores (torch's intra-op pool and its BLAS would each take every core)
+    import torch
+
+    torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session")
 def tokenizer():

@@ -15,9 +15,21 @@ from pathlib import Path
 from gguf_vs_llamacpp import llama_cpp_sdist_files, peer_converter  # bench/ is on sys.path (tests/conftest.py)
 
 
+def _locked(fn, *args):
+    """``fn(*args)`` under one lock file beside the sdist's files, so pytest-xdist's workers fetch them once."""
+    import fcntl
+
+    from _measure import DATA
+
+    DATA.mkdir(parents=True, exist_ok=True)
+    with open(DATA / ".llama-cpp-sdist.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return fn(*args)
+
+
 def convert(hf_dir: Path, out: Path, outtype: str = "f32") -> Path:
     """``hf_dir`` -> ``out`` with llama.cpp's converter (its own gguf-py first on the path)."""
-    script = peer_converter()
+    script = _locked(peer_converter)
     env = {**os.environ, "PYTHONPATH": str(script.parent / "gguf-py"), "NO_LOCAL_GGUF": ""}
     p = subprocess.run([sys.executable, str(script), str(hf_dir), "--outfile", str(out), "--outtype", outtype],
                        capture_output=True, text=True, env=env)
@@ -26,14 +38,49 @@ def convert(hf_dir: Path, out: Path, outtype: str = "f32") -> Path:
     return out
 
 
+# one interpreter runs the converter's main() once per model (its own argv each): the converter's imports (torch,
+# transformers, its gguf-py) cost far more than converting a tiny model
+_MANY = r"""
+import os, runpy, sys
+script, outtype, pairs = sys.argv[1], sys.argv[2], sys.argv[3:]
+sys.path.insert(0, os.path.dirname(script))  # as `python script.py` would: its conversion/ package beside it
+mod = runpy.run_path(script)  # defines the model classes once; not as __main__, so nothing runs yet
+for hf_dir, out in zip(pairs[::2], pairs[1::2]):
+    sys.argv = [script, hf_dir, "--outfile", out, "--outtype", outtype]
+    mod["main"]()
+"""
+
+
+def convert_many(jobs: list[tuple[Path, Path]], outtype: str = "f32") -> list[Path]:
+    """Each (hf_dir, out) of ``jobs`` converted as :func:`convert` does, all in one child process."""
+    if not jobs:
+        return []
+    script = _locked(peer_converter)
+    env = {**os.environ, "PYTHONPATH": str(script.parent / "gguf-py"), "NO_LOCAL_GGUF": ""}
+    args = [str(x) for pair in jobs for x in pair]
+    p = subprocess.run([sys.executable, "-c", _MANY, str(script), outtype, *args], capture_output=True, text=True,
+                       env=env)
+    if p.returncode != 0:
+        raise RuntimeError(f"convert_hf_to_gguf.py failed on one of {[str(j[0]) for j in jobs]}:\n"
+                           f"{p.stderr[-3000:]}")
+    missing = [str(out) for _, out in jobs if not Path(out).is_file()]
+    if missing:
+        raise RuntimeError(f"convert_hf_to_gguf.py wrote no {', '.join(missing)}:\n{p.stderr[-3000:]}")
+    return [Path(out) for _, out in jobs]
+
+
 def llamacpp_vocab(name: str) -> Path:
     """llama.cpp's own vocabulary-only GGUF of a model family (``models/ggml-vocab-<name>.gguf``: the real tokenizer,
     no weights, that its tokenizer tests load), from the same llama-cpp-python sdist as the converter; unpacked once
     next to it (bench/.data/llama-cpp-python-<version>/vendor/llama.cpp/models/)."""
-    vendor = peer_converter().parent
+    vendor = _locked(peer_converter).parent
     dest = vendor / "models" / f"ggml-vocab-{name}.gguf"
-    if not dest.exists():
-        llama_cpp_sdist_files(vendor.parent.parent, (f"vendor/llama.cpp/models/{dest.name}",))
+
+    def fetch():
+        if not dest.exists():
+            llama_cpp_sdist_files(vendor.parent.parent, (f"vendor/llama.cpp/models/{dest.name}",))
+
+    _locked(fetch)
     return dest
 
 

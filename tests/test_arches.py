@@ -164,26 +164,38 @@ CHILD_457 = r"""
 import json, sys, torch, transformers
 from transformers import AutoModelForCausalLM
 assert transformers.__version__.startswith("4.57"), transformers.__version__
-model = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()
-rot = model.model.rotary_emb
-pos = torch.tensor([[int(sys.argv[2])]])
-with torch.no_grad():
-    model(torch.zeros(1, int(sys.argv[2]) + 1, dtype=torch.long))
-    cos, sin = rot(torch.zeros(1, 1, 4), pos)
-print(json.dumps({"cos": cos[0, 0].tolist(), "sin": sin[0, 0].tolist()}))
+pos = int(sys.argv[1])
+out = {}
+for d in sys.argv[2:]:  # every directory in one interpreter: importing 4.57 costs more than a tiny model's forward
+    model = AutoModelForCausalLM.from_pretrained(d).eval()
+    rot = model.model.rotary_emb
+    with torch.no_grad():
+        model(torch.zeros(1, pos + 1, dtype=torch.long))
+        cos, sin = rot(torch.zeros(1, 1, 4), torch.tensor([[pos]]))
+    out[d] = {"cos": cos[0, 0].tolist(), "sin": sin[0, 0].tolist()}
+print(json.dumps(out))
 """
+ARCHES_457 = ["llama3", "qwen3", "gemma3_text", "phi3"]
 
 
-@pytest.mark.parametrize("mt", ["llama3", "qwen3", "gemma3_text", "phi3"])
-def test_transformers_457_rotates_the_same(extended, mt, tf457):
-    TF457 = tf457
+@pytest.fixture(scope="module")
+def rotations_457(extended, tf457) -> dict[str, dict]:
+    """{arch: the cos/sin transformers 4.57 computes at the last target position for its extended directory}."""
+    env = {**os.environ, "PYTHONPATH": str(tf457)}
+    dirs = [str(extended[mt]) for mt in ARCHES_457]
+    p = subprocess.run([sys.executable, "-c", CHILD_457, str(TARGET - 1), *dirs], capture_output=True, text=True,
+                       env=env)
+    assert p.returncode == 0, p.stderr[-2000:]
+    got = json.loads(p.stdout.strip().splitlines()[-1])
+    return {mt: got[d] for mt, d in zip(ARCHES_457, dirs)}
+
+
+@pytest.mark.parametrize("mt", ARCHES_457)
+def test_transformers_457_rotates_the_same(extended, mt, rotations_457):
     d = extended[mt]
     cfg = _cfg(d)
     pos = TARGET - 1
-    env = {**os.environ, "PYTHONPATH": str(TF457)}
-    p = subprocess.run([sys.executable, "-c", CHILD_457, str(d), str(pos)], capture_output=True, text=True, env=env)
-    assert p.returncode == 0, p.stderr[-2000:]
-    got = json.loads(p.stdout.strip().splitlines()[-1])
+    got = rotations_457[mt]
     inv = torch.from_numpy(dprope.base_inv_freq(float(cfg["rope_theta"]), int(cfg["head_dim"]))).double() / torch.tensor(_written(d))
     ang = torch.cat([pos * inv, pos * inv])
     t = float(cfg["dprope"]["temperature"])

@@ -321,6 +321,8 @@ def test_an_interrupted_short_window_fit_resumes_to_the_uninterrupted_result(sho
             raise KeyboardInterrupt
         return loss(x, t, step)
 
+    dies_at_3.stochastic = loss.stochastic  # new windows every step: pick=auto averages the iterates
+    assert loss.stochastic and whole.pick == "average"
     broken = tmp_path / "broken.json"
     with pytest.raises(KeyboardInterrupt):
         fit(ctx, dies_at_3, FitConfig(budget_steps=4, **cfg), state_path=broken)
@@ -485,6 +487,7 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.mark.slow  # two processes
 def test_two_gloo_processes_fit_as_one(tiny_models, tmp_path, one_thread):
     src_dir = tiny_models[("llama", False)]
     args = ["--target-length", str(TARGET), "--method", "dprope-fit", "--budget", "3", *FIT]
@@ -501,6 +504,7 @@ def test_two_gloo_processes_fit_as_one(tiny_models, tmp_path, one_thread):
     assert len(list((tmp_path / "two.search").glob("state-*.json"))) == 1  # rank 0 alone wrote the state
 
 
+@pytest.mark.slow  # two processes
 def test_two_gloo_processes_search_exactly_as_one(tiny_models, tmp_path, one_thread):
     src_dir = tiny_models[("llama", False)]
     args = ["--target-length", str(TARGET), "--method", "longrope-search", "--budget", "14", "--fitness",
@@ -543,6 +547,7 @@ def test_the_searched_preset_carries_the_gpu_search_s_factors_and_where_they_cam
     assert "LongRoPE's full search" in bare.params["provenance"]
 
 
+@pytest.mark.slow  # the real SmolLM2, dequantised
 def test_the_searched_preset_bakes_on_a_cpu(tmp_path, monkeypatch):
     from test_smollm2 import smollm2_gguf
 
@@ -577,7 +582,8 @@ def test_pick_average_returns_the_mean_of_the_iterates_not_the_luckiest_step():
         return float((d * d).sum() + offsets[step]), 2 * d + noise[step], None
 
     base = dict(budget_steps=60, lr=0.05, guard=None)
-    best = fit(ctx, noisy, FitConfig(**base))
+    best = fit(ctx, noisy, FitConfig(**base))  # pick=auto: a plain callable is taken for a deterministic loss
+    assert best.pick == "best"
     avg = fit(ctx, noisy, FitConfig(**base, pick="average", average_from=0.5))
     want = torch.tensor(project(target.tolist(), 0.0, math.log(1 + SCALE), True))
     err = lambda r: float((r.factors.double().log() - want).norm())  # noqa: E731
@@ -589,7 +595,9 @@ def test_pick_average_returns_the_mean_of_the_iterates_not_the_luckiest_step():
     fit(ctx, noisy, FitConfig(**{**base, "budget_steps": 40}, pick="average", average_from=30), state_path=state)
     again = fit(ctx, noisy, FitConfig(**base, pick="average", average_from=30), state_path=state)
     assert torch.equal(again.factors, avg.factors) and again.loss == avg.loss
-    with pytest.raises(dprope.DPRoPEError, match="needs budget_steps"):
-        FitConfig(budget_seconds=10, pick="average")
-    with pytest.raises(dprope.DPRoPEError, match="pick must be best or average"):
+    # pick=auto averages for a loss that says it is stochastic (convert/evaluate/fit.py FitLoss with short windows)
+    noisy.stochastic = True
+    auto = fit(ctx, noisy, FitConfig(**base))
+    assert auto.pick == "average" and torch.equal(auto.factors, avg.factors)
+    with pytest.raises(dprope.DPRoPEError, match="pick must be auto, best or average"):
         FitConfig(budget_steps=1, pick="median")

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 from safetensors import safe_open
@@ -17,6 +18,7 @@ from convert.stages.train import PackedBlocks, accelerate_config
 from tiny import ORIGINAL
 
 ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow  # several processes (accelerate launch, gloo)
 LAUNCH_TIMEOUT_S = 240  # about 40 s on 2 busy cores
 
 

@@ -43,16 +43,17 @@ def models(tmp_path_factory) -> dict[str, dict[str, Path]]:
     from transformers import AutoTokenizer
 
     from convert.formats.checkpoint import gguf_tokenizer_dir
-    from llamacpp_convert import convert, qwen2_tokenizer
+    from llamacpp_convert import convert_many, qwen2_tokenizer
     from tiny import spm_tokenizer
 
     root = tmp_path_factory.mktemp("in-place")
     toks = {"smollm": AutoTokenizer.from_pretrained(str(gguf_tokenizer_dir(smollm2_gguf()))),
             "qwen2": qwen2_tokenizer(), "spm": spm_tokenizer(root / "spm")}
     out = {}
+    hfs = {mt: make_tiny(root / mt, mt, tokenizer=toks[TOKENIZER.get(mt, "smollm")]) for mt in CONVERTED}
+    ggufs = dict(zip(CONVERTED, convert_many([(hfs[mt], root / f"{mt}.gguf") for mt in CONVERTED])))
     for mt in CONVERTED:
-        hf = make_tiny(root / mt, mt, tokenizer=toks[TOKENIZER.get(mt, "smollm")])
-        gguf = convert(hf, root / f"{mt}.gguf")
+        hf, gguf = hfs[mt], ggufs[mt]
         ext = root / f"{mt}-ext.gguf"
         s = bake_gguf(gguf, ext, make_plan(target_length=TARGET), progress=False)
         hf_ext = bake(open_source(hf), root / f"{mt}-hf-ext", make_plan(target_length=TARGET), progress=False)
@@ -78,10 +79,17 @@ def _carry_the_fit(hf_ext: Path, src, summary: dict) -> None:
 
 
 def _tensors(path: Path) -> dict[str, tuple[str, bytes]]:
-    import gguf
+    """name -> (type, the bytes in the file), read at the offsets of the header (convert/io/gguf_meta.py, whose
+    offsets tests/test_gguf_rewrite.py checks against gguf-py's GGUFReader; the reader itself walks Qwen2's 151k
+    vocabulary strings one by one, seconds per file)."""
+    from convert.io.gguf_meta import read_gguf
 
-    r = gguf.GGUFReader(str(path))
-    return {t.name: (t.tensor_type.name, bytes(np.asarray(t.data).tobytes())) for t in r.tensors}
+    out = {}
+    with open(path, "rb") as f:
+        for t in read_gguf(path).tensors:
+            f.seek(t.offset)
+            out[t.name] = (t.tensor_type.name, f.read(t.n_bytes))
+    return out
 
 
 def _meta(path: Path) -> dict:

@@ -5,6 +5,8 @@ import json
 
 import pytest
 
+pytestmark = pytest.mark.bench
+
 @pytest.fixture(scope="module")
 def bench():
     import quality  # bench/ is on the path (conftest.py)

@@ -19,11 +19,12 @@ DATASETS = [(mod, fns[0]) for mod, (fns, _) in MODULES.items()]  # niah_single_1
 
 @pytest.fixture(scope="module")
 def smol_tokenizer():
-    """SmolLM2's tokenizer (RULER's generators need a real vocabulary)."""
-    from convert.formats.checkpoint import gguf_to_hf
+    """SmolLM2's tokenizer (RULER's generators need a real vocabulary): the GGUF's tokenizer alone, its weights never
+    dequantised."""
+    from convert.formats.checkpoint import gguf_tokenizer_dir
     from test_smollm2 import smollm2_gguf
 
-    return str(gguf_to_hf(smollm2_gguf()))
+    return str(gguf_tokenizer_dir(smollm2_gguf()))
 
 
 def generate(mod: str, fn: str, tokenizer: str, limit, cache=None) -> list[dict]:
@@ -92,6 +93,7 @@ def test_stored_samples_are_reused_for_the_next_model_and_nothing_is_regenerated
     assert len(ruler) == 2 and all(v["effective"] == 1 for r in ruler for v in r["lm_eval"]["n-samples"].values())
 
 
+@pytest.mark.bench
 def test_the_benchmark_compares_with_lm_eval_as_shipped():
     import subprocess
     import sys

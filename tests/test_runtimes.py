@@ -143,21 +143,25 @@ def test_portable_copy_is_the_same_model_in_transformers(outputs, case):
 TF_CHILD = r"""
 import json, sys, torch, transformers
 from transformers import AutoModelForCausalLM
-model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32).eval()
-ids = torch.tensor([json.loads(sys.argv[2])])
-with torch.no_grad():
-    logits = model(ids).logits[0]
-rot = model.model.rotary_emb
-print(json.dumps({"version": transformers.__version__, "inv_freq": rot.inv_freq.tolist(),
-                  "attention_scaling": float(rot.attention_scaling), "logits": logits.tolist()}))
+ids = torch.tensor([json.loads(sys.argv[1])])
+out = {}
+for d in sys.argv[2:]:  # both directories in one interpreter (its imports cost more than the tiny model)
+    model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = model(ids).logits[0]
+    rot = model.model.rotary_emb
+    out[d] = {"version": transformers.__version__, "inv_freq": rot.inv_freq.tolist(),
+              "attention_scaling": float(rot.attention_scaling), "logits": logits.tolist()}
+print(json.dumps(out))
 """
 
 
-def _tf_run(path, ids, env=None):
-    p = subprocess.run([sys.executable, "-c", TF_CHILD, str(path), json.dumps(ids)], capture_output=True, text=True,
-                       env=env)
+def _tf_run(paths, ids, env=None) -> dict:
+    p = subprocess.run([sys.executable, "-c", TF_CHILD, json.dumps(ids), *map(str, paths)], capture_output=True,
+                       text=True, env=env)
     assert p.returncode == 0, p.stderr[-2000:]
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    got = json.loads(p.stdout.strip().splitlines()[-1])
+    return [got[str(x)] for x in paths]
 
 
 def test_transformers_457_and_5_load_both_directories_identically(outputs, tf457):
@@ -165,8 +169,9 @@ def test_transformers_457_and_5_load_both_directories_identically(outputs, tf457
     d = outputs[("llama", "yarn")]
     ids = np.random.default_rng(2).integers(0, 500, 2 * ORIGINAL).tolist()
     env = {**os.environ, "PYTHONPATH": str(tf457)}
-    for path, scale in ((d / "hf", YARN_T), (d / "export" / PORTABLE_DIR, DEFAULT_T)):
-        old, new = _tf_run(path, ids, env), _tf_run(path, ids)
+    cases = ((d / "hf", YARN_T), (d / "export" / PORTABLE_DIR, DEFAULT_T))
+    olds, news = _tf_run([c[0] for c in cases], ids, env), _tf_run([c[0] for c in cases], ids)
+    for (path, scale), old, new in zip(cases, olds, news):
         assert old["version"].startswith("4.57") and new["version"].startswith("5.")
         assert old["inv_freq"] == new["inv_freq"]
         assert old["attention_scaling"] == pytest.approx(scale) and new["attention_scaling"] == pytest.approx(scale)

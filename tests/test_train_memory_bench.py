@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.bench
+
 
 def test_the_benchmark_runs_both_losses_with_equal_results():
     from test_smollm2 import smollm2_gguf

@@ -8,7 +8,7 @@ import pytest
 
 from convert.formats.gguf_export import export_gguf
 
-pytestmark = pytest.mark.runtime
+pytestmark = [pytest.mark.runtime, pytest.mark.bench]
 
 
 @pytest.fixture(scope="module")

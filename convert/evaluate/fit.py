@@ -153,6 +153,9 @@ class FitLoss:
             checkpoint_layers(model)
         self.seconds: list[float] = []
         self.scored: list[int] = []
+        # each step reads other text (short windows, or a batch of a larger pool): dprope.fit's pick=auto then
+        # returns the iterates' average, not the step whose text happened to be easiest
+        self.stochastic = self.short or self.windows_per_step() < len(self.windows)
 
     # ------------------------------------------------------------------------------------------- the text
     def corpus_ids(self) -> list[int]:

@@ -246,10 +246,6 @@ def run_fit(src: Any, plan: Any, work: Path, *, progress: bool = True, loss=None
     check_options(plan.method, plan.options, plan.target_length, spec.original_length)
     check_target_length(plan.target_length, spec.original_length, ConvertError)
     opts = {k: v for k, v in plan.options.items() if k not in _FIT_INTERNAL}
-    if opts.get("window") is not None and "pick" not in opts:
-        # short windows draw new text every step: the lowest loss picks the easiest text, the iterates' average
-        # cancels the noise (dprope/fit.py, pick)
-        opts["pick"] = "average"
     cfg = FitConfig(**{k: v for k, v in opts.items() if k in set(config_fields())})
     rank, world = process_group()
     work = Path(work)
@@ -313,7 +309,9 @@ def run_fit(src: Any, plan: Any, work: Path, *, progress: bool = True, loss=None
         f"fitted by gradient (dprope-fit): {s['evals']} Adam steps (lr {cfg.lr:g}, stopped: {s['stopped']}) on the "
         f"next-token loss past position {getattr(loss, 'score_from', '?')} ({label}), from {init.get('method')}'s "
         f"factors (loss {init.get('loss') if init.get('loss') is None else format(init['loss'], '.4f')} -> "
-        f"{s['fitness']:.4f}), seed {loss_opts.get('seed')}, {world} process(es) on {where}")
+        f"{s['fitness']:.4f}{', the mean over the averaged steps' if s.get('pick') == 'average' else ''}), "
+        + (f"the average of the iterates from step {s['best_step']} on, " if s.get("pick") == "average" else "")
+        + f"seed {loss_opts.get('seed')}, {world} process(es) on {where}, {s['elapsed'] / 60:.1f} min")
     log.info("fit: best loss %.6g after %d steps (%s)", s["fitness"], s["evals"], s["stopped"])
     return r
 
