@@ -51,7 +51,7 @@ def angle_histogram(inv_freq, length: int, bins: int = 360, chunk_elems: int = D
         angles, idx = fbuf[:, :n], ibuf[:, :n]
         pos = np.arange(start, start + n, dtype=np.int64).astype(np.float32)  # int64 * float32 -> float32, as torch
         np.multiply(col, pos, out=angles)
-        np.remainder(angles, _TWO_PI, out=angles)  # >= 0 here: fmod, as torch.remainder computes it
+        np.fmod(angles, _TWO_PI, out=angles)  # angles >= 0: torch.remainder's fmod, without its sign fix-up
         np.multiply(angles, to_bin, out=angles)
         idx[...] = angles  # truncation == floor here: angles are >= 0
         # float32 rounding can land an angle just below 2*pi in bin `bins`; it belongs to the last bin.
