@@ -140,3 +140,32 @@ def big_llama(shape: str = "1b", path: Path | None = None, vocab: int = 49152, s
         shutil.copyfile(tok / f, tmp / f)
     tmp.rename(path)
     return path
+
+
+def run_report(measure, args, argv, script: str, out: Path, stem, markdown, extra=None) -> int:
+    """A benchmark's end: ``measure(args)`` with third-party notes off the screen (a ConvertError or DPRoPEError is one
+    line and exit status 2), then ``<stem>.json`` and ``<stem>.md`` (``markdown(rep, command)``) in ``out``, with the
+    command line that made them; ``stem``: a name, or ``stem(args)`` after the measurement (which may fill in
+    defaults the name shows); ``extra(rep, out)`` writes anything else (a plot).  Returns the exit status."""
+    from convert.errors import ConvertError
+    from convert.evaluate.engine import quiet_lm_eval
+    from dprope.errors import DPRoPEError
+
+    try:
+        with quiet_lm_eval():
+            rep = measure(args)
+    except (ConvertError, DPRoPEError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    cmd = f"python bench/{script} " + " ".join(sys.argv[1:] if argv is None else argv)
+    rep["command"] = cmd
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    md = markdown(rep, cmd)
+    stem = stem(args) if callable(stem) else stem
+    (out / f"{stem}.json").write_text(json.dumps(rep, indent=1, default=str) + "\n")
+    (out / f"{stem}.md").write_text(md)
+    if extra is not None:
+        extra(rep, out)
+    print(md)
+    return 0

@@ -332,27 +332,10 @@ def main(argv=None) -> int:
     ap.add_argument("--name", default="search_proxy", help="file name stem of the report")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    from convert.evaluate.engine import quiet_lm_eval
+    from _measure import run_report
 
-    from convert.errors import ConvertError
-    from dprope.errors import DPRoPEError
-
-    try:
-        with quiet_lm_eval():
-            rep = measure(args)
-    except (ConvertError, DPRoPEError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    cmd = "python bench/search_proxy.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    rep["command"] = cmd
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    md = markdown(rep, cmd)
-    (out / f"{args.name}.json").write_text(json.dumps(rep, indent=1, default=str) + "\n")
-    (out / f"{args.name}.md").write_text(md)
-    plot(rep, out / f"{args.name}.png")
-    print(md)
-    return 0
+    return run_report(measure, args, argv, "search_proxy.py", Path(args.out), args.name, markdown,
+                      extra=lambda rep, out: plot(rep, out / f"{args.name}.png"))
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import logging
 import math
 import sys
@@ -126,16 +125,10 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(HERE / "results"))
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    rep = measure(args)
-    stem = f"short-window-heldout-{args.target}-w{args.window}-c{args.chunks}"
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    command = "python bench/short_window_heldout.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    (out / f"{stem}.json").write_text(json.dumps(rep, indent=1) + "\n")
-    md = markdown(rep, command)
-    (out / f"{stem}.md").write_text(md)
-    print(md)
-    return 0
+    from _measure import run_report
+
+    return run_report(measure, args, argv, "short_window_heldout.py", Path(args.out),
+                      f"short-window-heldout-{args.target}-w{args.window}-c{args.chunks}", markdown)
 
 
 if __name__ == "__main__":

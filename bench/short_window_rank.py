@@ -286,25 +286,9 @@ def main(argv=None) -> int:
     ap.add_argument("--name", help="file name stem (default: short-window-rank-<target>-w<W>-c<N>[-fixed])")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    from convert.errors import ConvertError
-    from convert.evaluate.engine import quiet_lm_eval
-    from dprope.errors import DPRoPEError
+    from _measure import run_report
 
-    try:
-        with quiet_lm_eval():
-            rep = measure(args)
-    except (ConvertError, DPRoPEError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    cmd = "python bench/short_window_rank.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    rep["command"] = cmd
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    md = markdown(rep, cmd)
-    (out / f"{stem(args)}.json").write_text(json.dumps(rep, indent=1, default=str) + "\n")
-    (out / f"{stem(args)}.md").write_text(md)
-    print(md)
-    return 0
+    return run_report(measure, args, argv, "short_window_rank.py", Path(args.out), stem, markdown)
 
 
 if __name__ == "__main__":

@@ -567,7 +567,7 @@ def test_the_searched_preset_bakes_on_a_cpu(tmp_path, monkeypatch):
     assert "- Factors from: LongRoPE's evolutionary search (longrope-search" in card
 
 
-def test_pick_average_returns_the_mean_of_the_iterates_not_the_luckiest_step():
+def test_pick_average_returns_the_mean_of_the_iterates_not_the_luckiest_step(tmp_path):
     """A loss whose noise differs step by step (short windows draw new text each step): "best" picks the step with
     the luckiest noise; "average" returns the mean of the evaluated points from average_from on, which lies nearer
     the minimum than the noisy iterates, and keeps the constraints (they are convex)."""
@@ -591,7 +591,7 @@ def test_pick_average_returns_the_mean_of_the_iterates_not_the_luckiest_step():
     assert avg.loss == pytest.approx(sum(e["loss"] for e in avg.trace[30:]) / 30)
     assert satisfies(avg.factors, SCALE)
     # the average is of the evaluated points, kept in the state: a run in two parts ends the same
-    state = Path(__import__("tempfile").mkdtemp()) / "fit.json"
+    state = tmp_path / "fit.json"
     fit(ctx, noisy, FitConfig(**{**base, "budget_steps": 40}, pick="average", average_from=30), state_path=state)
     again = fit(ctx, noisy, FitConfig(**base, pick="average", average_from=30), state_path=state)
     assert torch.equal(again.factors, avg.factors) and again.loss == avg.loss

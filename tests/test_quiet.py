@@ -73,10 +73,11 @@ def test_plain_library_calls_print_nothing_to_stderr(tmp_path):
     or its description; an application that configures logging receives llama.cpp's lines as records."""
     import subprocess
     import sys
+    from pathlib import Path
 
     from test_smollm2 import smollm2_gguf
 
-    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[1]
     for mode in ("plain", "debug"):
         out = tmp_path / f"{mode}.gguf"
         p = subprocess.run([sys.executable, "-c", PLAIN_CALLS, str(smollm2_gguf()), str(out), mode],
