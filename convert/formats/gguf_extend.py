@@ -100,7 +100,8 @@ def extend_gguf_file(src: Path, dst: Path, spec: RopeSpec, plan: Any, result, *,
                      progress: bool = True, info=None) -> dict:
     """``src`` extended in place into ``dst`` with a method's ``result`` (its factors relative to the base's effective
     frequencies, and its temperature); returns the rewrite's summary with the form written, its factors and
-    temperature, and the exact factors the method asked for (total, relative to the plain base)."""
+    temperature, and the exact factors the method asked for (total, relative to the plain base).  ``info``: the
+    source's header, already read (convert.io.gguf_meta.read_gguf)."""
     import dprope
 
     from convert.formats.hf import attention_factor, hf_factors
@@ -110,10 +111,11 @@ def extend_gguf_file(src: Path, dst: Path, spec: RopeSpec, plan: Any, result, *,
     summary = write_extended_gguf(src, dst, spec, form, {"method": plan.method, "target_length": plan.target_length,
                                                          "version": dprope.__version__}, force=force, progress=progress,
                                   info=info)
-    info = {"form": form["form"], "temperature": form["temperature"], "factors": [float(x) for x in form["factors"]],
-            "arch": spec.arch.name, "original_length": spec.original_length, "target_length": plan.target_length,
-            "method": plan.method, "exact_factors": [float(x) for x in long.tolist()]}
+    written = {"form": form["form"], "temperature": form["temperature"],
+               "factors": [float(x) for x in form["factors"]], "arch": spec.arch.name,
+               "original_length": spec.original_length, "target_length": plan.target_length, "method": plan.method,
+               "exact_factors": [float(x) for x in long.tolist()]}
     if form.get("fit") is not None:
-        info["yarn_fit"] = {k: v for k, v in form["fit"].to_dict().items() if k != "factors"}
+        written["yarn_fit"] = {k: v for k, v in form["fit"].to_dict().items() if k != "factors"}
     log.info("extended %s in place: %s form, %d tensors kept as they are", dst, form["form"], summary["tensors_kept"])
-    return {**summary, **info}
+    return {**summary, **written}
