@@ -278,8 +278,8 @@ _GGUF_ROPE_KEYS = {"rope.dimension_count", "rope.freq_base", "rope.freq_base_swa
 
 def _gguf_factor_tensor(tensors: dict, name: str, n: int) -> list[float]:
     t = tensors[name]
-    if t.tensor_type.name != "F32":
-        raise ConvertError(f"{name} is {t.tensor_type.name}; llama.cpp reads only F32 factor tensors: re-convert "
+    if t.type_name != "F32":
+        raise ConvertError(f"{name} is {t.type_name}; llama.cpp reads only F32 factor tensors: re-convert "
                            "the model with llama.cpp's convert_hf_to_gguf.py")
     ff = [float(x) for x in t.data.flatten().tolist()]
     if len(ff) != n:

@@ -68,6 +68,47 @@ def yarn_factors(head_dim: int, rope_theta: float, factor: float, original_lengt
     return 1.0 / ((1 - m) / float(factor) + m)
 
 
+def _log_errors(lw: np.ndarray, fs: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """mean_i (ln lambda_i - lw_i)^2 for each candidate (f, low, high), [L].  The ramp depends on L_o only through
+    its integer correction dims, which rise with L_o (a few dozen runs of equal dims over a 10^5-long range), so the
+    candidates are taken run by run: pairs below the ramp have lambda = 1 (a constant term), pairs above it
+    lambda = f (a quadratic in ln f from two sums), and only the ramp's own pairs are computed per candidate."""
+    n = lw.size
+    i = np.arange(n, dtype=np.float64)
+    err = np.empty(fs.size)
+    inv_f = 1.0 / fs
+    cuts = np.flatnonzero((np.diff(lo) != 0) | (np.diff(hi) != 0)) + 1
+    for a, b in zip([0, *cuts.tolist()], [*cuts.tolist(), fs.size]):
+        idx = slice(a, b)
+        l0, h0 = lo[a], hi[a]
+        ramp = np.clip((i - l0) / max(float(h0 - l0), 0.001), 0, 1)
+        below, above = ramp == 0, ramp == 1
+        part = ~(below | above)
+        lf = np.log(1.0 / (1.0 / fs[idx]))  # lambda of a pair above the ramp, as the full formula gives it
+        e = float((lw[below] ** 2).sum()) + int(above.sum()) * lf ** 2 - 2 * lf * float(lw[above].sum()) \
+            + float((lw[above] ** 2).sum())
+        if part.any():  # (ln lambda - lw)^2 = (ln((1 - m) / f + m) + lw)^2, in place
+            m = 1 - ramp[part]
+            x = np.multiply.outer(inv_f[idx], 1 - m)
+            x += m
+            np.log(x, out=x)
+            x += lw[part]
+            np.square(x, out=x)
+            e = e + x.sum(-1)
+        err[idx] = e / n
+    return err
+
+
+def _first(values: np.ndarray, k: int) -> np.ndarray:
+    """The indices of the ``k`` smallest values in order, ties by index: ``np.argsort(values, kind="stable")[:k]``
+    without sorting the whole array."""
+    if values.size <= k:
+        return np.argsort(values, kind="stable")
+    bound = np.partition(values, k - 1)[k - 1]
+    idx = np.flatnonzero(values <= bound)  # every tie at the bound, so the order by index below is argsort's
+    return idx[np.lexsort((idx, values[idx]))][:k]
+
+
 def fit_yarn(wanted, head_dim: int, rope_theta: float, window: int, target_length: int) -> YarnFit:
     """The (f, L_o) whose YaRN factors come closest to ``wanted`` (float [head_dim/2], relative to the plain
     base b^(-2i/d)) in log space, with f x L_o = ``target_length``: transformers' YaRN reads the two as a pair
@@ -86,17 +127,9 @@ def fit_yarn(wanted, head_dim: int, rope_theta: float, window: int, target_lengt
     if lengths.size > 200_000:  # very long targets: every integer near the optimum, a geometric grid elsewhere
         lengths = np.unique(np.round(np.geomspace(lo_len, target_length, 200_000)).astype(np.int64))
     fs = float(target_length) / lengths.astype(np.float64)  # [L]
-    lo, hi = _ramp_bounds(head_dim, rope_theta, lengths)  # [L]
-    i = np.arange(head_dim // 2, dtype=np.float64)
-    err = np.empty(lengths.size)
-    for s0 in range(0, lengths.size, 4096):  # [chunk, P] at a time
-        sl = slice(s0, s0 + 4096)
-        ramp = np.clip((i[None] - lo[sl, None]) / np.maximum(hi[sl] - lo[sl], 0.001)[:, None], 0, 1)
-        m = 1 - ramp
-        lam = 1.0 / ((1 - m) / fs[sl, None] + m)
-        err[sl] = ((np.log(lam) - lw) ** 2).mean(-1)
-    order = np.argsort(err, kind="stable")
-    k = next((int(j) for j in order[:64] if _stable(head_dim, rope_theta, int(lengths[j]))), int(order[0]))
+    err = _log_errors(lw, fs, *_ramp_bounds(head_dim, rope_theta, lengths))
+    order = _first(err, 64)
+    k = next((int(j) for j in order if _stable(head_dim, rope_theta, int(lengths[j]))), int(order[0]))
     L = int(lengths[k])
     f = float(target_length) / L
     fitted = yarn_factors(head_dim, rope_theta, f, L)

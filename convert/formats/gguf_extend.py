@@ -74,21 +74,19 @@ def write_extended_gguf(src: Path, dst: Path, spec: RopeSpec, form: dict, proven
     """Write ``dst``: ``src`` with ``form``'s keys and tensors (:func:`gguf_form`) and the provenance keys
     (``dprope.method``, ``dprope.target_length``, ``dprope.version``, ``dprope.rope_form``); returns the rewrite's
     summary."""
-    import gguf
-
     from convert.arch import gguf_fields
+    from convert.io.gguf_meta import VALUE_TYPES as vt
 
     meta, _ = gguf_fields(src, info)
     garch = meta["general.architecture"]
-    vt = gguf.GGUFValueType
-    set_kv = {f"{garch}.{k}": (v, getattr(vt, t)) for k, (v, t) in form["keys"].items()}
-    set_kv.update({"dprope.method": (str(provenance["method"]), vt.STRING),
-                   "dprope.target_length": (int(provenance["target_length"]), vt.UINT32),
-                   "dprope.version": (str(provenance["version"]), vt.STRING),
-                   "dprope.rope_form": (form["form"], vt.STRING)})
+    set_kv = {f"{garch}.{k}": (v, vt[t]) for k, (v, t) in form["keys"].items()}
+    set_kv.update({"dprope.method": (str(provenance["method"]), vt["STRING"]),
+                   "dprope.target_length": (int(provenance["target_length"]), vt["UINT32"]),
+                   "dprope.version": (str(provenance["version"]), vt["STRING"]),
+                   "dprope.rope_form": (form["form"], vt["STRING"])})
     # the first window this model was extended from: an output given back as a source composes, and says so
     first = int(meta.get("dprope.original_length") or spec.original_length)
-    set_kv["dprope.original_length"] = (first, vt.UINT32)
+    set_kv["dprope.original_length"] = (first, vt["UINT32"])
     drop = [f"{garch}.{k}" for k in _ROPE_KEYS if f"{garch}.{k}" in meta and f"{garch}.{k}" not in set_kv]
     # a factor tensor the form does not write must not stay behind (a YaRN form of an arch whose graph reads none
     # never has one: rope_spec_from_gguf refuses such a source)

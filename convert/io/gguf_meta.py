@@ -7,7 +7,8 @@ need the scalar metadata, the tensor table and a few small tensors, so this read
 asked for.
 
 ``read_layout`` is the same walk for a byte-level rewrite (convert/io/gguf_rewrite.py): where each metadata entry
-and each tensor-info entry lies in the file, so untouched entries can be copied as they are, with no array decoded.
+and each tensor-info entry lies in the file, so untouched entries can be copied as they are, with no vocabulary-sized
+array decoded.  Both read the header in one walk, remembered per file (a command reads the same header several times).
 
 The format (ggml-org/ggml docs/gguf.md): magic ``GGUF``, uint32 version, uint64 tensor count, uint64 metadata count
 (v2 onwards; v1 used uint32 counts), then the metadata (key: uint64 length + UTF-8 bytes, uint32 value type,
@@ -17,6 +18,7 @@ section), padding to ``general.alignment`` (default 32), and the data section.
 
 from __future__ import annotations
 
+import math
 import mmap
 import struct
 from dataclasses import dataclass
@@ -27,6 +29,9 @@ import numpy as np
 
 from convert.errors import ConvertError
 
+# GGUFValueType names -> ids (ggml-org/ggml docs/gguf.md "gguf_metadata_value_type"; gguf-py's GGUFValueType)
+VALUE_TYPES = {"UINT8": 0, "INT8": 1, "UINT16": 2, "INT16": 3, "UINT32": 4, "INT32": 5, "FLOAT32": 6, "BOOL": 7,
+               "STRING": 8, "ARRAY": 9, "UINT64": 10, "INT64": 11, "FLOAT64": 12}
 # GGUFValueType ids (gguf spec): scalar struct formats; 7 = bool, 8 = string, 9 = array
 _SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _NP = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32, 6: np.float32, 7: np.bool_,
@@ -36,21 +41,43 @@ _U64 = struct.Struct("<Q")  # a string's length prefix; precompiled: a vocabular
 BIG_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type", "tokenizer.ggml.scores")
 
 
+# GGML type id -> (name, block size, bytes per block) of the types GGUF files are commonly made of, as gguf-py's
+# constants.py GGML_QUANT_SIZES has them (a test checks each against the installed gguf), so that reading a header
+# needs no gguf import; any other id is looked up in gguf-py's own table
+GGML_SIZES = {0: ("F32", 1, 4), 1: ("F16", 1, 2), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20), 6: ("Q5_0", 32, 22),
+              7: ("Q5_1", 32, 24), 8: ("Q8_0", 32, 34), 10: ("Q2_K", 256, 84), 11: ("Q3_K", 256, 110),
+              12: ("Q4_K", 256, 144), 13: ("Q5_K", 256, 176), 14: ("Q6_K", 256, 210), 24: ("I8", 1, 1),
+              25: ("I16", 1, 2), 26: ("I32", 1, 4), 27: ("I64", 1, 8), 28: ("F64", 1, 8), 30: ("BF16", 1, 2)}
+
+
 @dataclass
 class GGUFTensor:
     """One tensor of a GGUF file: name, type, shape (GGUF order, fastest dimension first) and where its bytes are."""
 
     name: str
-    tensor_type: Any  # gguf.GGMLQuantizationType
+    type_id: int  # GGMLQuantizationType id
     shape: tuple[int, ...]
     offset: int  # absolute byte offset in the file
     n_bytes: int
     path: Path
 
     @property
+    def tensor_type(self) -> Any:
+        """gguf.GGMLQuantizationType of the tensor."""
+        from convert.io.gguf_constants import constants
+
+        return constants().GGMLQuantizationType(self.type_id)
+
+    @property
+    def type_name(self) -> str:
+        """The type's name (F32, Q4_K, ...)."""
+        known = GGML_SIZES.get(self.type_id)
+        return known[0] if known else self.tensor_type.name
+
+    @property
     def data(self) -> np.ndarray:
         """The tensor's bytes: float32 / float16 values for F32 / F16 (numpy order), raw uint8 otherwise."""
-        name = self.tensor_type.name
+        name = self.type_name
         dtype = np.float32 if name == "F32" else np.float16 if name == "F16" else np.uint8
         with open(self.path, "rb") as f:
             f.seek(self.offset)
@@ -203,14 +230,11 @@ def _open_map(path: Path) -> tuple[mmap.mmap, int]:
         raise ConvertError(f"{path} cannot be read ({e})") from None
 
 
-def _walk(mm, path: Path, decode_array, min_version: int = 2, max_version: int | None = None):
-    """One pass over the header: (version, [KVEntry], [(name, dims, ttype, offset, start, end)], header_end).
-    ``decode_array(key)``: True to decode that array's values into ``KVEntry.value``, False to skip them."""
-    c = _Cursor(mm, path)
+def _version(mm, path: Path, min_version: int = 2, max_version: int | None = None) -> int:
+    """The header's version, checked: the GGUF magic, v2 or later, at most ``max_version`` (big-endian named)."""
     if bytes(mm[:4]) != b"GGUF":
         raise ConvertError(f"{path} is not a GGUF file (no GGUF magic); pass a .gguf model file")
-    c.pos = 4
-    version = c.take("<I")
+    (version,) = struct.unpack_from("<I", mm, 4)
     if version < min_version:
         raise ConvertError(f"{path} is GGUF v{version}; only v2 and later are read")
     if max_version is not None and version > max_version:
@@ -219,6 +243,40 @@ def _walk(mm, path: Path, decode_array, min_version: int = 2, max_version: int |
         raise ConvertError(f"{path} is {what}; only little-endian GGUF v{min_version} to v{max_version} can be "
                            "rewritten. Re-convert the model with a current llama.cpp (convert_hf_to_gguf.py), or "
                            "update dprope")
+    return version
+
+
+# the last few headers walked, by file identity: one command reads the same header for the spec, the checks and the
+# rewrite, and a vocabulary of 10^5 strings costs tens of milliseconds a walk (each string's length leads to the next)
+_WALKS: dict[tuple, tuple] = {}
+_WALKS_KEPT = 4
+
+
+def _walked(path: Path, min_version: int = 2, max_version: int | None = None):
+    """:func:`_walk` of ``path`` (vocabulary-sized arrays skipped, every other value decoded), remembered while the
+    file keeps its inode, size and modification time."""
+    mm, size = _open_map(path)
+    try:
+        _version(mm, path, min_version, max_version)
+        st = path.stat()
+        key = (str(path.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        walk = _WALKS.get(key)
+        if walk is None:
+            walk = _walk(mm, path, lambda k: k not in BIG_ARRAYS)
+            while len(_WALKS) >= _WALKS_KEPT:
+                _WALKS.pop(next(iter(_WALKS)))
+            _WALKS[key] = walk
+    finally:
+        mm.close()
+    return size, walk
+
+
+def _walk(mm, path: Path, decode_array):
+    """One pass over the header: (version, [KVEntry], [(name, dims, ttype, offset, start, end)], header_end).
+    ``decode_array(key)``: True to decode that array's values into ``KVEntry.value``, False to skip them."""
+    c = _Cursor(mm, path)
+    version = _version(mm, path)
+    c.pos = 8
     n_tensors, n_kv = c.take("<Q"), c.take("<Q")
     kvs: list[KVEntry] = []
     for _ in range(n_kv):
@@ -248,18 +306,21 @@ def _walk(mm, path: Path, decode_array, min_version: int = 2, max_version: int |
     return version, kvs, infos, c.pos
 
 
-def _tensor_bytes(path: Path, name: str, dims: tuple[int, ...], ttype: int):
-    """(GGMLQuantizationType, byte size) of one tensor, from gguf-py's GGML_QUANT_SIZES (block size, type size)."""
-    import gguf
+def _tensor_bytes(path: Path, name: str, dims: tuple[int, ...], ttype: int) -> int:
+    """The byte size of one tensor, from its type's block size and bytes per block (gguf-py's GGML_QUANT_SIZES)."""
+    if ttype in GGML_SIZES:
+        _, block, tsize = GGML_SIZES[ttype]
+    else:
+        from convert.io.gguf_constants import constants
 
-    try:
-        qt = gguf.GGMLQuantizationType(ttype)
-        block, tsize = gguf.GGML_QUANT_SIZES[qt]
-    except (ValueError, KeyError):
-        raise ConvertError(f"{path}: tensor {name} has unknown type id {ttype}; the file is corrupt or newer than "
-                           "this gguf-py (update the gguf package)") from None
-    n = int(np.prod(dims, dtype=np.int64)) if dims else 1
-    return qt, n // block * tsize
+        gc = constants()
+        try:
+            block, tsize = gc.GGML_QUANT_SIZES[gc.GGMLQuantizationType(ttype)]
+        except (ValueError, KeyError):
+            raise ConvertError(f"{path}: tensor {name} has unknown type id {ttype}; the file is corrupt or newer "
+                               "than this gguf-py (update the gguf package)") from None
+    n = math.prod(dims) if dims else 1
+    return n // block * tsize
 
 
 def _alignment(path: Path, value: Any) -> int:
@@ -274,11 +335,7 @@ def _alignment(path: Path, value: Any) -> int:
 def read_gguf(path: Path) -> GGUFInfo:
     """Metadata (vocabulary-sized arrays left out) and the tensor table of a GGUF file."""
     path = Path(path)
-    mm, size = _open_map(path)
-    try:
-        version, kvs, infos, header_end = _walk(mm, path, lambda key: key not in BIG_ARRAYS)
-    finally:
-        mm.close()
+    size, (version, kvs, infos, header_end) = _walked(path)
     meta: dict[str, Any] = {"GGUF.version": version, "GGUF.tensor_count": len(infos), "GGUF.kv_count": len(kvs)}
     for kv in kvs:
         if kv.key in BIG_ARRAYS and kv.vtype == 9:
@@ -289,31 +346,27 @@ def read_gguf(path: Path) -> GGUFInfo:
     start = -(-header_end // align) * align
     tensors = []
     for name, dims, ttype, offset, _, _ in infos:
-        qt, n_bytes = _tensor_bytes(path, name, dims, ttype)
+        n_bytes = _tensor_bytes(path, name, dims, ttype)
         if start + offset + n_bytes > size:
             raise ConvertError(f"{path} ends inside tensor {name}: the file is truncated; re-download or re-export it")
-        tensors.append(GGUFTensor(name, qt, dims, start + offset, n_bytes, path))
+        tensors.append(GGUFTensor(name, ttype, dims, start + offset, n_bytes, path))
     return GGUFInfo(meta, tensors)
 
 
 def read_layout(path: Path) -> GGUFLayout:
-    """Where each metadata entry, tensor info and tensor's data lies in a GGUF file; no array is decoded.  Refuses
+    """Where each metadata entry, tensor info and tensor's data lies in a GGUF file; no vocabulary-sized array is
+    decoded.  Refuses
     what a byte-level rewrite cannot keep whole: a missing or foreign file, GGUF versions other than 2 and 3
     (v1 has 32-bit counts; big-endian files are named as such), a header or data section shorter than the tensor
     table says, and an alignment that is not a power of two."""
     path = Path(path)
-    mm, size = _open_map(path)
-    try:
-        version, kvs, infos, header_end = _walk(mm, path, lambda key: False,
-                                                min_version=SUPPORTED_VERSIONS[0], max_version=SUPPORTED_VERSIONS[-1])
-    finally:
-        mm.close()
+    size, (version, kvs, infos, header_end) = _walked(path, SUPPORTED_VERSIONS[0], SUPPORTED_VERSIONS[-1])
     align_kv = next((kv for kv in kvs if kv.key == "general.alignment"), None)
     alignment = _alignment(path, align_kv.value if align_kv else None)
     data_start = -(-header_end // alignment) * alignment
     tensors = []
     for name, dims, ttype, offset, start, end in infos:
-        _, n_bytes = _tensor_bytes(path, name, dims, ttype)
+        n_bytes = _tensor_bytes(path, name, dims, ttype)
         if data_start + offset + n_bytes > size:
             raise ConvertError(f"{path} ends inside tensor {name} ({size} bytes, the tensor table needs "
                                f"{data_start + offset + n_bytes}): the file is truncated; re-download or re-export "

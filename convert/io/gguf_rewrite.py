@@ -32,7 +32,8 @@ import numpy as np
 
 from convert.errors import ConvertError
 from convert.io.files import atomic_file, human_bytes
-from convert.io.gguf_meta import GGUFLayout, read_layout
+from convert.io.gguf_constants import constants
+from convert.io.gguf_meta import GGML_SIZES, VALUE_TYPES, GGUFLayout, read_layout
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,9 @@ _NP_TENSOR = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype
               np.dtype(np.int64): "I64"}
 
 
+_PLAIN_IDS = {v[0]: k for k, v in GGML_SIZES.items() if v[1] == 1}  # F32 -> 0, F16 -> 1, ...
+
+
 # ------------------------------------------------------------------------------------------- encoding
 def _string(s: str | bytes) -> bytes:
     b = s.encode("utf-8") if isinstance(s, str) else bytes(s)
@@ -69,7 +73,7 @@ def _string(s: str | bytes) -> bytes:
 
 
 def _scalar(key: str, value: Any, vtype: int) -> bytes:
-    name = _type_name(vtype)
+    name = _NAMES.get(vtype, f"type {vtype}")
     if vtype == 7:
         if not isinstance(value, (bool, np.bool_)):
             raise ConvertError(f"metadata {key}: {value!r} is not a BOOL; pass True or False")
@@ -89,21 +93,14 @@ def _scalar(key: str, value: Any, vtype: int) -> bytes:
                            "wider type") from None
 
 
-def _type_name(vtype: int) -> str:
-    import gguf
-
-    try:
-        return gguf.GGUFValueType(vtype).name
-    except ValueError:
-        return f"type {vtype}"
+_NAMES = {v: k for k, v in VALUE_TYPES.items()}
 
 
 def _array(key: str, value: Any) -> bytes:
     """sub-type, count and items.  A numpy array carries its element type (np.uint32 -> UINT32); a list's element
     type is inferred as gguf-py's GGUFValueType.get_type does (str -> STRING, bool -> BOOL, int -> INT32,
     float -> FLOAT32, list -> ARRAY)."""
-    import gguf
-
+    gc = constants()
     if isinstance(value, np.ndarray):
         if value.ndim != 1:
             raise ConvertError(f"metadata {key}: an array value must be one-dimensional (got shape {value.shape})")
@@ -121,7 +118,7 @@ def _array(key: str, value: Any) -> bytes:
     if not value:
         return struct.pack("<IQ", 8, 0)  # an empty array: the element type is moot; strings, as GGUFWriter does
     try:
-        subs = {int(gguf.GGUFValueType.get_type(v if not isinstance(v, tuple) else list(v))) for v in value}
+        subs = {int(gc.GGUFValueType.get_type(v if not isinstance(v, tuple) else list(v))) for v in value}
     except ValueError as e:
         raise ConvertError(f"metadata {key}: {e}; pass str, bool, int, float or list items") from None
     if len(subs) != 1:
@@ -159,20 +156,21 @@ def _tensor_spec(name: str, data: Any) -> tuple[int, tuple[int, ...], bytes]:
     """(GGMLQuantizationType id, GGUF dims (fastest first), bytes) of a new tensor: a plain numpy array (F32, F16,
     F64, I8..I64, by dtype), or ``(uint8 array, GGMLQuantizationType)`` for quantised bytes as gguf.quants.quantize
     returns them (the last axis in bytes; gguf-py's quant_shape_from_byte_shape gives the element shape)."""
-    import gguf
-
     if len(name.encode("utf-8")) >= GGML_MAX_NAME:
         raise ConvertError(f"tensor name {name!r} is {len(name.encode())} bytes; llama.cpp allows at most "
                            f"{GGML_MAX_NAME - 1} (GGML_MAX_NAME)")
     if isinstance(data, tuple):
         arr, qtype = data
-        qtype = gguf.GGMLQuantizationType(int(qtype))
+        gc = constants()
+        qtype = gc.GGMLQuantizationType(int(qtype))
         arr = np.asarray(arr)
         if qtype.name in ("F32", "F16", "F64", "I8", "I16", "I32", "I64", "BF16") and arr.dtype != np.uint8:
             shape = arr.shape
         else:
             if arr.dtype != np.uint8:
                 raise ConvertError(f"tensor {name}: quantised ({qtype.name}) data must be a uint8 array of its bytes")
+            import gguf
+
             shape = tuple(gguf.quant_shape_from_byte_shape(arr.shape, qtype))
     else:
         arr = np.asarray(data)
@@ -180,15 +178,16 @@ def _tensor_spec(name: str, data: Any) -> tuple[int, tuple[int, ...], bytes]:
         if tname is None:
             raise ConvertError(f"tensor {name}: numpy dtype {arr.dtype} has no GGML type; pass float32, float16, "
                                "float64 or an integer array, or (uint8 bytes, GGMLQuantizationType)")
-        qtype = gguf.GGMLQuantizationType[tname]
+        qtype = _PLAIN_IDS[tname]
         arr = arr.astype(arr.dtype.newbyteorder("<"), copy=False)
         shape = arr.shape
     if not 1 <= len(shape) <= GGML_MAX_DIMS:
         raise ConvertError(f"tensor {name}: {len(shape)} dimensions; GGUF tensors have 1 to {GGML_MAX_DIMS}")
-    block, tsize = gguf.GGML_QUANT_SIZES[qtype]
+    qname, block, tsize = GGML_SIZES[int(qtype)] if int(qtype) in GGML_SIZES else (qtype.name,
+                                                                                     *gc.GGML_QUANT_SIZES[qtype])
     n = int(np.prod(shape, dtype=np.int64))
     if shape[-1] % block or n // block * tsize != arr.nbytes:
-        raise ConvertError(f"tensor {name}: {arr.nbytes} bytes do not hold a {qtype.name} tensor of shape {shape}")
+        raise ConvertError(f"tensor {name}: {arr.nbytes} bytes do not hold a {qname} tensor of shape {shape}")
     return int(qtype), tuple(int(d) for d in reversed(shape)), np.ascontiguousarray(arr).tobytes()
 
 

@@ -41,7 +41,7 @@ def describe(path: Path) -> str:
                 lines.append(f"  {key}: {meta[f'{arch}.{key}']}")
         for t in reader.tensors:
             if t.name.startswith("rope_"):
-                lines.append(f"  tensor {t.name} {t.tensor_type.name} shape {[int(x) for x in t.shape]}")
+                lines.append(f"  tensor {t.name} {t.type_name} shape {[int(x) for x in t.shape]}")
                 lines.append(_factor_text(t.name, t.data))
         for key in ("general.base_model.0.name", "dprope.method", "dprope.target_length", "dprope.rope_form"):
             if key in meta:

@@ -142,7 +142,7 @@ def _gguf_type(p: Path) -> str:
     from convert.arch import gguf_fields
 
     _, reader = gguf_fields(p)
-    types = {t.tensor_type.name.lower() for t in reader.tensors if len(t.shape) > 1}
+    types = {t.type_name.lower() for t in reader.tensors if len(t.shape) > 1}
     for t in ("q8_0", "bf16", "f16", "f32"):
         if types == {t} or (t == "q8_0" and types <= {"q8_0", "f16"} and "q8_0" in types):
             return t
@@ -302,8 +302,8 @@ def check_gguf_meta(path: Path, exp: dict, report: Report) -> str | None:
             if t is None:
                 fproblems.append(f"{name} missing")
                 continue
-            if t.tensor_type.name != "F32":
-                fproblems.append(f"{name} is {t.tensor_type.name}, llama.cpp needs F32")
+            if t.type_name != "F32":
+                fproblems.append(f"{name} is {t.type_name}, llama.cpp needs F32")
                 continue
             data = np.asarray(t.data, dtype=np.float32).ravel()
             if data.shape != want.shape:
@@ -545,7 +545,7 @@ def verify_gguf(out: Path, source: Path, factors: list[float] | None = None, tem
         tensors = {t.name: t for t in info.tensors}
         for name, arr in want["tensors"].items():
             t = tensors.get(name)
-            if t is None or t.tensor_type.name != "F32" or not np.allclose(np.asarray(t.data, dtype=np.float64).ravel(),
+            if t is None or t.type_name != "F32" or not np.allclose(np.asarray(t.data, dtype=np.float64).ravel(),
                                                                            arr.astype(np.float64), rtol=1e-6):
                 problems.append(f"{name} is not the intended factors")
     report.add("gguf-metadata", out.name, not problems, "; ".join(problems) or
