@@ -192,6 +192,40 @@ def bucket_ppl(block_ll: list[list[float]], block: int, lo: int, hi: int, n_toke
     return math.exp(-ll / n) if n else None
 
 
+def bucket_units(pm: dict, lo: int, hi: int, target: int) -> tuple[list[float], list[int]] | None:
+    """The bucket lo..hi of every document as bootstrap units (blocks of positions, convert/evaluate/stats.py
+    block_units), pooled over the documents: (nll per unit, tokens per unit); None where a bucket is off the grid."""
+    from convert.evaluate.stats import block_units
+
+    nll, toks = [], []
+    for doc in pm.get("block_ll") or []:
+        u = block_units(doc, pm["block"], lo, hi, min(target, len(doc) * pm["block"]))
+        if u is None:
+            return None
+        nll += u[0]
+        toks += u[1]
+    return (nll, toks) if nll else None
+
+
+def ratio_vs(pm: dict, ref: dict, lo: int, hi: int, target: int) -> dict | None:
+    """perplexity(pm) / perplexity(ref) on the bucket lo..hi with its paired 95% interval (a bootstrap over the same
+    blocks of positions of the same documents, convert/evaluate/stats.py paired_perplexity_ratio)."""
+    from convert.evaluate.stats import paired_perplexity_ratio
+
+    a, b = bucket_units(pm, lo, hi, target), bucket_units(ref, lo, hi, target)
+    if a is None or b is None or len(a[0]) != len(b[0]):
+        return None
+    return paired_perplexity_ratio(b[0], b[1], a[0], a[1], unit="blocks")
+
+
+def fmt_ratio(r: dict | None, fallback: str) -> str:
+    if not r or r.get("value") is None:
+        return fallback
+    if r.get("lo") is None:
+        return f"{r['value']:.3f}x"
+    return f"{r['value']:.3f}x [{r['lo']:.3f}, {r['hi']:.3f}]"
+
+
 def curve(block_ll: list[list[float]], block: int, n_tokens: list[int], width: int = 1024) -> list[tuple[int, float]]:
     """Perplexity per ``width``-token span of position, averaged over documents: (span start, ppl)."""
     per = width // block
@@ -317,6 +351,9 @@ def tables(data: dict) -> str:
                     pk = by.get((T, m, "passkey", L, None))
                     cells.append(f"{pk['acc']:.2f}" if pk and pk.get("acc") is not None else "-")
                 ry = f"{vals[past_i] / ref_y[past_i]:.3f}x" if vals and ref_y and ref_y[past_i] else "-"
+                pm, py = by.get((T, m, "ppl", T, c)), by.get((T, "yarn", "ppl", T, c))
+                if pm and py and pm.get("block_ll") and py.get("block_ll"):
+                    ry = fmt_ratio(ratio_vs(pm, py, orig, T, T), ry)
                 rn = "-"
                 if vals and ref_n and in_i is not None:
                     rn = f"{vals[in_i] / ref_n[in_i]:.3f}x"
@@ -325,7 +362,10 @@ def tables(data: dict) -> str:
             pk_n = data.get("passkey_samples")
             pk_text = (f"; passkey: {pk_n} prompt(s) per length (depths 0.1 / 0.5 / 0.9 in turn)" if plens
                        else "; passkey not run")
-            lines += ["", f"{n_docs} document(s) of {T} tokens per method, the same for every method{pk_text}.", ""]
+            lines += ["", f"{n_docs} document(s) of {T} tokens per method, the same for every method{pk_text}. "
+                      "Past-window ppl vs yarn: the ratio with its paired 95% interval, a bootstrap over the same "
+                      "blocks of positions (pooled over the documents; blocks within one document are not "
+                      "independent, so read it as a lower bound on the uncertainty).", ""]
     for s in data.get("searches") or []:
         o = s["options"]
         budget = " and ".join(x for x in (f"{o['budget_evals']} evaluations" if o.get("budget_evals") else "",

@@ -39,7 +39,7 @@ def test_methods_through_the_pipeline(bench, tiny_models, tmp_path, capsys):
     md = (tmp_path / "out" / "quality-256.md").read_text()
     for m in data["methods"]:
         assert f"| {m} |" in md
-    assert "past-window ppl vs yarn" in md and "1.000x" in md  # yarn against itself
+    assert "past-window ppl vs yarn" in md and "1.000x [1.000, 1.000]" in md  # yarn against itself, paired
     pngs = sorted((tmp_path / "out").glob("*.png"))
     assert len(pngs) == 2 and all(p.read_bytes()[:4] == b"\x89PNG" for p in pngs)
     # a second run computes nothing: every result comes from the cache
@@ -48,6 +48,20 @@ def test_methods_through_the_pipeline(bench, tiny_models, tmp_path, capsys):
     again = json.loads((tmp_path / "out" / "quality-256.json").read_text())
     assert all(r["seconds"] is None for r in again["results"])
     assert [r["metrics"] for r in again["results"]] == [r["metrics"] for r in data["results"]]
+
+
+def test_ratio_against_yarn_is_paired_over_blocks(bench):
+    import math
+
+    ref = {"block": 128, "block_ll": [[-64.0] * 8, [-64.0] * 8]}  # two 1024-token documents, nll 0.5 per token
+    pm = {"block": 128, "block_ll": [[-128.0] * 8, [-64.0] * 4 + [-192.0] * 4]}
+    r = bench.ratio_vs(pm, ref, 512, 1024, 1024)  # the second half: nll 1.0 and 1.5 per token against 0.5
+    assert r["value"] == pytest.approx(math.exp(1.25 - 0.5)) and r["unit"] == "blocks" and r["n"] >= 4
+    assert r["lo"] < r["value"] < r["hi"]  # the blocks differ, so the interval is not a point
+    same = bench.ratio_vs(ref, ref, 512, 1024, 1024)
+    assert same["value"] == same["lo"] == same["hi"] == pytest.approx(1.0)
+    assert bench.ratio_vs(pm, ref, 100, 1024, 1024) is None  # off the block grid
+    assert bench.fmt_ratio(r, "-").startswith(f"{r['value']:.3f}x [") and bench.fmt_ratio(None, "0.9x") == "0.9x"
 
 
 def test_bucket_and_curve_arithmetic(bench):
