@@ -27,7 +27,7 @@ help:
 	@echo "make bench-train-quality  continued training from each initialisation, 8k -> 32k (a GPU's work)"
 	@echo "make fit-smollm2  dprope-fit of SmolLM2 8k -> 32k on short windows, on this CPU (~30 min; FIT_TARGET=16384)"
 	@echo "make bench-validate-speed  one ppl window and one passkey prompt at 16k and 32k: transformers, ours, llama.cpp (~1-2 hours here)"
-	@echo "make bench-validate-speed-gemma3  one 48k ppl window of Gemma 3 270M's GGUF: ours vs llama-perplexity (VALIDATE_SPEED_GEMMA3_ARGS=...)"
+	@echo "make bench-validate-speed-gemma3  one 16k ppl window of Gemma 3 270M's GGUF: ours vs llama-perplexity (VALIDATE_SPEED_GEMMA3_ARGS=...)"
 	@echo "make release RECIPE=recipes/<family>/<size>_<target>.yaml   full validation with gates"
 	@echo "make gemma3-270m-64k   Gemma 3 270M's Q4_K_M GGUF extended in place to 64k, validated in llama.cpp (fetches it)"
 	@echo "recipes:      $(RECIPE_TARGETS)"
@@ -153,10 +153,11 @@ GGUF_INPLACE_ARGS ?= --repeats 3
 bench-gguf-inplace: setup-gemma3
 	$(PY) bench/gguf_inplace.py $(GGUF_INPLACE_ARGS)
 
-# validation's speed on a 262,144-token vocabulary: one 48k perplexity window of the Gemma 3 270M Q4_K_M GGUF, our
-# llama.cpp path vs llama-perplexity on the same file and text (the peer is skipped, saying why, where the ~28 GB of
-# logits it keeps do not fit); writes bench/results/validate-speed-gemma-3-270m-Q4_K_M-49152.md
-VALIDATE_SPEED_GEMMA3_ARGS ?= --model gemma3 --lengths 49152 --tasks ppl
+# validation's speed on a 262,144-token vocabulary: one 16k perplexity window of the Gemma 3 270M Q4_K_M GGUF, our
+# llama.cpp path vs llama-perplexity on the same file and text (~10 min here); at 48k (--lengths 49152) the peer needs
+# ~28 GB for its logits and is skipped, saying why, where they do not fit;
+# writes bench/results/validate-speed-gemma-3-270m-Q4_K_M-<length>.md
+VALIDATE_SPEED_GEMMA3_ARGS ?= --model gemma3 --lengths 16384 --tasks ppl
 .PHONY: bench-validate-speed-gemma3
 bench-validate-speed-gemma3: setup-gemma3
 	$(PY) bench/validate_speed.py $(VALIDATE_SPEED_GEMMA3_ARGS)

@@ -385,9 +385,9 @@ def report(length: int, target: int, rows: list[dict], s: dict, command: str, mo
                 ""]
         if task == "ppl" and ours and peer:
             d = abs(ours["perplexity"] / peer["perplexity"] - 1)
+            hf_note = ("; transformers runs the f32 checkpoint, so it differs by the q8_0 rounding" if hf else "")
             lines += [f"ours vs llama-perplexity: relative difference {d:.1e} (tolerance {PPL_TOL:.0e}: "
-                      f"{'agree' if d <= PPL_TOL else 'DISAGREE'}); transformers runs the f32 checkpoint, so it "
-                      "differs by the q8_0 rounding.", ""]
+                      f"{'agree' if d <= PPL_TOL else 'DISAGREE'}){hf_note}.", ""]
     return "\n".join(lines)
 
 
