@@ -58,6 +58,19 @@ def measure(args) -> dict:
             "machine": f"{os.cpu_count()}-core CPU ({platform.machine()})"}
 
 
+def difference(a: dict, b: dict) -> tuple[float, float, float]:
+    """acc(a) - acc(b) of two independent samples of 0/1 scores with Newcombe's hybrid score interval (Newcombe 1998,
+    method 10): the Wilson intervals of each combined."""
+    import math
+
+    from convert.evaluate.stats import wilson
+
+    (p1, n1), (p2, n2) = ((r["acc"], r["stat"]["n"]) for r in (a, b))
+    (l1, u1), (l2, u2) = wilson(p1 * n1, n1), wilson(p2 * n2, n2)
+    d = p1 - p2
+    return d, d - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2), d + math.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2)
+
+
 def markdown(rep: dict, cmd: str) -> str:
     out = [f"# `{cmd}`, {rep['date']}, a {rep['machine']}", "",
            f"Model: `{Path(rep['model']).name}` ({'llama.cpp' if rep['model'].endswith('.gguf') else 'transformers'}), "
@@ -81,11 +94,12 @@ def markdown(rep: dict, cmd: str) -> str:
         per_m = multi["seconds"] / multi["stat"]["n"]
         out += ["", f"Seconds per retrieval sample: passkey {per_s:.1f} s, passkey-multi {per_m:.1f} s "
                     f"({per_s / per_m:.1f}x fewer for passkey-multi)."]
-        disjoint = single["stat"]["lo"] > multi["stat"]["hi"] or multi["stat"]["lo"] > single["stat"]["hi"]
-        out += ["", "The two intervals " + ("do not overlap: the tasks measure retrieval at different difficulty; "
-                                            "read passkey-multi's accuracy as its own scale, not as passkey's."
-                                            if disjoint else
-                                            "overlap: at this n the two accuracies are not distinguishable.")]
+        d, lo, hi = difference(single, multi)
+        out += ["", f"passkey - passkey-multi: {d:+.2f}, 95% interval [{lo:+.2f}, {hi:+.2f}] (Newcombe's score interval "
+                    "for two independent proportions, from the two Wilson intervals). " +
+                    ("It excludes 0: the tasks measure retrieval at different difficulty; read passkey-multi's "
+                     "accuracy on its own scale, not as passkey's." if lo > 0 or hi < 0 else
+                     "It includes 0: at these n the two accuracies are not distinguishable.")]
     return "\n".join(out) + "\n"
 
 
