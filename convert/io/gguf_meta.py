@@ -50,6 +50,18 @@ GGML_SIZES = {0: ("F32", 1, 4), 1: ("F16", 1, 2), 2: ("Q4_0", 32, 18), 3: ("Q4_1
               25: ("I16", 1, 2), 26: ("I32", 1, 4), 27: ("I64", 1, 8), 28: ("F64", 1, 8), 30: ("BF16", 1, 2)}
 
 
+def ggml_type(type_id: int) -> tuple[str, int, int]:
+    """(name, block size, bytes per block) of a GGML type id: :data:`GGML_SIZES`, else gguf-py's own table
+    (ValueError or KeyError for an id it does not know either)."""
+    if type_id in GGML_SIZES:
+        return GGML_SIZES[type_id]
+    from convert.io.gguf_constants import constants
+
+    gc = constants()
+    qt = gc.GGMLQuantizationType(type_id)
+    return (qt.name, *gc.GGML_QUANT_SIZES[qt])
+
+
 @dataclass
 class GGUFTensor:
     """One tensor of a GGUF file: name, type, shape (GGUF order, fastest dimension first) and where its bytes are."""
@@ -71,8 +83,7 @@ class GGUFTensor:
     @property
     def type_name(self) -> str:
         """The type's name (F32, Q4_K, ...)."""
-        known = GGML_SIZES.get(self.type_id)
-        return known[0] if known else self.tensor_type.name
+        return ggml_type(self.type_id)[0]
 
     @property
     def data(self) -> np.ndarray:
@@ -308,17 +319,11 @@ def _walk(mm, path: Path, decode_array):
 
 def _tensor_bytes(path: Path, name: str, dims: tuple[int, ...], ttype: int) -> int:
     """The byte size of one tensor, from its type's block size and bytes per block (gguf-py's GGML_QUANT_SIZES)."""
-    if ttype in GGML_SIZES:
-        _, block, tsize = GGML_SIZES[ttype]
-    else:
-        from convert.io.gguf_constants import constants
-
-        gc = constants()
-        try:
-            block, tsize = gc.GGML_QUANT_SIZES[gc.GGMLQuantizationType(ttype)]
-        except (ValueError, KeyError):
-            raise ConvertError(f"{path}: tensor {name} has unknown type id {ttype}; the file is corrupt or newer "
-                               "than this gguf-py (update the gguf package)") from None
+    try:
+        _, block, tsize = ggml_type(ttype)
+    except (ValueError, KeyError):
+        raise ConvertError(f"{path}: tensor {name} has unknown type id {ttype}; the file is corrupt or newer "
+                           "than this gguf-py (update the gguf package)") from None
     n = math.prod(dims) if dims else 1
     return n // block * tsize
 

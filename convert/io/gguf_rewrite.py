@@ -33,7 +33,7 @@ import numpy as np
 from convert.errors import ConvertError
 from convert.io.files import atomic_file, human_bytes
 from convert.io.gguf_constants import constants
-from convert.io.gguf_meta import GGML_SIZES, VALUE_TYPES, GGUFLayout, read_layout
+from convert.io.gguf_meta import GGML_SIZES, VALUE_TYPES, GGUFLayout, ggml_type, read_layout
 
 log = logging.getLogger(__name__)
 
@@ -183,8 +183,7 @@ def _tensor_spec(name: str, data: Any) -> tuple[int, tuple[int, ...], bytes]:
         shape = arr.shape
     if not 1 <= len(shape) <= GGML_MAX_DIMS:
         raise ConvertError(f"tensor {name}: {len(shape)} dimensions; GGUF tensors have 1 to {GGML_MAX_DIMS}")
-    qname, block, tsize = GGML_SIZES[int(qtype)] if int(qtype) in GGML_SIZES else (qtype.name,
-                                                                                     *gc.GGML_QUANT_SIZES[qtype])
+    qname, block, tsize = ggml_type(int(qtype))
     n = int(np.prod(shape, dtype=np.int64))
     if shape[-1] % block or n // block * tsize != arr.nbytes:
         raise ConvertError(f"tensor {name}: {arr.nbytes} bytes do not hold a {qname} tensor of shape {shape}")
