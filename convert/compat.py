@@ -216,7 +216,7 @@ def rotary_frequencies_replaced(rot, inv_freq) -> Iterator:
             setattr(rot, names[2], saved[2])
 
 @contextlib.contextmanager
-def rotary_computed_from(rot, inv_freq, attention_scaling) -> Iterator:
+def rotary_computed_from(rot, inv_freq, attention_scaling, other_position_ids=None) -> Iterator:
     """For the duration of the block a transformers rotary embedding module returns cos/sin computed from the given
     tensors, differentiably: ``inv_freq`` (float [n_pairs]) and ``attention_scaling`` (a number or a 0-d tensor) may
     require grad, and the model's loss then reaches them through every attention layer.  The module's own forward
@@ -225,7 +225,11 @@ def rotary_computed_from(rot, inv_freq, attention_scaling) -> Iterator:
     ``LlamaRotaryEmbedding.forward`` (transformers models/llama/modeling_llama.py: angles position x inv_freq in
     float32, the pair halves concatenated, cos and sin times the scaling, cast to the input's dtype), the layout
     every decoder's ``apply_rotary_pos_emb`` reads, and puts the class's forward back afterwards.  A module with one
-    table per layer type (Gemma 3) computes its scaled (full-attention) table so and the others as before."""
+    table per layer type (Gemma 3) computes its scaled (full-attention) table so and the others as before, at
+    ``other_position_ids`` where given: a short window with skipped position ids (PoSE) gives the sliding-window
+    layers the window's own contiguous positions, since transformers masks their window by token index
+    (masking_utils.py ``sliding_window_overlay``), and on the long text a window stands for they read the last
+    tokens at their true, contiguous distances; only the global layers' positions skip."""
     import torch
 
     p = rotary_prefix(rot)
@@ -235,6 +239,8 @@ def rotary_computed_from(rot, inv_freq, attention_scaling) -> Iterator:
     def forward(x, position_ids, *args, **kwargs):
         layer_type = args[0] if args else kwargs.get("layer_type")
         if scaled is not None and layer_type is not None and layer_type != scaled:
+            if other_position_ids is not None:
+                position_ids = other_position_ids.to(position_ids.device)
             return own(x, position_ids, *args, **kwargs)
         freqs = position_ids[..., None].float() * inv_freq.to(device=x.device, dtype=torch.float)
         emb = torch.cat((freqs, freqs), dim=-1)

@@ -128,6 +128,12 @@ class FitConfig:
     save_every: int = 1
     pick: str = "auto"
     average_from: float = 0.5
+    space: str = "pairs"
+    scan_steps: int = 2
+    scan_points: int = 9
+
+    # fields of the YaRN space alone: a per-pair fit's state keeps its name without them
+    YARN_FIELDS = ("scan_steps", "scan_points")
 
     # fields that only limit a run or choose among its points; a state may be resumed under other values
     RUN_LIMITS = ("budget_steps", "budget_seconds", "save_every", "pick", "average_from")  # the path is the same
@@ -174,6 +180,13 @@ class FitConfig:
                 raise DPRoPEError(f"fit option {name} must be true or false, got {getattr(self, name)!r}")
         bound_value(self.low, 2.0)
         bound_value(self.high, 2.0)
+        if self.space not in ("pairs", "yarn"):
+            raise DPRoPEError(f"fit option space must be pairs (one factor per pair) or yarn (YaRN's factor and "
+                              f"original_context_length, for runtimes that read only YaRN), got {self.space!r}")
+        for name, least in (("scan_steps", 1), ("scan_points", 2)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < least:
+                raise DPRoPEError(f"fit option {name} must be a whole number >= {least}, got {v!r}")
         if not isinstance(self.init, str) or not self.init.strip():
             raise DPRoPEError(f"fit option init must name a registered method, got {self.init!r}")
         from .registry import get_method, temperature
@@ -185,6 +198,9 @@ class FitConfig:
     def fit_fields(self) -> dict[str, Any]:
         """The fields that define the fit (a resumed state must have the same)."""
         d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in self.RUN_LIMITS}
+        if self.space == "pairs":
+            for k in ("space", *self.YARN_FIELDS):
+                d.pop(k)
         d["betas"] = list(d["betas"])
         d["temperature_range"] = list(d["temperature_range"])
         return d
@@ -370,6 +386,8 @@ def fit(ctx, loss_and_grad: LossAndGrad, config: FitConfig | None = None, state_
     from .search import load_state, save_state
 
     cfg = config or FitConfig()
+    if cfg.space == "yarn":
+        return fit_yarn_scan(ctx, loss_and_grad, cfg, state_path, progress, write_state)
     if cfg.budget_steps is None and cfg.budget_seconds is None:
         raise DPRoPEError("dprope-fit needs a budget: budget_steps (loss-and-gradient evaluations) and/or "
                           "budget_seconds")
@@ -481,3 +499,116 @@ def fit(ctx, loss_and_grad: LossAndGrad, config: FitConfig | None = None, state_
                      config=cfg.to_dict(), best_step=int(best["step"]),
                      init={"method": st["init"]["method"], "loss": st["init"].get("loss")},
                      elapsed=float(st["elapsed"]), fixed_pairs=fixed, pick=pick)
+
+
+# ----------------------------------------------------------------------------------------------- the YaRN space
+def scan_value(loss_and_grad, log_factors, temperature: float, steps: int) -> float:
+    """The loss of one factor set on the text of steps 0 .. ``steps`` - 1, forward only where the loss offers it
+    (a ``value(log_factors, temperature, steps)`` method, convert/evaluate/fit.py's), else the mean of its
+    ``loss_and_grad`` losses over those steps."""
+    import torch
+
+    lf = torch.tensor([float(v) for v in log_factors], dtype=torch.float64)
+    value = getattr(loss_and_grad, "value", None)
+    if callable(value):
+        return float(value(lf, float(temperature), int(steps)))
+    return sum(float(loss_and_grad(lf, float(temperature), k)[0]) for k in range(int(steps))) / int(steps)
+
+
+def fit_yarn_scan(ctx, loss_and_grad: LossAndGrad, cfg: FitConfig, state_path=None,
+                  progress: Callable[[dict[str, Any]], None] | None = None, write_state: bool = True) -> FitResult:
+    """YaRN fitted by the loss (``space`` = "yarn"), for runtimes whose graph runs only YaRN from the file's keys
+    (llama.cpp's qwen2, qwen3 and gemma3 graphs; :mod:`dprope.yarn_fit`): the one free number is L_o (the file's
+    original_context_length), with f = target / L_o as transformers and llama.cpp read the pair.  Each candidate's
+    YaRN factors are scored by the same loss on the same text (steps 0 .. ``scan_steps`` - 1 of the loss: the same
+    windows and position ids for every candidate, so the comparison is paired and the result deterministic) at one
+    fixed temperature (the init's, or ``temperature``: a short window cannot measure attention dilution, which the
+    temperature compensates, so every candidate is read at the same one); first ``scan_points`` values of L_o spaced
+    geometrically over 0.25 .. 1.25 x the original window (llama.cpp's own YaRN at this target, L_o = the original
+    window, always among them), then the geometric midpoints around the best until they are within 2% of it or the
+    budget (``budget_steps``: candidate evaluations) is spent.  The result carries the best candidate's factors and
+    YaRN's own temperature for its f, 1 + 0.1 ln f (what llama.cpp applies to the scaled layers).  Resumable: every
+    candidate's loss is saved as it comes."""
+    import torch
+
+    from .search import load_state, save_state
+    from .yarn_fit import refine_lengths, scan_lengths, yarn_factors
+
+    if cfg.fit_temperature:
+        raise DPRoPEError("space=yarn keeps the temperature fixed (YaRN's own 1 + 0.1 ln f at the end): drop "
+                          "fit_temperature")
+    if cfg.budget_steps is not None and cfg.budget_steps < 2:
+        raise DPRoPEError(f"space=yarn needs budget_steps >= 2 candidate evaluations, got {cfg.budget_steps}")
+    if ctx.rope_theta is None:
+        raise DPRoPEError("space=yarn needs the model's rope_theta (YaRN's ramp is computed from it)")
+    head_dim, theta = 2 * ctx.n_pairs, float(ctx.rope_theta)
+    T, L = int(ctx.target_length), int(ctx.original_length)
+    st = load_state(state_path) if state_path is not None else None
+    if st is not None:
+        if st.get("version") != STATE_VERSION or st.get("kind") != "yarn-scan":
+            raise DPRoPEError(f"fit state {state_path} is not a YaRN scan of this version; delete it to start afresh")
+        if st["config"] != cfg.fit_fields() or st["ctx"] != _ctx_dict(ctx):
+            raise DPRoPEError(f"fit state {state_path} belongs to another fit (its model, lengths or settings "
+                              "differ); use another state path or delete it")
+        log.info("resuming the YaRN scan from %s: %d candidates done", state_path, len(st["trace"]))
+    else:
+        _, t0, init = start_point(ctx, cfg)
+        st = {"version": STATE_VERSION, "kind": "yarn-scan", "config": cfg.fit_fields(), "ctx": _ctx_dict(ctx),
+              "init": {"method": init, "temperature": t0}, "trace": [], "elapsed": 0.0}
+    started = time.monotonic() - float(st["elapsed"])
+    t = float(st["init"]["temperature"])
+
+    def snapshot() -> None:
+        st["elapsed"] = time.monotonic() - started
+        if state_path is not None and write_state:
+            save_state(state_path, st)
+
+    def seen() -> dict[int, float]:
+        return {int(e["original_length"]): float(e["loss"]) for e in st["trace"]}
+
+    queue = [Lo for Lo in scan_lengths(head_dim, theta, L, T, cfg.scan_points) if Lo not in seen()]
+    stopped = "converged"
+    try:
+        while True:
+            if not queue:
+                queue = refine_lengths(seen(), head_dim, theta, T)
+                if not queue:
+                    break
+            if cfg.budget_steps is not None and len(st["trace"]) >= cfg.budget_steps:
+                stopped = "budget_steps"
+                break
+            if cfg.budget_seconds is not None and time.monotonic() - started >= cfg.budget_seconds:
+                stopped = "budget_seconds"
+                break
+            Lo = queue.pop(0)
+            f = T / Lo
+            lf = [math.log(float(v)) for v in yarn_factors(head_dim, theta, f, Lo)]
+            loss = scan_value(loss_and_grad, lf, t, cfg.scan_steps)
+            if not math.isfinite(loss):
+                raise DPRoPEError(f"the loss is not finite for YaRN factor {f:.4g}, original_context_length {Lo}")
+            best = min([loss] + [float(e["loss"]) for e in st["trace"]])
+            entry = {"step": len(st["trace"]), "loss": loss, "best": best, "temperature": t, "original_length": Lo,
+                     "factor": f}
+            st["trace"].append(entry)
+            log.info("YaRN scan: original_context_length %d, factor %.4g: loss %.6g (best %.6g)", Lo, f, loss, best)
+            snapshot()
+            if progress is not None:
+                progress(dict(entry))
+    except BaseException:
+        snapshot()
+        raise
+    snapshot()
+    if not st["trace"]:
+        raise DPRoPEError("the YaRN scan stopped before its first candidate (budget too small)")
+    done = seen()
+    Lo = min(done, key=lambda k: (done[k], k))
+    f = T / Lo
+    factors = torch.tensor(yarn_factors(head_dim, theta, f, Lo), dtype=torch.float64).float()
+    own = done.get(min(done, key=lambda k: abs(k - L)))  # the candidate at (or nearest) llama.cpp's own YaRN
+    k = next(e["step"] for e in st["trace"] if int(e["original_length"]) == Lo)
+    return FitResult(factors=factors, temperature=1.0 + 0.1 * math.log(f), loss=done[Lo],
+                     trace=[dict(e) for e in st["trace"]], steps=len(st["trace"]), stopped=stopped,
+                     config=cfg.to_dict(), best_step=int(k),
+                     init={"method": "yarn", "loss": own, "scan_temperature": t,
+                           "from": st["init"]["method"]},
+                     elapsed=float(st["elapsed"]), fixed_pairs=0, pick="best")

@@ -237,7 +237,8 @@ def _dprope_fit(ctx, *, loss_and_grad=None, state_path=None, progress=None, writ
     res = fit(ctx, loss_and_grad, cfg, state_path=state_path, progress=progress, write_state=write_state)
     r = _compute(ctx, candidates=[], extra_candidates={"dprope-fit": res.factors}, bins=int(bins))
     r.temperature = float(res.temperature)
-    r.params["search"] = {"kind": "fit", "fitness": res.loss, "evals": res.steps, "stopped": res.stopped,
+    r.params["search"] = {"kind": "yarn-scan" if cfg.space == "yarn" else "fit", "fitness": res.loss,
+                          "evals": res.steps, "stopped": res.stopped,
                           "trace": res.trace, "config": res.config, "critical_pair": None, "elapsed": res.elapsed,
                           "best_step": res.best_step, "init": res.init, "fixed_pairs": res.fixed_pairs,
                           "pick": res.pick}
@@ -259,7 +260,10 @@ register_method("dprope-fit", "per-pair factors fitted by gradient, the weights 
                 "default 2): short W-token windows with PoSE's skipped position ids (Zhu et al. 2024) instead of "
                 "full-length ones, relative distances up to the target for a W-token pass, the temperature kept "
                 "fixed (a short window cannot measure attention dilution) and the result the average of the "
-                "iterates from average_from on (pick=average: each step reads other text)", "search",
+                "iterates from average_from on (pick=average: each step reads other text); space=yarn: instead "
+                "of one factor per pair, YaRN's factor and original_context_length chosen by the same loss (a "
+                "scan of candidates on the same windows), for runtimes that read only YaRN (llama.cpp's qwen2, "
+                "qwen3, gemma3)", "search",
                 loss_and_grad=None, state_path=None, progress=None, write_state=True, bins=DEFAULT_BINS,
                 **_fit_defaults(), **FIT_LOSS_OPTIONS)(_dprope_fit)
 

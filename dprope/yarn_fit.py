@@ -135,3 +135,62 @@ def fit_yarn(wanted, head_dim: int, rope_theta: float, window: int, target_lengt
     fitted = yarn_factors(head_dim, rope_theta, f, L)
     d = np.log(fitted) - lw
     return YarnFit(f, L, fitted, float(np.sqrt((d ** 2).mean())), float(np.abs(d).max()))
+
+
+# ----------------------------------------------------------------------------------------------- YaRN by a loss
+def stable_length(head_dim: int, rope_theta: float, length: int, lowest: int = 2, highest: int | None = None) -> int:
+    """The integer L_o nearest ``length`` (within [lowest, highest]) whose correction dims llama.cpp (float32) and
+    transformers (float64) compute alike, so the two runtimes run the same YaRN from it."""
+    hi = int(highest) if highest is not None else max(int(length), lowest) * 2
+    length = min(max(int(length), int(lowest)), hi)
+    for d in range(0, max(hi - lowest, 0) + 1):
+        for c in (length - d, length + d):
+            if lowest <= c <= hi and _stable(head_dim, rope_theta, c):
+                return c
+    return length
+
+
+def scan_lengths(head_dim: int, rope_theta: float, original_length: int, target_length: int,
+                 points: int = 9, low: float = 0.25, high: float = 1.25) -> list[int]:
+    """The first candidates of a YaRN scan: ``points`` values of L_o spaced geometrically over [low, high] x the
+    original window (L_o = the original window itself always among them: llama.cpp's own YaRN at this target, f =
+    target / original), each below the target (f = target / L_o > 1) and moved to the nearest stable integer."""
+    if points < 2:
+        raise DPRoPEError(f"a YaRN scan needs at least 2 points, got {points}")
+    if not 0 < low < 1 <= high:
+        raise DPRoPEError(f"a YaRN scan's range must hold the original window: 0 < low < 1 <= high, got {low}, {high}")
+    top = int(target_length) - 1
+    raw = np.geomspace(low, high, points) * float(original_length)
+    out = {stable_length(head_dim, rope_theta, min(int(round(v)), top), 2, top) for v in raw}
+    out.add(stable_length(head_dim, rope_theta, min(int(original_length), top), 2, top))
+    return sorted(out)
+
+
+def refine_lengths(evaluated: dict[int, float], head_dim: int, rope_theta: float, target_length: int,
+                   min_gap: float = 0.02) -> list[int]:
+    """The next candidates of a YaRN scan from the losses so far (L_o -> loss): the geometric midpoints between the
+    best L_o and each of its evaluated neighbours, where they lie more than ``min_gap`` (relative) apart and are not
+    evaluated yet; where the best is the smallest or the largest L_o evaluated, also one geometric step past it
+    (the same ratio as to its neighbour; L_o within 2 .. target - 1), so a scan whose range missed the minimum
+    walks on.  Empty when the scan has converged."""
+    xs = sorted(evaluated)
+    b = min(xs, key=lambda L: (evaluated[L], L))
+    i = xs.index(b)
+    out = []
+    if len(xs) >= 2 and i in (0, len(xs) - 1):
+        nb = xs[1] if i == 0 else xs[-2]
+        step = int(round(b * b / nb))
+        lo, hi = (2, b - 1) if i == 0 else (b + 1, target_length - 1)
+        if lo <= hi:
+            e = stable_length(head_dim, rope_theta, min(max(step, lo), hi), lo, hi)
+            if lo <= e <= hi and e not in evaluated:
+                out.append(e)
+    for j in (i - 1, i + 1):
+        if 0 <= j < len(xs):
+            a, c = sorted((xs[j], b))
+            if c / a - 1 <= min_gap:
+                continue
+            m = stable_length(head_dim, rope_theta, int(round(math.sqrt(a * c))), a + 1, min(c - 1, target_length - 1))
+            if a < m < c and m not in evaluated:
+                out.append(m)
+    return out

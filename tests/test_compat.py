@@ -320,6 +320,14 @@ def test_rotary_computed_from_leaves_the_unscaled_table_of_a_gemma3_module():
         cos, _ = rot(x, pos, "full_attention")
     angle = torch.cat([inv, inv]).double() * 100
     assert torch.allclose(cos[0, 1].double(), angle.cos() * 1.5, atol=1e-5)
+    # a short window's skipped ids reach the scaled table only; the sliding one reads the given contiguous ids
+    contiguous = torch.tensor([[0, 1]])
+    with torch.no_grad():
+        own_contiguous = rot(x, contiguous, "sliding_attention")
+    with torch.no_grad(), compat.rotary_computed_from(rot, inv, 1.5, contiguous):
+        assert all(torch.equal(a, b) for a, b in zip(rot(x, pos, "sliding_attention"), own_contiguous))
+        assert not torch.equal(rot(x, pos, "sliding_attention")[0], sliding[0])
+        assert torch.allclose(rot(x, pos, "full_attention")[0], cos)
 
 
 # ------------------------------------------------------------------------------------------- one list per concept

@@ -601,3 +601,89 @@ def test_pick_average_returns_the_mean_of_the_iterates_not_the_luckiest_step(tmp
     assert auto.pick == "average" and torch.equal(auto.factors, avg.factors)
     with pytest.raises(dprope.DPRoPEError, match="pick must be auto, best or average"):
         FitConfig(budget_steps=1, pick="median")
+
+
+# ------------------------------------------------------------------------------------------- the YaRN space
+def _yarn_bowl(best_length: int, head_dim: int, theta: float, target: int, calls: list | None = None):
+    """A loss whose minimum over the YaRN space is at original_context_length ``best_length``: the squared
+    distance of the log-factors to that member's."""
+    from dprope.yarn_fit import yarn_factors
+
+    want = torch.tensor(yarn_factors(head_dim, theta, target / best_length, best_length)).log()
+
+    def loss_and_grad(x, t, step):
+        if calls is not None:
+            calls.append(step)
+        d = x - want
+        return float((d * d).sum()), 2 * d, None
+
+    return loss_and_grad
+
+
+def test_the_yarn_scan_finds_the_member_the_loss_prefers_and_resumes(tmp_path):
+    from dprope.yarn_fit import fit_yarn, stable_length
+
+    theta, head_dim, original, target = 10000.0, 64, 4096, 16384
+    ctx = RopeContext(dprope.base_inv_freq(theta, head_dim), theta, original, target)
+    calls: list = []
+    loss = _yarn_bowl(2000, head_dim, theta, target, calls)
+    cfg = FitConfig(space="yarn", budget_steps=30, scan_steps=2)
+    state = tmp_path / "scan.json"
+    res = fit(ctx, loss, cfg, state_path=state)
+    lengths = [e["original_length"] for e in res.trace]
+    best = lengths[res.best_step]
+    assert abs(best / 2000 - 1) < 0.05 and res.stopped == "converged" and res.steps == len(set(lengths)) < 30
+    assert stable_length(head_dim, theta, original, 2, target - 1) in lengths  # llama.cpp's own YaRN scored too
+    assert res.init["loss"] > res.loss and res.init["method"] == "yarn" and res.pick == "best"
+    assert len(calls) == 2 * res.steps  # every candidate read steps 0 and 1 of the loss
+    # the result is exactly a YaRN member: what a GGUF carries for a YaRN-only graph, with no error
+    f = target / best
+    y = fit_yarn(res.factors.double().numpy(), head_dim, theta, original, target)
+    assert (y.original_length, y.factor) == (best, pytest.approx(f)) and y.max_log_error < 1e-6
+    assert res.temperature == pytest.approx(1 + 0.1 * math.log(f))
+    # resumed from its state: nothing evaluated again, the same answer
+    calls.clear()
+    again = fit(ctx, loss, cfg, state_path=state)
+    assert calls == [] and again.best_step == res.best_step and torch.equal(again.factors, res.factors)
+    # a minimum outside the first range (0.25 .. 1.25 x the original window): the scan walks past its edge to it
+    far = fit(ctx, _yarn_bowl(400, head_dim, theta, target), FitConfig(space="yarn", budget_steps=40))
+    assert abs(far.trace[far.best_step]["original_length"] / 400 - 1) < 0.05 and far.stopped == "converged"
+    # a smaller budget stops early; another setting is another fit
+    short = fit(ctx, _yarn_bowl(2000, head_dim, theta, target), FitConfig(space="yarn", budget_steps=3))
+    assert short.steps == 3 and short.stopped == "budget_steps"
+    with pytest.raises(dprope.DPRoPEError, match="belongs to another fit"):
+        fit(ctx, loss, FitConfig(space="yarn", budget_steps=30, scan_steps=1), state_path=state)
+    with pytest.raises(dprope.DPRoPEError, match="space must be pairs"):
+        FitConfig(space="ntk")
+
+
+def test_a_short_window_yarn_fit_of_gemma3_runs_through_the_cli(tmp_path, tokenizer):
+    """Gemma 3 (sliding layers plus global ones): the scan through `dprope extend`, on short windows whose sliding
+    layers read contiguous positions; the output's factors are one YaRN member, which a GGUF carries exactly."""
+    from convert.formats.gguf_extend import gguf_form
+    from tiny import make_tiny
+
+    src_dir = make_tiny(tmp_path / "gemma", "gemma3_text", tokenizer=tokenizer)
+    out = tmp_path / "out"
+    res = CliRunner().invoke(main, ["extend", str(src_dir), str(out), "--target-length", str(TARGET), "--method",
+                                    "dprope-fit", "--budget", "12", "--opt", "space=yarn", "--opt",
+                                    f"window={WINDOW}", "--opt", "samples=2", "--opt", "scan_points=4"])
+    assert res.exit_code == 0, res.output
+    rep = _fit_report(out)
+    s = rep["params"]["search"]
+    assert s["kind"] == "yarn-scan" and 4 <= s["evals"] <= 12 and s["fitness"] <= s["init"]["loss"]
+    best = s["trace"][s["best_step"]]
+    assert best["loss"] == s["fitness"] and best["factor"] == pytest.approx(TARGET / best["original_length"])
+    assert "- Factors from: YaRN fitted by the loss (dprope-fit, space=yarn)" in (out / "README.md").read_text()
+    assert (out / "search_trace.png").read_bytes()[:4] == b"\x89PNG"
+    spec = open_source(src_dir).spec
+    form = gguf_form(spec, rep["factors"], TARGET, rep["temperature"])
+    assert form["form"] == "yarn-fit" and form["fit"].original_length == best["original_length"]
+    assert form["fit"].max_log_error < 1e-6
+    # the preset a recipe bakes as given: the same factors and temperature, the provenance with the command
+    import fit_preset  # bench/ is on the path (conftest.py)
+
+    p = fit_preset.preset(rep, "make fit-gemma3-yarn", "2026-01-01")
+    assert p["factors"] == pytest.approx(rep["factors"]) and p["temperature"] == rep["temperature"]
+    assert p["provenance"].endswith("`make fit-gemma3-yarn`") and "2026-01-01" in p["provenance"]
+    assert p["fit"]["kind"] == "yarn-scan" and p["trace"] == s["trace"]

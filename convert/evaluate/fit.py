@@ -247,6 +247,10 @@ class FitLoss:
             out.append((ids, targets, torch.from_numpy(pos)[None], first_scored(pos, self.score_from)))
         return out
 
+    def scored_in(self, step: int) -> int:
+        """Targets this rank's share of step ``step`` scores."""
+        return sum(max(t.numel() - first, 0) for _, t, _, first in self.step_inputs(step, self.rank, self.world))
+
     @property
     def scored_per_window(self) -> int:
         """Targets scored per full-length window (short windows: it varies, see ``scored``)."""
@@ -279,9 +283,12 @@ class FitLoss:
             # position ids for the start of another packed sequence (transformers/masking_utils.py,
             # find_packed_sequence_indices) and masks the chunks from each other
             kw = {} if pos is None else {"position_ids": pos.to(dev), "attention_mask": torch.ones_like(ids).to(dev)}
+            # the sliding-window layers of a model with several layer types (Gemma 3) read the window's contiguous
+            # positions: transformers masks their window by token index (convert.compat.rotary_computed_from)
+            local = None if pos is None else torch.arange(ids.shape[1], device=dev)[None]
             with contextlib.ExitStack() as stack:
                 for rot in self.rotaries:
-                    stack.enter_context(rotary_computed_from(rot, inv, scale))
+                    stack.enter_context(rotary_computed_from(rot, inv, scale, local))
                 hidden = base(input_ids=ids.to(dev), use_cache=False, **kw).last_hidden_state[0, first:]
                 tgt = targets[first:].to(dev)
                 if backward:
@@ -324,6 +331,32 @@ class FitLoss:
         self.seconds.append(time.perf_counter() - t0)
         self.scored.append(int(buf[1]))
         return loss, grad, grad_t
+
+    def value(self, log_factors, temperature: float, steps: int = 1) -> float:
+        """The mean loss over the scored targets of steps 0 .. ``steps`` - 1 (the same windows and position ids on
+        every call), forward only: how ``dprope.fit``'s YaRN scan and bench/short_window_rank.py compare factor
+        sets.  Under several processes each rank reads its share and the sums are all-reduced."""
+        import torch
+
+        dev = self.device
+        lf = torch.as_tensor(log_factors, dtype=torch.float64).detach().to(dev)
+        t = torch.tensor(float(temperature), dtype=torch.float64, device=dev)
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for step in range(int(steps)):
+                s, c = self.nll_sum(lf, t, step, backward=False)
+                total, count = total + s, count + c
+        if self.world > 1:
+            import torch.distributed as dist
+
+            buf = torch.tensor([total, float(count)], dtype=torch.float64)
+            dist.all_reduce(buf)
+            dist.broadcast(buf, src=0)
+            total, count = float(buf[0]), int(buf[1])
+        if count <= 0:
+            raise ConvertError(f"the loss scored no token: no window reached position {self.score_from}; lower "
+                               "score_from or raise samples")
+        return total / count
 
     # ------------------------------------------------------------------------------------------- what it is
     def identity(self) -> dict[str, Any]:
@@ -384,19 +417,10 @@ class ShortWindowObjective:
         f = torch.as_tensor(factors, dtype=torch.float64).flatten()
         if not bool(torch.isfinite(f).all()) or not bool((f > 0).all()):
             raise ConvertError("factors must be finite and > 0")
-        dev = self.loss.device
-        lf, t = f.log().to(dev), torch.tensor(float(temperature), dtype=torch.float64, device=dev)
-        total, count = 0.0, 0
-        with torch.no_grad():
-            for step in range(self.steps):
-                s, c = self.loss.nll_sum(lf, t, step, backward=False)
-                total, count = total + s, count + c
-        if count <= 0:
-            raise ConvertError(f"the short-window objective scored no token: no window reached position "
-                               f"{self.loss.score_from}; lower score_from or raise samples")
+        value = self.loss.value(f.log(), float(temperature), self.steps)
         self.seconds.append(time.perf_counter() - t0)
-        self.scored.append(count)
-        return total / count
+        self.scored.append(sum(self.loss.scored_in(step) for step in range(self.steps)))
+        return value
 
     def identity(self) -> dict[str, Any]:
         return {**self.loss.identity(), "kind": "short-window-objective", "steps": self.steps}

@@ -151,8 +151,25 @@ def plot_trace(data: dict, path: Path) -> None:
 
     trace = data.get("trace") or []
     fitted = bool(trace) and "loss" in trace[0]  # a gradient fit (dprope-fit): the loss per step
+    scan = fitted and "original_length" in trace[0]  # dprope-fit space=yarn: the loss per YaRN candidate
     fig, ax = plt.subplots(figsize=(7, 4))
     finite = lambda xs: [x if x is not None and math.isfinite(x) else float("nan") for x in xs]  # noqa: E731
+    if scan:
+        pts = sorted((e["original_length"], e["loss"]) for e in trace)
+        ax.plot([p[0] for p in pts], finite([p[1] for p in pts]), "o-", label="loss of the candidate")
+        b = min(trace, key=lambda e: e["loss"])
+        ax.plot([b["original_length"]], [b["loss"]], "r*", ms=12, label=f"best: factor {b['factor']:.3g}")
+        ax.set_xscale("log")
+        ax.set_xlabel("YaRN original_context_length L_o (factor = target / L_o)")
+        ax.set_ylabel(f"loss, nats per token ({data.get('fitness') or 'lower is better'})", fontsize=8)
+        ax.legend()
+        ax.set_title(f"{data.get('method')} (YaRN): best {data.get('best_fitness'):.4g} after {data.get('evals')} "
+                     f"candidates ({data.get('stopped')})", fontsize=9)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return
     if fitted:
         steps = [e["step"] for e in trace]
         ax.plot(steps, finite([e["loss"] for e in trace]), ".-", label="loss at the step")

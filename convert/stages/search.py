@@ -305,6 +305,20 @@ def run_fit(src: Any, plan: Any, work: Path, *, progress: bool = True, loss=None
              processes=world, device=where)
     init = s.get("init") or {}
     loss_opts = {k: opts.get(k) for k in FIT_LOSS_OPTIONS}
+    if s.get("kind") == "yarn-scan":
+        best = s["trace"][s["best_step"]]
+        own = init.get("loss")
+        r.params["provenance"] = (
+            f"YaRN fitted by the loss (dprope-fit, space=yarn): {s['evals']} candidates (original_context_length "
+            f"L_o, factor = target / L_o; stopped: {s['stopped']}) scored by the next-token loss past position "
+            f"{getattr(loss, 'score_from', '?')} ({label}, steps 0..{cfg.scan_steps - 1}, temperature "
+            f"{init.get('scan_temperature', float('nan')):.4f} for all): best L_o {best['original_length']}, factor "
+            f"{best['factor']:.4g}, loss {s['fitness']:.4f}"
+            + (f" (llama.cpp's own YaRN at this target: {own:.4f})" if own is not None else "")
+            + f", seed {loss_opts.get('seed')}, {world} process(es) on {where}, {s['elapsed'] / 60:.1f} min")
+        log.info("YaRN scan: best loss %.6g at L_o %d after %d candidates", s["fitness"], best["original_length"],
+                 s["evals"])
+        return r
     r.params["provenance"] = (
         f"fitted by gradient (dprope-fit): {s['evals']} Adam steps (lr {cfg.lr:g}, stopped: {s['stopped']}) on the "
         f"next-token loss past position {getattr(loss, 'score_from', '?')} ({label}), from {init.get('method')}'s "

@@ -52,12 +52,14 @@ def base_window(base: Path) -> int | None:
 def validate(checkpoint: Path, base: Path | None = None, lengths: Sequence[int] = (4096, 8192, 16384),
              tasks: Sequence[str] = ("passkey", "ppl"), limit: int | None = 5, out_dir: Path | None = None,
              corpus: str | None = None, gates: Sequence[str] = (), cache_dir: Path | None = None,
-             command: str = "", progress: bool = True, gguf_options=None, backend=None) -> Validation:
+             command: str = "", progress: bool = True, gguf_options=None, backend=None,
+             split_at: Sequence[int] = ()) -> Validation:
     """Run the tasks on ``checkpoint`` (a HF directory, or a .gguf run in llama.cpp) and on ``base``; write
     validation.json/.md/.png to ``out_dir`` (default: the checkpoint directory, or ``<name>-validation/`` beside a
     GGUF).  ``gguf_options``: how llama.cpp runs GGUFs (``convert.runtimes.llamacpp.LlamaCppOptions``).  ``backend`` (a
     :class:`convert.runtimes.dpe.DPEBackend`) runs the checkpoint in transformers through DPE's attention (evaluation
-    only; a .gguf checkpoint is then dequantised)."""
+    only; a .gguf checkpoint is then dequantised).  ``split_at``: positions where the perplexity buckets also split
+    (besides the lengths and the base's window), e.g. the original window when the base is itself an extension."""
     from convert.runtimes.llamacpp import LlamaCppOptions
     from convert.formats.checkpoint import cache_root, open_source
 
@@ -112,7 +114,11 @@ def validate(checkpoint: Path, base: Path | None = None, lengths: Sequence[int] 
             if hasattr(model, "close"):  # llama.cpp frees its context now, not at garbage collection
                 model.close()
             del model
-    rows = table_rows(results, lengths, [window] if window else [])
+    for x in split_at:
+        if not 0 < int(x) < lengths[-1]:
+            raise ConvertError(f"--split-at {x} lies outside the windows scored (1 .. {lengths[-1] - 1})")
+    edges = sorted({*([window] if window else []), *(int(x) for x in split_at)})
+    rows = table_rows(results, lengths, edges)
     failed = check_gates(rows, parsed_gates)
     md = markdown(rows, command or f"dprope validate {checkpoint}", failed, parsed_gates,
                   models=[r.describe() for r in runs])
