@@ -77,7 +77,8 @@ def measure(args) -> dict:
     for cname, corpus in corpora.items():
         objective = ShortWindowObjective(model, tok, spec, T, {"window": args.window, "chunks": args.chunks,
                                                                 "samples": args.samples, "seed": args.seed,
-                                                                "corpus": corpus, "loss_chunk": 1024})
+                                                                "corpus": corpus, "loss_chunk": 1024,
+                                                                "weights": args.weights})
         rows = []
         for s in tqdm(sets, desc=f"held-out {cname}", unit="set", dynamic_ncols=True):
             t0 = time.perf_counter()
@@ -118,6 +119,8 @@ def main(argv=None) -> int:
     ap.add_argument("--chunks", type=int, default=2)
     ap.add_argument("--samples", type=int, default=4, help="windows per corpus")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--weights", choices=["span"], help="span: distant chunks weighted by the positions they stand "
+                    "for (the fit's weights=span)")
     ap.add_argument("--head", type=int, default=65536, help="pydoc's tokens held out of the fit")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--device", default="auto")

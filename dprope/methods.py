@@ -213,7 +213,8 @@ register_method("longrope-search", "LongRoPE's evolutionary search of per-pair f
 # Options of the loss the pipeline builds for `dprope-fit` (convert/evaluate/fit.py): declared here so that recipes,
 # --opt and the report carry them; the fit itself (dprope/fit.py) reads only the FitConfig fields.
 FIT_LOSS_OPTIONS = dict(corpus=None, samples=1, length=None, score_from=None, batch=None, seed=0, dtype="auto",
-                        device="auto", gradient_checkpointing=True, loss_chunk=1024, window=None, chunks=2, skip=0)
+                        device="auto", gradient_checkpointing=True, loss_chunk=1024, window=None, chunks=2, skip=0,
+                        weights=None)
 
 
 def _dprope_fit(ctx, *, loss_and_grad=None, state_path=None, progress=None, write_state=True, bins=DEFAULT_BINS,

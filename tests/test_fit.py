@@ -687,3 +687,19 @@ def test_a_short_window_yarn_fit_of_gemma3_runs_through_the_cli(tmp_path, tokeni
     assert p["factors"] == pytest.approx(rep["factors"]) and p["temperature"] == rep["temperature"]
     assert p["provenance"].endswith("`make fit-gemma3-yarn`") and "2026-01-01" in p["provenance"]
     assert p["fit"]["kind"] == "yarn-scan" and p["trace"] == s["trace"]
+
+
+def test_span_weighted_short_windows_run_and_change_the_loss(short_loss, tiny_models):
+    """weights=span: the 4D mask reaches the attention (the loss moves, the gradient stays finite); plain windows
+    are its weights-1 case."""
+    from convert.evaluate.fit import make_fit_loss
+
+    src = open_source(tiny_models[("llama", False)])
+    weighted = make_fit_loss(src.path, src.spec, TARGET, {"window": WINDOW, "samples": 2, "seed": 0,
+                                                          "weights": "span"}, loaded=(short_loss.model, short_loss.tok))
+    x = torch.zeros(8, dtype=torch.float64)
+    a, b = short_loss.value(x, 1.0, 1), weighted.value(x, 1.0, 1)
+    assert math.isfinite(b) and abs(a - b) > 1e-4
+    loss, grad, _ = weighted(x, 1.0, 0)
+    assert loss == pytest.approx(b, rel=1e-5) and bool(torch.isfinite(torch.as_tensor(grad)).all())
+    assert ":weights=span:" in weighted.label() and weighted.identity()["weights"] == "span"

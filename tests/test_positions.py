@@ -95,3 +95,21 @@ def test_scoring_positions_redraws_until_the_last_position_reaches_score_from():
     # unreachable: the last draw comes back as it is, scoring nothing
     p = scoring_positions(WINDOW, 2, TARGET, TARGET, window_rng(0, 0, 0), tries=5)
     assert p[-1] < TARGET and first_scored(p, TARGET) == WINDOW
+
+
+def test_span_weights_stand_distant_chunks_for_the_positions_they_skip():
+    from convert.evaluate.positions import span_log_weights
+
+    # chunk 0: positions 0..3 (4 tokens standing for 0..99: 25 positions each); chunk 1: 100..101 (the last: weight 1)
+    pos = np.array([0, 1, 2, 3, 100, 101])
+    b = span_log_weights(pos)
+    assert b.shape == (6, 6)
+    assert np.all(np.isneginf(b[np.triu_indices(6, 1)]))  # causal
+    assert np.allclose(b[4:, :4], np.log(25.0))  # a query past the skip: the distant chunk's keys weigh 25 each
+    assert np.all(b[:4, :4][np.tril_indices(4)] == 0) and b[5, 4] == 0 and b[4, 4] == 0  # its own chunk: weight 1
+    # the weighted softmax is the softmax over the repeated keys: 4 keys x 25 copies + the query's own 2 keys
+    logits = np.array([0.3, -0.2, 0.1, 0.5, 0.0, 0.7])
+    w = np.exp(logits + b[5])
+    repeated = np.concatenate([np.repeat(np.exp(logits[:4]), 25), np.exp(logits[4:])])
+    assert np.isclose(w[:4].sum() / w.sum(), repeated[:100].sum() / repeated.sum())
+    assert np.all(span_log_weights(np.arange(5))[np.tril_indices(5)] == 0)  # contiguous: plain causal attention

@@ -283,6 +283,8 @@ class FitLoss:
             # position ids for the start of another packed sequence (transformers/masking_utils.py,
             # find_packed_sequence_indices) and masks the chunks from each other
             kw = {} if pos is None else {"position_ids": pos.to(dev), "attention_mask": torch.ones_like(ids).to(dev)}
+            if pos is not None and self.options.get("weights") == "span":
+                kw["attention_mask"] = self.span_mask(pos[0], dev)
             # the sliding-window layers of a model with several layer types (Gemma 3) read the window's contiguous
             # positions: transformers masks their window by token index (convert.compat.rotary_computed_from)
             local = None if pos is None else torch.arange(ids.shape[1], device=dev)[None]
@@ -332,6 +334,22 @@ class FitLoss:
         self.scored.append(int(buf[1]))
         return loss, grad, grad_t
 
+    def span_mask(self, pos, dev):
+        """The 4D additive mask [1, 1, L, L] of ``weights=span`` (convert.evaluate.positions.span_log_weights) in the
+        model's dtype; transformers takes a 4D mask as given (masking_utils.py).  Refused for models with
+        sliding-window layers, whose own band mask it would replace."""
+        import torch
+
+        from convert.evaluate.positions import span_log_weights
+
+        if getattr(self.model.config, "sliding_window", None) and any(
+                t == "sliding_attention" for t in (getattr(self.model.config, "layer_types", None) or ())):
+            raise ConvertError("weights=span replaces the attention mask, which a model with sliding-window layers "
+                               "(Gemma 3) needs for its band: leave weights unset for it")
+        dt = next(self.model.parameters()).dtype
+        bias = torch.from_numpy(span_log_weights(pos.numpy())).to(dt)
+        return bias[None, None].to(dev)
+
     def value(self, log_factors, temperature: float, steps: int = 1) -> float:
         """The mean loss over the scored targets of steps 0 .. ``steps`` - 1 (the same windows and position ids on
         every call), forward only: how ``dprope.fit``'s YaRN scan and bench/short_window_rank.py compare factor
@@ -372,6 +390,8 @@ class FitLoss:
             d["skip"] = int(o["skip"])
         if self.short:  # only then, so the states of full-length fits keep their names
             d.update(window=self.length, chunks=self.chunks, positions="pose", per_step=self.windows_per_step())
+            if o.get("weights"):
+                d["weights"] = o["weights"]
         return d
 
     def label(self) -> str:
@@ -382,7 +402,8 @@ class FitLoss:
         batch = self.options.get("batch")
         if self.short:
             return (f"nll-past-{self.score_from}:corpus={name}:window={self.length}:chunks={self.chunks}"
-                    f":pool={len(self.windows)}:batch={self.windows_per_step()}")
+                    + (f":weights={self.options['weights']}" if self.options.get("weights") else "")
+                    + f":pool={len(self.windows)}:batch={self.windows_per_step()}")
         return (f"nll-past-{self.score_from}:corpus={name}:windows={len(self.windows)}x{self.length}"
                 + (f":batch={batch}" if batch else ""))
 

@@ -146,3 +146,25 @@ def reachable(positions: np.ndarray, target: int) -> np.ndarray:
     for lo, hi in distance_intervals(positions):
         mask[lo : min(hi, int(target) - 1) + 1] = True
     return mask
+
+
+def span_log_weights(positions: np.ndarray) -> np.ndarray:
+    """Additive attention bias float64 [L, L] (query, key) that makes a short window's softmax stand for the full
+    text its skipped positions span: a key in an earlier chunk than the query is weighted by how many positions its
+    chunk stands for per token, (the chunk's span up to the next chunk's first position) / (its tokens), i.e. log of
+    that is added to its logit (an importance-sampling estimate of attention over every position up to the query,
+    as if each token of the chunk were repeated for the positions skipped after it); keys in the query's own chunk
+    keep weight 1; keys after the query are -inf (causal).  So a query past a skip meets the attention mass of the
+    tens of thousands of distant keys a full-length window has, which a plain short window lacks (it has a few
+    hundred), and a factor set that leaks attention to badly rotated distant keys pays for it as at full length."""
+    p = np.asarray(positions, dtype=np.int64)
+    L = p.size
+    chunk = np.concatenate([[0], np.cumsum(np.diff(p) != 1)]) if L else np.zeros(0, dtype=np.int64)
+    n_chunks = int(chunk[-1]) + 1 if L else 0
+    starts = np.array([p[chunk == c][0] for c in range(n_chunks)], dtype=np.float64)
+    counts = np.bincount(chunk, minlength=n_chunks).astype(np.float64)
+    ends = np.append(starts[1:], starts[-1] + counts[-1]) if n_chunks else starts
+    logw = np.log(np.maximum((ends - starts) / counts, 1.0))
+    bias = np.where(chunk[None, :] < chunk[:, None], logw[chunk][None, :], 0.0)
+    bias[np.triu_indices(L, 1)] = -np.inf
+    return bias
