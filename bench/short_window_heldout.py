@@ -13,7 +13,7 @@ SmolLM2 8k -> 16k), not full-length perplexity itself.
         factors:long=bench/results/train-quality/longrope-search-32768-h100.json:temperature=longrope,\\
         factors:long=out/smollm2-135m-32768-fit/dprope_factors.json:temperature=longrope
 
-Writes short-window-heldout-<target>-w<W>-c<N>.md / .json into --out.
+Writes short-window-heldout-<target>-w<W>-c<N>[-span].md / .json into --out.
 """
 
 from __future__ import annotations
@@ -73,7 +73,8 @@ def measure(args) -> dict:
     corpora = {"pydoc-head": str(pydoc_head(tok, args.head, cache)),
                "licenses": quality.corpus_path("licenses", cache)}
     out = {"source": args.source, "original": spec.original_length, "target": T, "window": args.window,
-           "chunks": args.chunks, "samples": args.samples, "seed": args.seed, "head": args.head, "corpora": {}}
+           "chunks": args.chunks, "samples": args.samples, "seed": args.seed, "head": args.head,
+           "weights": args.weights, "corpora": {}}
     for cname, corpus in corpora.items():
         objective = ShortWindowObjective(model, tok, spec, T, {"window": args.window, "chunks": args.chunks,
                                                                 "samples": args.samples, "seed": args.seed,
@@ -96,7 +97,9 @@ def markdown(rep: dict, command: str) -> str:
     lines = [f"Command: `{command}`", "", f"Date: {rep['date']}; machine: {rep['machine']}.", "",
              f"SmolLM2-135M {rep['original']} -> {rep['target']}: the short-window objective (the next-token loss of "
              f"the targets at positions >= {rep['original']} in {rep['samples']} windows of {rep['window']} tokens, "
-             f"{rep['chunks']} chunks with PoSE's skipped position ids, seed {rep['seed']}; the same windows for every "
+             f"{rep['chunks']} chunks with PoSE's skipped position ids"
+             + (", distant chunks weighted by the positions they stand for (weights=span)" if rep.get("weights") else "")
+             + f", seed {rep['seed']}; the same windows for every "
              f"set) on text no fit read: pydoc's first {rep['head']} tokens and the licence texts. Lower is better; "
              "each set at its own temperature.", ""]
     for cname, c in rep["corpora"].items():
@@ -131,7 +134,8 @@ def main(argv=None) -> int:
     from _measure import run_report
 
     return run_report(measure, args, argv, "short_window_heldout.py", Path(args.out),
-                      f"short-window-heldout-{args.target}-w{args.window}-c{args.chunks}", markdown)
+                      f"short-window-heldout-{args.target}-w{args.window}-c{args.chunks}"
+                      + (f"-{args.weights}" if args.weights else ""), markdown)
 
 
 if __name__ == "__main__":

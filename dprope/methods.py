@@ -261,7 +261,8 @@ register_method("dprope-fit", "per-pair factors fitted by gradient, the weights 
                 "default 2): short W-token windows with PoSE's skipped position ids (Zhu et al. 2024) instead of "
                 "full-length ones, relative distances up to the target for a W-token pass, the temperature kept "
                 "fixed (a short window cannot measure attention dilution) and the result the average of the "
-                "iterates from average_from on (pick=average: each step reads other text); space=yarn: instead "
+                "iterates from average_from on (pick=average: each step reads other text); weights=span: "
+                "distant chunks weighted by the positions they stand for; space=yarn: instead "
                 "of one factor per pair, YaRN's factor and original_context_length chosen by the same loss (a "
                 "scan of candidates on the same windows), for runtimes that read only YaRN (llama.cpp's qwen2, "
                 "qwen3, gemma3)", "search",
