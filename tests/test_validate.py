@@ -229,8 +229,15 @@ def test_validate_end_to_end_through_lm_eval(extended_llama, tiny_models, tmp_pa
         mp.setattr("transformers.AutoModelForCausalLM.from_pretrained", no_load)
         mp.setattr("lm_eval.simple_evaluate", no_load)
         res2 = CliRunner().invoke(main, args)
-    assert res2.exit_code == 0, f"{res2.output}\n{res2.exception!r}"
-    assert json.loads((out / "validation.json").read_text())["rows"] == data["rows"]
+        assert res2.exit_code == 0, f"{res2.output}\n{res2.exception!r}"
+        assert json.loads((out / "validation.json").read_text())["rows"] == data["rows"]
+        # --split-at: the same runs, the bucket it falls in also in its two parts (from the cache too)
+        res3 = CliRunner().invoke(main, [*args, "--split-at", "128"])
+        assert res3.exit_code == 0, f"{res3.output}\n{res3.exception!r}"
+        split = [r["name"] for r in json.loads((out / "validation.json").read_text())["rows"]]
+        assert {"ppl 64-128", "ppl 128-256", "ppl 64-256"} <= set(split)
+        res4 = CliRunner().invoke(main, [*args, "--split-at", "999"])
+        assert res4.exit_code != 0 and "--split-at 999 lies outside" in res4.output
 
 
 def test_failing_gate_exits_non_zero(extended_llama, tmp_path, monkeypatch):

@@ -65,6 +65,9 @@ def validate(checkpoint: Path, base: Path | None = None, lengths: Sequence[int] 
 
     lengths = sorted(int(x) for x in lengths)
     check_tasks(tasks, lengths)
+    for x in split_at:  # refused before anything runs
+        if not 0 < int(x) < lengths[-1]:
+            raise ConvertError(f"--split-at {x} lies outside the windows scored (1 .. {lengths[-1] - 1})")
     parsed_gates = [Gate.parse(g) for g in gates]
     if any(g.relative for g in parsed_gates) and base is None:
         raise ConvertError("relative gates ('x base') need --base")
@@ -114,9 +117,6 @@ def validate(checkpoint: Path, base: Path | None = None, lengths: Sequence[int] 
             if hasattr(model, "close"):  # llama.cpp frees its context now, not at garbage collection
                 model.close()
             del model
-    for x in split_at:
-        if not 0 < int(x) < lengths[-1]:
-            raise ConvertError(f"--split-at {x} lies outside the windows scored (1 .. {lengths[-1] - 1})")
     edges = sorted({*([window] if window else []), *(int(x) for x in split_at)})
     rows = table_rows(results, lengths, edges)
     failed = check_gates(rows, parsed_gates)
