@@ -61,7 +61,9 @@ def prepare(target: int, ggufs: list[str]) -> dict[str, Path]:
 def logits_all(model: Path, length: int, kv_cache: str) -> dict:
     """The peer: the same GGUF and context through llama-cpp-python's own ``Llama(logits_all=True).eval`` and
     ``Llama.scores`` (n_ctx x n_vocab), scoring the first ``length`` tokens of the corpus."""
-    import llama_cpp
+    from convert.runtimes.llamacpp import import_llama_cpp
+
+    llama_cpp = import_llama_cpp()
     import numpy as np
 
     from convert.runtimes.llamacpp import KV_TYPES, gguf_context_length, log_softmax_at

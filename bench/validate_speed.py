@@ -290,7 +290,9 @@ def child(kind: str, task: str, models: dict, length: int, s: dict) -> dict:
                    n_ubatch=d.n_ubatch)
         lm.model.close()
     elif kind == "peer-passkey":
-        import llama_cpp
+        from convert.runtimes.llamacpp import import_llama_cpp
+
+        llama_cpp = import_llama_cpp()
 
         from convert.runtimes.llamacpp import KV_TYPES, native_logs
 

@@ -26,7 +26,9 @@ def _ids(n=N, seed=0):
 
 
 def test_decoder_logits_equal_llama_eval(f32_gguf):
-    import llama_cpp
+    from convert.runtimes.llamacpp import import_llama_cpp
+
+    llama_cpp = import_llama_cpp()
 
     ids = _ids()
     ref_llm = llama_cpp.Llama(str(f32_gguf), n_ctx=256, logits_all=True, verbose=False, type_k=0, type_v=0)
@@ -73,7 +75,9 @@ def test_log_softmax_at_matches_the_definition():
 
 
 def test_native_log_lines_reach_python_logging_only_inside_the_block(f32_gguf, caplog):
-    import llama_cpp
+    from convert.runtimes.llamacpp import import_llama_cpp
+
+    llama_cpp = import_llama_cpp()
 
     caplog.set_level(logging.DEBUG, logger="llama.cpp")
     with native_logs():
@@ -202,3 +206,14 @@ def test_options_flash_attention_follows_the_cache_type_and_batch_sizes_are_part
     assert key == {"kv_cache": "f16", "flash_attn": True, "n_batch": None, "n_ubatch": 512}
     with pytest.raises(ConvertError, match="must be positive"):
         LlamaCppOptions(n_ubatch=0)
+
+
+def test_a_build_with_amx_loads_models_without_its_extra_buffers(monkeypatch):
+    """llama.cpp's AMX weight buffers crash on some AMX CPUs (ggml-org/llama.cpp#20824): where the build reports
+    AMX_INT8, models load with the extra buffer types off; elsewhere llama.cpp's defaults stay."""
+    from convert.runtimes.llamacpp import import_llama_cpp
+
+    monkeypatch.delenv("DPROPE_LLAMA_EXTRA_BUFFERS", raising=False)
+    llama_cpp = import_llama_cpp()
+    amx = "AMX_INT8 = 1" in llama_cpp.llama_print_system_info().decode(errors="replace")
+    assert llama_cpp.llama_cpp.llama_model_default_params().use_extra_bufts is (not amx)

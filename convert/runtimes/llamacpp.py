@@ -56,6 +56,7 @@ _LEVELS = {0: logging.INFO, 1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNIN
 
 
 def import_llama_cpp():
+    """llama-cpp-python, with llama.cpp's AMX weight buffers off where the build uses them (:func:`_avoid_amx`)."""
     try:
         import llama_cpp
     except ImportError:
@@ -63,7 +64,40 @@ def import_llama_cpp():
             "llama-cpp-python is not installed: `pip install 'dprope[llama]'` (it compiles llama.cpp; "
             "CMAKE_ARGS='-DLLAVA_BUILD=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_EXAMPLES=OFF' keeps it short)"
         ) from None
+    _avoid_amx(llama_cpp)
     return llama_cpp
+
+
+_AMX_CHECKED = False
+
+
+def _avoid_amx(llama_cpp) -> None:
+    """On a CPU with AMX (Intel Sapphire Rapids and later) llama.cpp built for the machine repacks quantised weights
+    into AMX buffers, and its AMX matrix multiplication segfaults on the first evaluation on some of them
+    (ggml-org/llama.cpp#20824, open; stanfordnlp/dspy#10079 removed the AMX variant for the same crash): a plain
+    Q4_1 SmolLM2 crashes there.  So where llama.cpp reports AMX_INT8, every model loads with its extra buffer types
+    off (``llama_model_params.use_extra_bufts``; weight repacking, AMX's included), which runs the same graph on
+    plain CPU buffers.  DPROPE_LLAMA_EXTRA_BUFFERS=1 keeps them."""
+    global _AMX_CHECKED
+    if _AMX_CHECKED or os.environ.get("DPROPE_LLAMA_EXTRA_BUFFERS") == "1":
+        return
+    _AMX_CHECKED = True
+    low = llama_cpp.llama_cpp
+    try:
+        info = llama_cpp.llama_print_system_info().decode(errors="replace")
+    except Exception:  # noqa: BLE001 (an older binding: leave it as it is)
+        return
+    if "AMX_INT8 = 1" not in info or not hasattr(low.llama_model_params, "use_extra_bufts"):
+        return
+    default = low.llama_model_default_params
+
+    def params():
+        p = default()
+        p.use_extra_bufts = False
+        return p
+
+    low.llama_model_default_params = params
+    log.info("llama.cpp reports AMX: loading models without extra buffer types (ggml-org/llama.cpp#20824)")
 
 
 @dataclass(frozen=True)
