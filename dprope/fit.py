@@ -131,9 +131,10 @@ class FitConfig:
     space: str = "pairs"
     scan_steps: int = 2
     scan_points: int = 9
+    scan_temperature: str = "yarn"
 
     # fields of the YaRN space alone: a per-pair fit's state keeps its name without them
-    YARN_FIELDS = ("scan_steps", "scan_points")
+    YARN_FIELDS = ("scan_steps", "scan_points", "scan_temperature")
 
     # fields that only limit a run or choose among its points; a state may be resumed under other values
     RUN_LIMITS = ("budget_steps", "budget_seconds", "save_every", "pick", "average_from")  # the path is the same
@@ -183,6 +184,9 @@ class FitConfig:
         if self.space not in ("pairs", "yarn"):
             raise DPRoPEError(f"fit option space must be pairs (one factor per pair) or yarn (YaRN's factor and "
                               f"original_context_length, for runtimes that read only YaRN), got {self.space!r}")
+        if self.scan_temperature not in ("yarn", "fixed"):
+            raise DPRoPEError(f"fit option scan_temperature must be yarn (each candidate at YaRN's own 1 + 0.1 ln f, "
+                              f"what the runtime applies) or fixed (all at the init's), got {self.scan_temperature!r}")
         for name, least in (("scan_steps", 1), ("scan_points", 2)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < least:
@@ -521,9 +525,11 @@ def fit_yarn_scan(ctx, loss_and_grad: LossAndGrad, cfg: FitConfig, state_path=No
     (llama.cpp's qwen2, qwen3 and gemma3 graphs; :mod:`dprope.yarn_fit`): the one free number is L_o (the file's
     original_context_length), with f = target / L_o as transformers and llama.cpp read the pair.  Each candidate's
     YaRN factors are scored by the same loss on the same text (steps 0 .. ``scan_steps`` - 1 of the loss: the same
-    windows and position ids for every candidate, so the comparison is paired and the result deterministic) at one
-    fixed temperature (the init's, or ``temperature``: a short window cannot measure attention dilution, which the
-    temperature compensates, so every candidate is read at the same one); first ``scan_points`` values of L_o spaced
+    windows and position ids for every candidate, so the comparison is paired and the result deterministic), each at
+    the temperature the runtime applies with it, YaRN's 1 + 0.1 ln f (``scan_temperature`` = "yarn", the default:
+    llama.cpp computes it from the file's factor and applies it to the scaled layers, so that is what the output
+    runs; "fixed" reads every candidate at the init's, ranking the frequencies alone, which a first Gemma 3
+    measurement showed misleads: its pick, f = 12, ran at llama.cpp's 1.25 and lost 11% to f = 2); first ``scan_points`` values of L_o spaced
     geometrically over 0.25 .. 1.25 x the original window (llama.cpp's own YaRN at this target, L_o = the original
     window, always among them), then the geometric midpoints around the best until they are within 2% of it or the
     budget (``budget_steps``: candidate evaluations) is spent.  The result carries the best candidate's factors and
@@ -583,11 +589,12 @@ def fit_yarn_scan(ctx, loss_and_grad: LossAndGrad, cfg: FitConfig, state_path=No
             Lo = queue.pop(0)
             f = T / Lo
             lf = [math.log(float(v)) for v in yarn_factors(head_dim, theta, f, Lo)]
-            loss = scan_value(loss_and_grad, lf, t, cfg.scan_steps)
+            tc = 1.0 + 0.1 * math.log(f) if cfg.scan_temperature == "yarn" else t
+            loss = scan_value(loss_and_grad, lf, tc, cfg.scan_steps)
             if not math.isfinite(loss):
                 raise DPRoPEError(f"the loss is not finite for YaRN factor {f:.4g}, original_context_length {Lo}")
             best = min([loss] + [float(e["loss"]) for e in st["trace"]])
-            entry = {"step": len(st["trace"]), "loss": loss, "best": best, "temperature": t, "original_length": Lo,
+            entry = {"step": len(st["trace"]), "loss": loss, "best": best, "temperature": tc, "original_length": Lo,
                      "factor": f}
             st["trace"].append(entry)
             log.info("YaRN scan: original_context_length %d, factor %.4g: loss %.6g (best %.6g)", Lo, f, loss, best)
@@ -609,6 +616,7 @@ def fit_yarn_scan(ctx, loss_and_grad: LossAndGrad, cfg: FitConfig, state_path=No
     return FitResult(factors=factors, temperature=1.0 + 0.1 * math.log(f), loss=done[Lo],
                      trace=[dict(e) for e in st["trace"]], steps=len(st["trace"]), stopped=stopped,
                      config=cfg.to_dict(), best_step=int(k),
-                     init={"method": "yarn", "loss": own, "scan_temperature": t,
+                     init={"method": "yarn", "loss": own,
+                           "scan_temperature": "yarn" if cfg.scan_temperature == "yarn" else t,
                            "from": st["init"]["method"]},
                      elapsed=float(st["elapsed"]), fixed_pairs=0, pick="best")

@@ -641,6 +641,11 @@ def test_the_yarn_scan_finds_the_member_the_loss_prefers_and_resumes(tmp_path):
     y = fit_yarn(res.factors.double().numpy(), head_dim, theta, original, target)
     assert (y.original_length, y.factor) == (best, pytest.approx(f)) and y.max_log_error < 1e-6
     assert res.temperature == pytest.approx(1 + 0.1 * math.log(f))
+    # each candidate read at the temperature the runtime applies with it (YaRN's own), or all at the init's
+    assert all(e["temperature"] == pytest.approx(1 + 0.1 * math.log(e["factor"])) for e in res.trace)
+    fixed = fit(ctx, _yarn_bowl(2000, head_dim, theta, target), FitConfig(space="yarn", budget_steps=3,
+                                                                          scan_temperature="fixed"))
+    assert len({e["temperature"] for e in fixed.trace}) == 1
     # resumed from its state: nothing evaluated again, the same answer
     calls.clear()
     again = fit(ctx, loss, cfg, state_path=state)

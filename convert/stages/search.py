@@ -311,8 +311,10 @@ def run_fit(src: Any, plan: Any, work: Path, *, progress: bool = True, loss=None
         r.params["provenance"] = (
             f"YaRN fitted by the loss (dprope-fit, space=yarn): {s['evals']} candidates (original_context_length "
             f"L_o, factor = target / L_o; stopped: {s['stopped']}) scored by the next-token loss past position "
-            f"{getattr(loss, 'score_from', '?')} ({label}, steps 0..{cfg.scan_steps - 1}, temperature "
-            f"{init.get('scan_temperature', float('nan')):.4f} for all): best L_o {best['original_length']}, factor "
+            f"{getattr(loss, 'score_from', '?')} ({label}, steps 0..{cfg.scan_steps - 1}, "
+            + ("each at YaRN's temperature 1 + 0.1 ln f" if init.get("scan_temperature") == "yarn"
+               else f"temperature {float(init.get('scan_temperature') or 'nan'):.4f} for all")
+            + f"): best L_o {best['original_length']}, factor "
             f"{best['factor']:.4g}, loss {s['fitness']:.4f}"
             + (f" (llama.cpp's own YaRN at this target: {own:.4f})" if own is not None else "")
             + f", seed {loss_opts.get('seed')}, {world} process(es) on {where}, {s['elapsed'] / 60:.1f} min")
