@@ -34,15 +34,17 @@ def _ulps(a: np.ndarray, b: np.ndarray) -> int:
 
 def test_base_inv_freq_is_torchs_within_two_ulp():
     """torch's vectorised float32 pow (SLEEF, 1-ulp accuracy) and NumPy's differ by an ulp in a few entries; the
-    reciprocal can add one."""
+    reciprocal can add one.  Which entries differ depends on the vector code each library dispatches to on the CPU
+    at hand (bit-equal at the golden tests' settings on AVX2 machines, 2 ulp apart on an AVX-512 one), so what must
+    hold everywhere is the bound; the golden tests (tests/test_engine.py: LLaMA2's reference pair sets) pin that the
+    choices built on these frequencies are the reference's."""
     for theta in THETAS:
         for d in HEAD_DIMS:
             got = dprope.base_inv_freq(theta, d)
             assert got.dtype == np.float32
             assert _ulps(got, _torch_inv_freq(theta, d)) <= 2, (theta, d)
-    # the settings of the golden tests (LLaMA2's reference pair sets, tests/test_engine.py) and SmolLM2, bit for bit
-    for theta, d in ((10000.0, 128), (100000.0, 64)):
-        assert np.array_equal(dprope.base_inv_freq(theta, d), _torch_inv_freq(theta, d))
+    for theta, d in ((10000.0, 128), (100000.0, 64)):  # the golden tests' settings and SmolLM2's
+        assert _ulps(dprope.base_inv_freq(theta, d), _torch_inv_freq(theta, d)) <= 2
 
 
 @pytest.mark.parametrize("theta,d,length", [(10000.0, 128, 4096), (100000.0, 64, 8192), (1e6, 256, 3000),
