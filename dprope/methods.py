@@ -213,7 +213,7 @@ register_method("longrope-search", "LongRoPE's evolutionary search of per-pair f
 # Options of the loss the pipeline builds for `dprope-fit` (convert/evaluate/fit.py): declared here so that recipes,
 # --opt and the report carry them; the fit itself (dprope/fit.py) reads only the FitConfig fields.
 FIT_LOSS_OPTIONS = dict(corpus=None, samples=1, length=None, score_from=None, batch=None, seed=0, dtype="auto",
-                        device="auto", gradient_checkpointing=True, loss_chunk=1024, window=None, chunks=2, skip=0,
+                        device="auto", gradient_checkpointing=True, loss_chunk=1024, window=None, chunks=3, skip=0,
                         weights=None)
 
 
@@ -258,7 +258,7 @@ register_method("dprope-fit", "per-pair factors fitted by gradient, the weights 
                 "against the next-token loss past the original window on long text, from the default's factors, "
                 "monotone within 1..1+s as LongRoPE's search; needs a loss callable that runs the model "
                 "(LongRoPE's objective, Ding et al. 2024, descended instead of searched); window=W (chunks=N, "
-                "default 2): short W-token windows with PoSE's skipped position ids (Zhu et al. 2024) instead of "
+                "default 3): short W-token windows with PoSE's skipped position ids (Zhu et al. 2024) instead of "
                 "full-length ones, relative distances up to the target for a W-token pass, the temperature kept "
                 "fixed (a short window cannot measure attention dilution) and the result the average of the "
                 "iterates from average_from on (pick=average: each step reads other text); weights=span: "

@@ -237,7 +237,7 @@ def short_loss(tiny_models):
     from convert.evaluate.fit import make_fit_loss
 
     src = open_source(tiny_models[("llama", False)])
-    return make_fit_loss(src.path, src.spec, TARGET, {"window": WINDOW, "samples": 2, "seed": 0})
+    return make_fit_loss(src.path, src.spec, TARGET, {"window": WINDOW, "chunks": 2, "samples": 2, "seed": 0})
 
 
 def test_short_windows_read_skipped_positions_and_the_fit_descends_through_them(short_loss):
@@ -345,7 +345,8 @@ def test_the_short_window_objective_scores_factor_sets_on_fixed_windows(short_lo
     assert obj(ones, 1.0) == a and obj(other, 1.0) != a and obj(ones, 1.2) != a
     assert obj.tokens_per_call() == 2 * 2 * WINDOW and obj.identity()["steps"] == 2 and obj.scored[0] > 0
     # the fit's own loss at step 0 on the same options: the same value (the same windows, positions and scoring)
-    one = ShortWindowObjective(loss.model, loss.tok, loss.spec, TARGET, {"window": WINDOW, "samples": 2, "seed": 0})
+    one = ShortWindowObjective(loss.model, loss.tok, loss.spec, TARGET, {"window": WINDOW, "chunks": 2, "samples": 2,
+                                                                         "seed": 0})
     assert one(ones, 1.0) == pytest.approx(loss(torch.zeros(8, dtype=torch.float64), 1.0, 0)[0], rel=1e-6)
     assert all(p.grad is None for p in loss.model.parameters())
 
@@ -700,7 +701,7 @@ def test_span_weighted_short_windows_run_and_change_the_loss(short_loss, tiny_mo
     from convert.evaluate.fit import make_fit_loss
 
     src = open_source(tiny_models[("llama", False)])
-    weighted = make_fit_loss(src.path, src.spec, TARGET, {"window": WINDOW, "samples": 2, "seed": 0,
+    weighted = make_fit_loss(src.path, src.spec, TARGET, {"window": WINDOW, "chunks": 2, "samples": 2, "seed": 0,
                                                           "weights": "span"}, loaded=(short_loss.model, short_loss.tok))
     x = torch.zeros(8, dtype=torch.float64)
     a, b = short_loss.value(x, 1.0, 1), weighted.value(x, 1.0, 1)
