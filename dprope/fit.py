@@ -46,7 +46,6 @@ from __future__ import annotations
 import logging
 import math
 import re
-import time
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Callable, Sequence
 
@@ -376,6 +375,31 @@ def _finite(xs) -> bool:
     return all(math.isfinite(float(v)) for v in xs)
 
 
+def _resumed(state_path, kind: str, what: str, cfg: FitConfig, ctx) -> dict[str, Any] | None:
+    """The saved state of this fit at ``state_path`` (None: none there), refused, naming the fix, when it is of
+    another version or ``kind`` or belongs to another fit (its model, lengths or settings)."""
+    from .search import load_state
+
+    st = load_state(state_path) if state_path is not None else None
+    if st is None:
+        return None
+    if st.get("version") != STATE_VERSION or st.get("kind") != kind:
+        raise DPRoPEError(f"fit state {state_path} is not {what} of this version; delete it to start afresh")
+    if st["config"] != cfg.fit_fields() or st["ctx"] != _ctx_dict(ctx):
+        raise DPRoPEError(f"fit state {state_path} belongs to another fit (its model, lengths or settings "
+                          "differ); use another state path or delete it")
+    return st
+
+
+def _budget_spent(cfg: FitConfig, done: int, seconds: float) -> str:
+    """Which budget ``done`` evaluations in ``seconds`` have spent: "budget_steps", "budget_seconds" or ""."""
+    if cfg.budget_steps is not None and done >= cfg.budget_steps:
+        return "budget_steps"
+    if cfg.budget_seconds is not None and seconds >= cfg.budget_seconds:
+        return "budget_seconds"
+    return ""
+
+
 def fit(ctx, loss_and_grad: LossAndGrad, config: FitConfig | None = None, state_path=None,
         progress: Callable[[dict[str, Any]], None] | None = None, write_state: bool = True) -> FitResult:
     """Fit per-pair factors for ``ctx`` (a :class:`~dprope.freqs.RopeContext`) by projected Adam on their logs.
@@ -387,7 +411,7 @@ def fit(ctx, loss_and_grad: LossAndGrad, config: FitConfig | None = None, state_
     """
     import torch
 
-    from .search import load_state, save_state
+    from .search import StateSaver
 
     cfg = config or FitConfig()
     if cfg.space == "yarn":
@@ -404,14 +428,8 @@ def fit(ctx, loss_and_grad: LossAndGrad, config: FitConfig | None = None, state_
         raise DPRoPEError(f"every pair turns at least guard={cfg.guard} times inside the original window, so nothing "
                           "is left to fit: lower guard (or set it to none)")
     t_lo, t_hi = (math.log(cfg.temperature_range[0]), math.log(cfg.temperature_range[1]))
-    st = load_state(state_path) if state_path is not None else None
+    st = _resumed(state_path, "fit", "a fit state", cfg, ctx)
     if st is not None:
-        if st.get("version") != STATE_VERSION or st.get("kind") != "fit":
-            raise DPRoPEError(f"fit state {state_path} is not a state of this fit's version; delete it to start "
-                              "afresh")
-        if st["config"] != cfg.fit_fields() or st["ctx"] != _ctx_dict(ctx):
-            raise DPRoPEError(f"fit state {state_path} belongs to another fit (its model, lengths or settings "
-                              "differ); use another state path or delete it")
         log.info("resuming the fit from %s: %d steps done, best loss %.6g", state_path, st["step"],
                  st["best"]["loss"] if st["best"] else math.nan)
     else:
@@ -420,23 +438,15 @@ def fit(ctx, loss_and_grad: LossAndGrad, config: FitConfig | None = None, state_
         st = {"version": STATE_VERSION, "kind": "fit", "config": cfg.fit_fields(), "ctx": _ctx_dict(ctx),
               "init": {"method": init, "log_factors": x0, "temperature": t0}, "x": x0, "y": math.log(t0),
               "m": [0.0] * (n + 1), "v": [0.0] * (n + 1), "step": 0, "best": None, "trace": [], "elapsed": 0.0}
-    started = time.monotonic() - float(st["elapsed"])
+    saver = StateSaver(state_path, st, write_state)
     b1, b2 = cfg.betas
-
-    def snapshot() -> None:
-        st["elapsed"] = time.monotonic() - started
-        if state_path is not None and write_state:
-            save_state(state_path, st)
 
     stopped = ""
     since_save = 0
-    try:
+    with saver:
         while True:
-            if cfg.budget_steps is not None and st["step"] >= cfg.budget_steps:
-                stopped = "budget_steps"
-                break
-            if cfg.budget_seconds is not None and time.monotonic() - started >= cfg.budget_seconds:
-                stopped = "budget_seconds"
+            stopped = _budget_spent(cfg, st["step"], saver.elapsed())
+            if stopped:
                 break
             k = int(st["step"])
             x, y = list(st["x"]), float(st["y"])
@@ -476,14 +486,10 @@ def fit(ctx, loss_and_grad: LossAndGrad, config: FitConfig | None = None, state_
             log.info("fit step %d: loss %.6g (best %.6g), |grad| %.3g", k, loss, best["loss"], entry["grad_norm"])
             since_save += 1
             if since_save >= cfg.save_every:
-                snapshot()
+                saver.save()
                 since_save = 0
             if progress is not None:
                 progress(dict(entry))
-    except BaseException:
-        snapshot()
-        raise
-    snapshot()
     best = st["best"]
     if best is None:
         raise DPRoPEError("the fit stopped before its first step (budget too small)")
@@ -537,7 +543,7 @@ def fit_yarn_scan(ctx, loss_and_grad: LossAndGrad, cfg: FitConfig, state_path=No
     candidate's loss is saved as it comes."""
     import torch
 
-    from .search import load_state, save_state
+    from .search import StateSaver
     from .yarn_fit import refine_lengths, scan_lengths, yarn_factors
 
     if cfg.fit_temperature:
@@ -549,42 +555,30 @@ def fit_yarn_scan(ctx, loss_and_grad: LossAndGrad, cfg: FitConfig, state_path=No
         raise DPRoPEError("space=yarn needs the model's rope_theta (YaRN's ramp is computed from it)")
     head_dim, theta = 2 * ctx.n_pairs, float(ctx.rope_theta)
     T, L = int(ctx.target_length), int(ctx.original_length)
-    st = load_state(state_path) if state_path is not None else None
+    st = _resumed(state_path, "yarn-scan", "a YaRN scan", cfg, ctx)
     if st is not None:
-        if st.get("version") != STATE_VERSION or st.get("kind") != "yarn-scan":
-            raise DPRoPEError(f"fit state {state_path} is not a YaRN scan of this version; delete it to start afresh")
-        if st["config"] != cfg.fit_fields() or st["ctx"] != _ctx_dict(ctx):
-            raise DPRoPEError(f"fit state {state_path} belongs to another fit (its model, lengths or settings "
-                              "differ); use another state path or delete it")
         log.info("resuming the YaRN scan from %s: %d candidates done", state_path, len(st["trace"]))
     else:
         _, t0, init = start_point(ctx, cfg)
         st = {"version": STATE_VERSION, "kind": "yarn-scan", "config": cfg.fit_fields(), "ctx": _ctx_dict(ctx),
               "init": {"method": init, "temperature": t0}, "trace": [], "elapsed": 0.0}
-    started = time.monotonic() - float(st["elapsed"])
+    saver = StateSaver(state_path, st, write_state)
     t = float(st["init"]["temperature"])
-
-    def snapshot() -> None:
-        st["elapsed"] = time.monotonic() - started
-        if state_path is not None and write_state:
-            save_state(state_path, st)
 
     def seen() -> dict[int, float]:
         return {int(e["original_length"]): float(e["loss"]) for e in st["trace"]}
 
     queue = [Lo for Lo in scan_lengths(head_dim, theta, L, T, cfg.scan_points) if Lo not in seen()]
     stopped = "converged"
-    try:
+    with saver:
         while True:
             if not queue:
                 queue = refine_lengths(seen(), head_dim, theta, T)
                 if not queue:
                     break
-            if cfg.budget_steps is not None and len(st["trace"]) >= cfg.budget_steps:
-                stopped = "budget_steps"
-                break
-            if cfg.budget_seconds is not None and time.monotonic() - started >= cfg.budget_seconds:
-                stopped = "budget_seconds"
+            spent = _budget_spent(cfg, len(st["trace"]), saver.elapsed())
+            if spent:
+                stopped = spent
                 break
             Lo = queue.pop(0)
             f = T / Lo
@@ -598,13 +592,9 @@ def fit_yarn_scan(ctx, loss_and_grad: LossAndGrad, cfg: FitConfig, state_path=No
                      "factor": f}
             st["trace"].append(entry)
             log.info("YaRN scan: original_context_length %d, factor %.4g: loss %.6g (best %.6g)", Lo, f, loss, best)
-            snapshot()
+            saver.save()
             if progress is not None:
                 progress(dict(entry))
-    except BaseException:
-        snapshot()
-        raise
-    snapshot()
     if not st["trace"]:
         raise DPRoPEError("the YaRN scan stopped before its first candidate (budget too small)")
     done = seen()

@@ -349,6 +349,32 @@ def load_state(path: str | os.PathLike) -> dict[str, Any] | None:
         raise DPRoPEError(f"search state {path} is unreadable ({e}); delete it to start afresh") from None
 
 
+class StateSaver:
+    """Writes a run's state ``st`` (:func:`save_state`) with ``st["elapsed"]`` the seconds run so far, counted over
+    resumed runs; as a context manager it writes on leaving the block, on an exception (Ctrl-C included) as on a
+    normal end.  ``write`` False: it keeps the time, never writes (the ranks of a distributed run other than the
+    first).  Used by the search and both kinds of fit (dprope/fit.py)."""
+
+    def __init__(self, path, st: dict[str, Any], write: bool = True):
+        self.path, self.st, self.write = path, st, write
+        self.started = time.monotonic() - float(st["elapsed"])
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def save(self) -> None:
+        self.st["elapsed"] = self.elapsed()
+        if self.path is not None and self.write:
+            save_state(self.path, self.st)
+
+    def __enter__(self) -> "StateSaver":
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self.save()
+        return False
+
+
 # ----------------------------------------------------------------------------------------------- the search
 def _kstr(key: Key) -> str:
     return ",".join(str(x) for x in key)
@@ -401,22 +427,16 @@ def search(ctx: RopeContext, fitness: Fitness, config: SearchConfig | None = Non
     # a fitness that scores several individuals at once (spread over processes): each generation goes to it whole
     many = getattr(fitness, "evaluate_many", None)
     many = many if callable(many) else None
-    started = time.monotonic() - float(st["elapsed"])
+    # the saved st["rng"] is the generator as of the last finished generation step: the only consistent point (the
+    # generator is used only to make individuals, never while evaluating them)
+    saver = StateSaver(state_path, st)
     since_save = 0
-
-    def snapshot() -> None:
-        # st["rng"] is the generator as of the last finished generation step: the only consistent point (the
-        # generator is used only to make individuals, never while evaluating them)
-        st["elapsed"] = time.monotonic() - started
-        if state_path is None:
-            return
-        save_state(state_path, st)
 
     def fit_of(k: str) -> float:
         return _fit(cache[k])
 
     stopped = "done"
-    try:
+    with saver:
         while True:
             if st["pending"] is None:
                 if not st["trace"]:
@@ -432,13 +452,13 @@ def search(ctx: RopeContext, fitness: Fitness, config: SearchConfig | None = Non
                     st["survivors"] = survivors
                 st["pending"] = [_kstr(k) for k in pending]
                 st["rng"] = rng.bit_generator.state
-                snapshot()
+                saver.save()
             todo = [k for k in dict.fromkeys(st["pending"]) if k not in cache]
             while todo:
                 if cfg.budget_evals is not None and st["evals"] >= cfg.budget_evals:
                     stopped = "budget_evals"
                     break
-                if cfg.budget_seconds is not None and time.monotonic() - started >= cfg.budget_seconds:
+                if cfg.budget_seconds is not None and saver.elapsed() >= cfg.budget_seconds:
                     stopped = "budget_seconds"
                     break
                 if many is None:
@@ -455,7 +475,7 @@ def search(ctx: RopeContext, fitness: Fitness, config: SearchConfig | None = Non
                     since_save += 1
                 todo = todo[len(batch):]
                 if since_save >= cfg.save_every:
-                    snapshot()
+                    saver.save()
                     since_save = 0
             if stopped != "done":
                 break
@@ -470,14 +490,10 @@ def search(ctx: RopeContext, fitness: Fitness, config: SearchConfig | None = Non
             st["trace"].append(entry)
             log.info("search iteration %d: best %.6g, median %.6g, %d evaluations", entry["iteration"],
                      entry["best"], entry["median"], entry["evals"])
-            snapshot()
+            saver.save()
             since_save = 0
             if progress is not None:
                 progress(dict(entry))
-    except BaseException:
-        snapshot()
-        raise
-    snapshot()
     if not cache:
         raise DPRoPEError("the search stopped before evaluating any individual (budget too small)")
     best = min(cache, key=lambda k: (fit_of(k), _kparse(k)))

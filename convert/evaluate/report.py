@@ -160,41 +160,36 @@ def plot_trace(data: dict, path: Path) -> None:
         b = min(trace, key=lambda e: e["loss"])
         ax.plot([b["original_length"]], [b["loss"]], "r*", ms=12, label=f"best: factor {b['factor']:.3g}")
         ax.set_xscale("log")
-        ax.set_xlabel("YaRN original_context_length L_o (factor = target / L_o)")
-        ax.set_ylabel(f"loss, nats per token ({data.get('fitness') or 'lower is better'})", fontsize=8)
         ax.legend()
-        ax.set_title(f"{data.get('method')} (YaRN): best {data.get('best_fitness'):.4g} after {data.get('evals')} "
-                     f"candidates ({data.get('stopped')})", fontsize=9)
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        return
-    if fitted:
+        ax.set_xlabel("YaRN original_context_length L_o (factor = target / L_o)")
+        unit = "candidates"
+    elif fitted:
         steps = [e["step"] for e in trace]
         ax.plot(steps, finite([e["loss"] for e in trace]), ".-", label="loss at the step")
         ax.plot(steps, finite([e["best"] for e in trace]), "k--", lw=1, label="best so far")
         ax.legend()
-    elif trace:
-        it = [e["iteration"] for e in trace]
-        ax.plot(it, finite([e["best"] for e in trace]), "o-", label="best")
-        ax.plot(it, finite([e["median"] for e in trace]), "s--", label="median")
-        ax.set_yscale("log")
-        ax.legend()
-    else:
-        ax.text(0.5, 0.5, "stopped before the first iteration finished", ha="center", va="center",
-                transform=ax.transAxes)
-    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    if fitted:
         ax.set_xlabel("step (Adam on the log-factors; 0: the start)")
-        ax.set_ylabel(f"loss, nats per token ({data.get('fitness') or 'lower is better'})", fontsize=8)
         unit = "steps"
     else:
+        if trace:
+            it = [e["iteration"] for e in trace]
+            ax.plot(it, finite([e["best"] for e in trace]), "o-", label="best")
+            ax.plot(it, finite([e["median"] for e in trace]), "s--", label="median")
+            ax.set_yscale("log")
+            ax.legend()
+        else:
+            ax.text(0.5, 0.5, "stopped before the first iteration finished", ha="center", va="center",
+                    transform=ax.transAxes)
         ax.set_xlabel("iteration (0: the initial population)")
-        ax.set_ylabel(f"fitness ({data.get('fitness') or 'lower is better'})")
         unit = "evaluations"
-    ax.set_title(f"{data.get('method')}: best {data.get('best_fitness'):.4g} after {data.get('evals')} {unit} "
-                 f"({data.get('stopped')})", fontsize=9)
+    if not scan:
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    if fitted:
+        ax.set_ylabel(f"loss, nats per token ({data.get('fitness') or 'lower is better'})", fontsize=8)
+    else:
+        ax.set_ylabel(f"fitness ({data.get('fitness') or 'lower is better'})")
+    ax.set_title(f"{data.get('method')}{' (YaRN)' if scan else ''}: best {data.get('best_fitness'):.4g} after "
+                 f"{data.get('evals')} {unit} ({data.get('stopped')})", fontsize=9)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
