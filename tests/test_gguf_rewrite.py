@@ -18,7 +18,7 @@ from gguf import GGMLQuantizationType as QT
 from gguf import GGUFValueType as VT
 
 from convert.errors import ConvertError
-from convert.io import gguf_rewrite
+from convert.io import gguf_meta, gguf_rewrite
 from convert.io.gguf_meta import read_gguf, read_layout
 from convert.io.gguf_rewrite import rewrite_gguf
 from tiny import ORIGINAL
@@ -190,6 +190,32 @@ def test_layout_spans_agree_with_gguf_py(tmp_path):
         assert t.start == r.field.offset and t.end == nxt and lay.data_start + t.offset == r.data_offset
         assert t.n_bytes == r.n_bytes
     assert lay.alignment == 64 and lay.data_start % 64 == 0
+
+
+@pytest.mark.parametrize("case", ["add", "replace-longer", "replace-same", "types", "nothing"])
+def test_the_remembered_output_walk_is_the_files_own(tmp_path, case):
+    """The rewrite records the output's header as it planned it (so a command's summary does not walk a 262k-token
+    vocabulary again); that record must equal a fresh walk of the written file, entry for entry and byte for byte."""
+    src = _synthetic(tmp_path / "src.gguf", 64 if case == "types" else None,
+                     rope=None if case == "add" else np.ones(8, np.float32))
+    kw = {"add": dict(set_kv={"llama.context_length": (TARGET, VT.UINT32), "test.names": (["a", "é"], VT.ARRAY),
+                              "llama.rope.scaling.factor": (4.1325474, VT.FLOAT32)},
+                      drop_kv=["general.name"], set_tensors={"rope_freqs.weight": np.linspace(1, 4, 8, dtype=np.float32)}),
+          "replace-longer": dict(set_kv={"llama.context_length": (TARGET, VT.UINT64)},
+                                 set_tensors={"rope_freqs.weight": np.ones(40, np.float32)}),
+          "replace-same": dict(set_kv={"general.name": ("a longer name than before", VT.STRING)},
+                               set_tensors={"rope_freqs.weight": np.full(8, 2, np.float32)}),
+          "types": dict(set_kv={"test.u32s": (np.array([1, 2], np.uint32), VT.ARRAY), "test.flag": (False, VT.BOOL)},
+                        set_tensors={"blk.1.w": np.zeros((2, 3), np.float16)}),
+          "nothing": dict()}[case]
+    dst = tmp_path / "dst.gguf"
+    rewrite_gguf(src, dst, progress=False, **kw)
+    key = gguf_meta._file_key(dst)
+    remembered = gguf_meta._WALKS[key]
+    gguf_meta._WALKS.pop(key)
+    fresh = gguf_meta._walked(dst)[1]
+    assert gguf_meta._WALKS[key] is fresh and fresh is not remembered
+    assert remembered == fresh
 
 
 def test_values_are_strictly_typed(tmp_path):

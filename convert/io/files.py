@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import json
 import logging
 import os
@@ -45,6 +44,8 @@ def _key(st: os.stat_result) -> list[int]:
 
 def sha256_file(path: Path | str) -> str:
     """sha256 of a file's bytes, always read (no memo)."""
+    import hashlib  # OpenSSL's library loads in ~10 ms: only where a hash is taken
+
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while b := f.read(CHUNK):
@@ -54,6 +55,8 @@ def sha256_file(path: Path | str) -> str:
 
 def combine(entries) -> str:
     """One digest of a JSON-able value (a dict of digests, options)."""
+    import hashlib
+
     return hashlib.sha256(json.dumps(entries, sort_keys=True, default=str).encode()).hexdigest()
 
 

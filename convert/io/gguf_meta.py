@@ -263,23 +263,54 @@ _WALKS: dict[tuple, tuple] = {}
 _WALKS_KEPT = 4
 
 
+def _file_key(path: Path) -> tuple:
+    st = path.stat()
+    return (str(path.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _keep(key: tuple, walk: tuple) -> None:
+    while len(_WALKS) >= _WALKS_KEPT:
+        _WALKS.pop(next(iter(_WALKS)))
+    _WALKS[key] = walk
+
+
 def _walked(path: Path, min_version: int = 2, max_version: int | None = None):
     """:func:`_walk` of ``path`` (vocabulary-sized arrays skipped, every other value decoded), remembered while the
     file keeps its inode, size and modification time."""
     mm, size = _open_map(path)
     try:
         _version(mm, path, min_version, max_version)
-        st = path.stat()
-        key = (str(path.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        key = _file_key(path)
         walk = _WALKS.get(key)
         if walk is None:
-            walk = _walk(mm, path, lambda k: k not in BIG_ARRAYS)
-            while len(_WALKS) >= _WALKS_KEPT:
-                _WALKS.pop(next(iter(_WALKS)))
-            _WALKS[key] = walk
+            walk = _walk(mm, path, _decoded)
+            _keep(key, walk)
     finally:
         mm.close()
     return size, walk
+
+
+def _decoded(key: str) -> bool:
+    return key not in BIG_ARRAYS
+
+
+def _kv(c: _Cursor, decode_array) -> KVEntry:
+    """The metadata entry at the cursor; the cursor moves past it."""
+    start = c.pos
+    key = c.string()
+    vtype = c.take("<I")
+    if vtype == 9:
+        at = c.pos
+        sub, count = c.take("<I"), c.take("<Q")
+        if decode_array(key):
+            c.pos = at
+            value = c.value(9)
+        else:
+            c.skip_array(sub, count)
+            value = None
+        return KVEntry(key, vtype, start, c.pos, value, count)
+    value = c.value(vtype)
+    return KVEntry(key, vtype, start, c.pos, value)
 
 
 def _walk(mm, path: Path, decode_array):
@@ -289,24 +320,7 @@ def _walk(mm, path: Path, decode_array):
     version = _version(mm, path)
     c.pos = 8
     n_tensors, n_kv = c.take("<Q"), c.take("<Q")
-    kvs: list[KVEntry] = []
-    for _ in range(n_kv):
-        start = c.pos
-        key = c.string()
-        vtype = c.take("<I")
-        if vtype == 9:
-            at = c.pos
-            sub, count = c.take("<I"), c.take("<Q")
-            if decode_array(key):
-                c.pos = at
-                value = c.value(9)
-            else:
-                c.skip_array(sub, count)
-                value = None
-            kvs.append(KVEntry(key, vtype, start, c.pos, value, count))
-        else:
-            kvs.append(KVEntry(key, vtype, start, 0, c.value(vtype)))
-            kvs[-1].end = c.pos
+    kvs = [_kv(c, decode_array) for _ in range(n_kv)]
     infos = []
     for _ in range(n_tensors):
         start = c.pos
@@ -315,6 +329,21 @@ def _walk(mm, path: Path, decode_array):
         ttype, offset = c.take("<I"), c.take("<Q")
         infos.append((name, dims, ttype, offset, start, c.pos))
     return version, kvs, infos, c.pos
+
+
+def decode_kv(entry: bytes, at: int, path: Path) -> KVEntry:
+    """One encoded metadata entry (key, type, value) as the header walk reads it, placed at offset ``at``."""
+    kv = _kv(_Cursor(entry, path), _decoded)
+    if kv.end != len(entry):  # pragma: no cover - an encoder's error, never a user's
+        raise ConvertError(f"metadata {kv.key}: {len(entry)} bytes encoded, {kv.end} read back; this is a bug")
+    kv.start, kv.end = at, at + len(entry)
+    return kv
+
+
+def remember_walk(path: Path, version: int, kvs: list[KVEntry], infos: list[tuple], header_end: int) -> None:
+    """Record the header walk of a file just written whose layout the writer knows (the rewrite plans every entry's
+    place), so reading it back (the summary a command prints) does not walk its vocabulary again."""
+    _keep(_file_key(Path(path)), (version, kvs, infos, header_end))
 
 
 def _tensor_bytes(path: Path, name: str, dims: tuple[int, ...], ttype: int) -> int:

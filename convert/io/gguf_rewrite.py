@@ -33,7 +33,8 @@ import numpy as np
 from convert.errors import ConvertError
 from convert.io.files import atomic_file, human_bytes
 from convert.io.gguf_constants import constants
-from convert.io.gguf_meta import GGML_SIZES, VALUE_TYPES, GGUFLayout, ggml_type, read_layout
+from convert.io.gguf_meta import (GGML_SIZES, VALUE_TYPES, GGUFLayout, KVEntry, decode_kv, ggml_type, read_layout,
+                                  remember_walk)
 
 log = logging.getLogger(__name__)
 
@@ -202,6 +203,7 @@ class _Plan:
         self.pieces: list[bytes | tuple[int, int]] = []
         self.size = 0
         self.inlined = 0  # source bytes read into the plan by inline_small
+        self.walk: tuple = ()  # the output's header as convert/io/gguf_meta.py's walk reads it
 
     def data(self, b: bytes) -> None:
         if not b:
@@ -277,17 +279,27 @@ def _plan(lay: GGUFLayout, set_kv: Mapping[str, tuple[Any, Any]], drop: set[str]
 
     plan = _Plan()
     plan.data(b"GGUF" + struct.pack("<IQQ", lay.version, len(table), len(kvs)))
-    for piece in kvs:
+    # the output's header as gguf_meta's walk would read it, entry by entry (remember_walk)
+    out_kvs: list[KVEntry] = []
+    for piece, src_kv in zip(kvs, [kv for kv in lay.kvs if kv.key not in drop] + [None] * len(added_keys)):
+        at = plan.size
         if isinstance(piece, tuple):
             plan.copy(*piece)
+            out_kvs.append(KVEntry(src_kv.key, src_kv.vtype, at, plan.size, src_kv.value, src_kv.count))
         else:
             plan.data(piece)
+            out_kvs.append(decode_kv(piece, at, lay.path))
+    out_infos = []
     for (name, item), off in zip(table, offsets):
+        at = plan.size
         if isinstance(item, tuple):
             plan.data(_tensor_info(name, item[1], item[0], off))
+            out_infos.append((name, item[1], item[0], off, at, plan.size))
         else:  # name, dims and type as they are; a new offset
             plan.copy(item.start, item.end - 8 - item.start)
             plan.data(struct.pack("<Q", off))
+            out_infos.append((name, item.dims, item.ttype, off, at, plan.size))
+    plan.walk = (lay.version, out_kvs, out_infos, plan.size)
     plan.pad(align)
     data_start = plan.size
     for (name, item), off in zip(table, offsets):
@@ -428,6 +440,7 @@ def rewrite_gguf(src: Path, dst: Path, *, set_kv: Mapping[str, tuple[Any, Any]] 
     try:
         with atomic_file(dst, need_bytes=plan.size) as tmp:
             _emit(plan, src, tmp, progress)
+        remember_walk(dst, *plan.walk)
     except OSError as e:  # a full disk became a ConvertError in atomic_file; anything else is named here
         raise ConvertError(f"rewriting {src} into {dst} failed ({e}); nothing was left behind. Check that the "
                            "source is readable and the output folder writable, then run again") from None

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import logging
 import math
-import statistics
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -44,6 +43,12 @@ if TYPE_CHECKING:
 
 
 log = logging.getLogger(__name__)
+
+
+def _median(seconds: list[float]) -> float | None:
+    import statistics  # 4-7 ms: not on the path of the commands that never search
+
+    return statistics.median(seconds) if seconds else None
 
 def work_dir_for(out: Path) -> Path:
     """The working area of ``dprope extend``'s search for output ``out``: ``OUT.search`` beside it."""
@@ -216,7 +221,7 @@ def run_search(src: Any, plan: Any, work: Path, *, progress: bool = True, fitnes
                                state_path=None, progress=None)
     seconds = list(getattr(fitness, "seconds", []) or [])
     r.params["search"].update(fitness_spec=label, fitness_identity=identity, state_file=state.name,
-                              seconds_per_eval=statistics.median(seconds) if seconds else None)
+                              seconds_per_eval=_median(seconds))
     log.info("search: best fitness %.6g after %d evaluations (%s)", r.params["search"]["fitness"],
              r.params["search"]["evals"], r.params["search"]["stopped"])
     return r
@@ -301,7 +306,7 @@ def run_fit(src: Any, plan: Any, work: Path, *, progress: bool = True, loss=None
     tokens = loss.tokens_per_step() if hasattr(loss, "tokens_per_step") else None
     where = describe_device(loss.model) if hasattr(loss, "model") else "the caller's loss"
     s.update(fitness_spec=label, fitness_identity=identity, state_file=state.name,
-             seconds_per_eval=statistics.median(seconds) if seconds else None, tokens_per_step=tokens,
+             seconds_per_eval=_median(seconds), tokens_per_step=tokens,
              processes=world, device=where)
     init = s.get("init") or {}
     loss_opts = {k: opts.get(k) for k in FIT_LOSS_OPTIONS}
