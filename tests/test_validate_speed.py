@@ -58,6 +58,10 @@ def test_the_peers_command_and_output():
     assert V.parse_peer(out) == {"mean_nll": 2.472492, "perplexity": 11.8531, "compute_s": 15.17}
     with pytest.raises(RuntimeError, match="no perplexity line"):
         V.parse_peer("error: you need at least 8192 tokens")
+    # on a CPU where llama-cpp-python loads models without extra (AMX) buffers, the peer runs that way too
+    assert "--no-repack" not in cmd
+    assert V.peer_command(Path("/x/llama-perplexity"), Path("m.gguf"), Path("t.txt"), 4096,
+                          {**s, "no_repack": True})[-1] == "--no-repack"
 
 
 def test_ours_agrees_with_a_built_llama_perplexity(tiny_gguf, tmp_path):
@@ -65,6 +69,7 @@ def test_ours_agrees_with_a_built_llama_perplexity(tiny_gguf, tmp_path):
     import validate_speed as V
 
     from convert.evaluate.lmeval_gguf import GGUFModel
+    from convert.runtimes.llamacpp import extra_buffers_off
 
     exe = V.DATA / "llama-perplexity" / V.llama_cpp_python_version() / "build" / "bin" / "llama-perplexity"
     if not exe.is_file():
@@ -72,7 +77,8 @@ def test_ours_agrees_with_a_built_llama_perplexity(tiny_gguf, tmp_path):
     n = 128
     text = tmp_path / "t.txt"
     text.write_text(_text())
-    s = {"threads": 2, "n_ubatch": 32, "peer_batch": 64, "kv_cache": "f16", "flash_attn": True}
+    s = {"threads": 2, "n_ubatch": 32, "peer_batch": 64, "kv_cache": "f16", "flash_attn": True,
+         "no_repack": extra_buffers_off()}
     p = subprocess.run(V.peer_command(exe, tiny_gguf, text, n, s), capture_output=True, text=True,
                        env=V.peer_env(exe), timeout=300)
     assert p.returncode == 0, (p.stdout + p.stderr)[-2000:]

@@ -69,6 +69,7 @@ def import_llama_cpp():
 
 
 _AMX_CHECKED = False
+_EXTRA_BUFFERS_OFF = False  # set where _avoid_amx turned them off
 
 
 def _avoid_amx(llama_cpp) -> None:
@@ -78,7 +79,7 @@ def _avoid_amx(llama_cpp) -> None:
     Q4_1 SmolLM2 crashes there.  So where llama.cpp reports AMX_INT8, every model loads with its extra buffer types
     off (``llama_model_params.use_extra_bufts``; weight repacking, AMX's included), which runs the same graph on
     plain CPU buffers.  DPROPE_LLAMA_EXTRA_BUFFERS=1 keeps them."""
-    global _AMX_CHECKED
+    global _AMX_CHECKED, _EXTRA_BUFFERS_OFF
     if _AMX_CHECKED or os.environ.get("DPROPE_LLAMA_EXTRA_BUFFERS") == "1":
         return
     _AMX_CHECKED = True
@@ -97,7 +98,15 @@ def _avoid_amx(llama_cpp) -> None:
         return p
 
     low.llama_model_default_params = params
+    _EXTRA_BUFFERS_OFF = True
     log.info("llama.cpp reports AMX: loading models without extra buffer types (ggml-org/llama.cpp#20824)")
+
+
+def extra_buffers_off() -> bool:
+    """Whether models here load without llama.cpp's extra buffer types (:func:`_avoid_amx`); llama.cpp's own tools
+    run the same way with ``--no-repack`` (common/arg.cpp: ``-nr, --no-repack``)."""
+    import_llama_cpp()
+    return _EXTRA_BUFFERS_OFF
 
 
 @dataclass(frozen=True)
