@@ -144,7 +144,8 @@ def peer_command(exe: Path, model: Path, text_file: Path, length: int, s: dict) 
     return [str(exe), "-m", str(model), "-f", str(text_file), "-c", str(length), "--chunks", "1",
             "-b", str(s["peer_batch"]), "-ub", str(s["n_ubatch"]), "-t", str(s["threads"]), "-tb", str(s["threads"]),
             "-fa", "on" if s["flash_attn"] else "off", "-ctk", s["kv_cache"], "-ctv", s["kv_cache"],
-            "--ppl-output-type", "1"] + (["--no-repack"] if s.get("no_repack") else [])
+            "--ppl-output-type", "1"] + (["--no-repack"] if s.get("no_repack") else []) + (
+                ["--swa-full"] if s.get("swa_full", True) else [])
 
 
 def peer_memory_bytes(length: int, n_vocab: int, peer_batch: int) -> int:

@@ -217,3 +217,25 @@ def test_a_build_with_amx_loads_models_without_its_extra_buffers(monkeypatch):
     llama_cpp = import_llama_cpp()
     amx = "AMX_INT8 = 1" in llama_cpp.llama_print_system_info().decode(errors="replace")
     assert llama_cpp.llama_cpp.llama_model_default_params().use_extra_bufts is (not amx)
+
+
+def test_contexts_keep_every_position_of_a_sliding_window_model(f32_gguf, monkeypatch):
+    """llama.cpp's smaller sliding-window cache (n_swa + n_ubatch cells, its command-line tools' default) changes
+    Gemma 3's logits from the third ubatch past the window on; the contexts opened here hold every position
+    (``swa_full``), set explicitly rather than left to the binding's default (here made the smaller one)."""
+    from convert.runtimes.llamacpp import import_llama_cpp
+
+    low = import_llama_cpp().llama_cpp
+    default = low.llama_context_default_params
+
+    def smaller():
+        p = default()
+        p.swa_full = False
+        return p
+
+    monkeypatch.setattr(low, "llama_context_default_params", smaller)
+    llm = open_llama(f32_gguf, 256, LlamaCppOptions(kv_cache="f32", n_ubatch=32))
+    try:
+        assert llm.context_params.swa_full is True
+    finally:
+        llm.close()

@@ -50,6 +50,9 @@ def test_the_peers_command_and_output():
 
     s = {"threads": 2, "n_ubatch": 256, "peer_batch": 2048, "kv_cache": "f16", "flash_attn": True}
     cmd = V.peer_command(Path("/x/llama-perplexity"), Path("m.gguf"), Path("t.txt"), 4096, s)
+    # a sliding-window model's cache holds every position, as in llama-cpp-python (convert/runtimes/llamacpp.py)
+    assert cmd[-1] == "--swa-full"
+    cmd = cmd[:-1]
     flags = dict(zip(cmd[1::2], cmd[2::2]))
     assert flags == {"-m": "m.gguf", "-f": "t.txt", "-c": "4096", "--chunks": "1", "-b": "2048", "-ub": "256",
                      "-t": "2", "-tb": "2", "-fa": "on", "-ctk": "f16", "-ctv": "f16", "--ppl-output-type": "1"}
@@ -61,7 +64,7 @@ def test_the_peers_command_and_output():
     # on a CPU where llama-cpp-python loads models without extra (AMX) buffers, the peer runs that way too
     assert "--no-repack" not in cmd
     assert V.peer_command(Path("/x/llama-perplexity"), Path("m.gguf"), Path("t.txt"), 4096,
-                          {**s, "no_repack": True})[-1] == "--no-repack"
+                          {**s, "no_repack": True})[-2:] == ["--no-repack", "--swa-full"]
 
 
 def test_ours_agrees_with_a_built_llama_perplexity(tiny_gguf, tmp_path):

@@ -23,6 +23,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import ctypes
+import inspect
 import logging
 import os
 from dataclasses import asdict, dataclass, replace
@@ -272,6 +273,13 @@ def open_llama(path: Path, n_ctx: int, options: LlamaCppOptions = LlamaCppOption
               verbose=False, vocab_only=vocab_only, n_threads=threads, n_threads_batch=threads,
               flash_attn=options.flash_attn, type_k=KV_TYPES[options.kv_cache], type_v=KV_TYPES[options.kv_cache],
               **rope_overrides)
+    if "swa_full" in inspect.signature(llama_cpp.Llama.__init__).parameters:
+        # a sliding-window model's cache holds every position (llama_context_default_params' own default; llama.cpp's
+        # command-line tools default to n_swa + n_ubatch cells instead).  With the smaller cache, Gemma 3 270M's
+        # logits depart from a run that holds every key from the third ubatch past the window on (position 770 at
+        # n_ubatch 256, |dlogit| up to 2.8; bench/results/validate-speed-gemma-3-270m-Q4_K_M-16384.md); with the
+        # full one they equal it bit for bit at any n_ubatch.  Set here, not left to the binding's default.
+        kw["swa_full"] = True
     with native_logs() as nl:
         nl.recent.clear()
         # a vocabulary-only load has no trained context (n_ctx_train 0), so llama.cpp's context check always warns
