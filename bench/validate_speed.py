@@ -343,9 +343,13 @@ def report(length: int, target: int, rows: list[dict], s: dict, command: str, mo
              f"{model}; llama.cpp: {s['threads']} threads, n_ubatch "
              f"{s['n_ubatch']}, KV cache {s['kv_cache']}, flash attention {'on' if s['flash_attn'] else 'off'}, "
              f"context {length}; n_batch: ours the context (one llama_decode call per prompt), the peers "
-             f"{s['peer_batch']}; transformers (f32 checkpoint) {s['threads']} threads.  score s: the scoring or "
-             "generation call alone (llama-perplexity: its own seconds per pass); wall, CPU and peak RSS: the whole "
-             "process (load, tokenise, score).", ""]
+             f"{s['peer_batch']}; transformers (f32 checkpoint) {s['threads']} threads.  Both llama.cpp paths keep "
+             "every position in a sliding-window model's cache (ours: swa_full; llama-perplexity: `--swa-full`; its "
+             "default n_swa + n_ubatch cells change Gemma 3's logits, docs/validation.md)"
+             + ("; both load without the extra (AMX) weight buffers this CPU's llama.cpp crashes with (ours: "
+                "use_extra_bufts off; llama-perplexity: `--no-repack`)" if s.get("no_repack") else "")
+             + ".  score s: the scoring or generation call alone (llama-perplexity: its own seconds per pass); wall, "
+             "CPU and peak RSS: the whole process (load, tokenise, score).", ""]
     lines += [*notes, ""] if notes else []
     ratios = "ours / this: score, wall, CPU |"
     head = {"ppl": "| path | score s | wall s | CPU s | peak RSS MB | perplexity | vs peer | " + ratios,
