@@ -144,8 +144,7 @@ def peer_command(exe: Path, model: Path, text_file: Path, length: int, s: dict) 
     return [str(exe), "-m", str(model), "-f", str(text_file), "-c", str(length), "--chunks", "1",
             "-b", str(s["peer_batch"]), "-ub", str(s["n_ubatch"]), "-t", str(s["threads"]), "-tb", str(s["threads"]),
             "-fa", "on" if s["flash_attn"] else "off", "-ctk", s["kv_cache"], "-ctv", s["kv_cache"],
-            "--ppl-output-type", "1"] + (["--no-repack"] if s.get("no_repack") else []) + (
-                ["--swa-full"] if s.get("swa_full", True) else [])
+            "--ppl-output-type", "1", *(["--no-repack"] if s.get("no_repack") else []), "--swa-full"]
 
 
 def peer_memory_bytes(length: int, n_vocab: int, peer_batch: int) -> int:
@@ -449,9 +448,11 @@ def main() -> int:
     args = ap.parse_args()
     from convert.runtimes.llamacpp import extra_buffers_off
 
-    # where llama-cpp-python here loads models without repacked (AMX) weight buffers, llama-perplexity does too
+    # where llama-cpp-python here loads models without repacked (AMX) weight buffers, llama-perplexity does too;
+    # asked where llama.cpp runs (the transformers child never loads it)
+    no_repack = (args.child is None or args.child[0] != "hf") and extra_buffers_off()
     s = {"threads": args.threads, "n_ubatch": args.n_ubatch, "peer_batch": args.peer_batch,
-         "kv_cache": args.kv_cache, "flash_attn": args.flash_attn == "on", "no_repack": extra_buffers_off()}
+         "kv_cache": args.kv_cache, "flash_attn": args.flash_attn == "on", "no_repack": no_repack}
     if args.child:
         kind, task, length, result = args.child
         Path(result).write_text(json.dumps(child(kind, task, json.loads(args.models), int(length), s)))

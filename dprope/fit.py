@@ -543,6 +543,7 @@ def fit_yarn_scan(ctx, loss_and_grad: LossAndGrad, cfg: FitConfig, state_path=No
     candidate's loss is saved as it comes."""
     import torch
 
+    from .registry import temperature
     from .search import StateSaver
     from .yarn_fit import refine_lengths, scan_lengths, yarn_factors
 
@@ -583,7 +584,7 @@ def fit_yarn_scan(ctx, loss_and_grad: LossAndGrad, cfg: FitConfig, state_path=No
             Lo = queue.pop(0)
             f = T / Lo
             lf = [math.log(float(v)) for v in yarn_factors(head_dim, theta, f, Lo)]
-            tc = 1.0 + 0.1 * math.log(f) if cfg.scan_temperature == "yarn" else t
+            tc = temperature("yarn", f, Lo) if cfg.scan_temperature == "yarn" else t
             loss = scan_value(loss_and_grad, lf, tc, cfg.scan_steps)
             if not math.isfinite(loss):
                 raise DPRoPEError(f"the loss is not finite for YaRN factor {f:.4g}, original_context_length {Lo}")
@@ -603,7 +604,7 @@ def fit_yarn_scan(ctx, loss_and_grad: LossAndGrad, cfg: FitConfig, state_path=No
     factors = torch.tensor(yarn_factors(head_dim, theta, f, Lo), dtype=torch.float64).float()
     own = done.get(min(done, key=lambda k: abs(k - L)))  # the candidate at (or nearest) llama.cpp's own YaRN
     k = next(e["step"] for e in st["trace"] if int(e["original_length"]) == Lo)
-    return FitResult(factors=factors, temperature=1.0 + 0.1 * math.log(f), loss=done[Lo],
+    return FitResult(factors=factors, temperature=temperature("yarn", f, Lo), loss=done[Lo],
                      trace=[dict(e) for e in st["trace"]], steps=len(st["trace"]), stopped=stopped,
                      config=cfg.to_dict(), best_step=int(k),
                      init={"method": "yarn", "loss": own,

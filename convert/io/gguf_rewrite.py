@@ -25,6 +25,7 @@ import logging
 import os
 import struct
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -256,11 +257,11 @@ def _plan(lay: GGUFLayout, set_kv: Mapping[str, tuple[Any, Any]], drop: set[str]
     align = lay.alignment
     present = {kv.key for kv in lay.kvs}
     kv_bytes = {k: encode_kv(k, v, t) for k, (v, t) in set_kv.items()}
-    kvs: list[bytes | tuple[int, int]] = []
+    kvs: list[bytes | KVEntry] = []  # new bytes, or the source's entry copied as it is
     for kv in lay.kvs:
         if kv.key in drop:
             continue
-        kvs.append(kv_bytes[kv.key] if kv.key in kv_bytes else (kv.start, kv.end - kv.start))
+        kvs.append(kv_bytes.get(kv.key, kv))
     added_keys = [k for k in set_kv if k not in present]
     kvs += [kv_bytes[k] for k in added_keys]
 
@@ -281,11 +282,11 @@ def _plan(lay: GGUFLayout, set_kv: Mapping[str, tuple[Any, Any]], drop: set[str]
     plan.data(b"GGUF" + struct.pack("<IQQ", lay.version, len(table), len(kvs)))
     # the output's header as gguf_meta's walk would read it, entry by entry (remember_walk)
     out_kvs: list[KVEntry] = []
-    for piece, src_kv in zip(kvs, [kv for kv in lay.kvs if kv.key not in drop] + [None] * len(added_keys)):
+    for piece in kvs:
         at = plan.size
-        if isinstance(piece, tuple):
-            plan.copy(*piece)
-            out_kvs.append(KVEntry(src_kv.key, src_kv.vtype, at, plan.size, src_kv.value, src_kv.count))
+        if isinstance(piece, KVEntry):
+            plan.copy(piece.start, piece.end - piece.start)
+            out_kvs.append(replace(piece, start=at, end=plan.size))
         else:
             plan.data(piece)
             out_kvs.append(decode_kv(piece, at, lay.path))

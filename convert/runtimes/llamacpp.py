@@ -23,7 +23,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import ctypes
-import inspect
 import logging
 import os
 from dataclasses import asdict, dataclass, replace
@@ -70,7 +69,6 @@ def import_llama_cpp():
 
 
 _AMX_CHECKED = False
-_EXTRA_BUFFERS_OFF = False  # set where _avoid_amx turned them off
 
 
 def _avoid_amx(llama_cpp) -> None:
@@ -80,7 +78,7 @@ def _avoid_amx(llama_cpp) -> None:
     Q4_1 SmolLM2 crashes there.  So where llama.cpp reports AMX_INT8, every model loads with its extra buffer types
     off (``llama_model_params.use_extra_bufts``; weight repacking, AMX's included), which runs the same graph on
     plain CPU buffers.  DPROPE_LLAMA_EXTRA_BUFFERS=1 keeps them."""
-    global _AMX_CHECKED, _EXTRA_BUFFERS_OFF
+    global _AMX_CHECKED
     if _AMX_CHECKED or os.environ.get("DPROPE_LLAMA_EXTRA_BUFFERS") == "1":
         return
     _AMX_CHECKED = True
@@ -99,15 +97,14 @@ def _avoid_amx(llama_cpp) -> None:
         return p
 
     low.llama_model_default_params = params
-    _EXTRA_BUFFERS_OFF = True
     log.info("llama.cpp reports AMX: loading models without extra buffer types (ggml-org/llama.cpp#20824)")
 
 
 def extra_buffers_off() -> bool:
     """Whether models here load without llama.cpp's extra buffer types (:func:`_avoid_amx`); llama.cpp's own tools
     run the same way with ``--no-repack`` (common/arg.cpp: ``-nr, --no-repack``)."""
-    import_llama_cpp()
-    return _EXTRA_BUFFERS_OFF
+    params = import_llama_cpp().llama_cpp.llama_model_default_params()
+    return getattr(params, "use_extra_bufts", True) is False
 
 
 @dataclass(frozen=True)
@@ -273,13 +270,12 @@ def open_llama(path: Path, n_ctx: int, options: LlamaCppOptions = LlamaCppOption
               verbose=False, vocab_only=vocab_only, n_threads=threads, n_threads_batch=threads,
               flash_attn=options.flash_attn, type_k=KV_TYPES[options.kv_cache], type_v=KV_TYPES[options.kv_cache],
               **rope_overrides)
-    if "swa_full" in inspect.signature(llama_cpp.Llama.__init__).parameters:
-        # a sliding-window model's cache holds every position (llama_context_default_params' own default; llama.cpp's
-        # command-line tools default to n_swa + n_ubatch cells instead).  With the smaller cache, Gemma 3 270M's
-        # logits depart from a run that holds every key from the third ubatch past the window on (position 770 at
-        # n_ubatch 256, |dlogit| up to 2.8; bench/results/validate-speed-gemma-3-270m-Q4_K_M-16384.md); with the
-        # full one they equal it bit for bit at any n_ubatch.  Set here, not left to the binding's default.
-        kw["swa_full"] = True
+    # swa_full: a sliding-window model's cache holds every position (llama_context_default_params' own default;
+    # llama.cpp's command-line tools default to n_swa + n_ubatch cells instead).  With the smaller cache, Gemma 3
+    # 270M's logits depart from a run that holds every key from position 770 on at n_ubatch 256 (|dlogit| up to 2.8;
+    # docs/validation.md, Speed); with the full one they equal it bit for bit.  Set here, not left to the binding's
+    # default (every llama-cpp-python this package accepts, 0.3.21 on, takes it).
+    kw["swa_full"] = True
     with native_logs() as nl:
         nl.recent.clear()
         # a vocabulary-only load has no trained context (n_ctx_train 0), so llama.cpp's context check always warns

@@ -50,6 +50,7 @@ def _median(seconds: list[float]) -> float | None:
 
     return statistics.median(seconds) if seconds else None
 
+
 def work_dir_for(out: Path) -> Path:
     """The working area of ``dprope extend``'s search for output ``out``: ``OUT.search`` beside it."""
     out = Path(out)
